@@ -1,0 +1,112 @@
+"""Argument checks shared by the whole package.
+
+Every check raises with a message that names the argument and the accepted values, so that a user
+sees what to change without reading our code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_int",
+    "check_positive_float",
+    "check_choice",
+    "check_num_experts_k",
+    "check_input",
+    "check_finite",
+    "check_no_unknown_options",
+]
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as an ``int`` after checking its type and range (inclusive bounds)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and value < minimum:
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return int(value)
+
+
+def check_positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a finite float that is > 0 (or >= 0 with ``allow_zero``)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if out < 0 or (out == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return out
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Check that ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_num_experts_k(num_experts: Any, k: Any | None = None) -> tuple[int, int | None]:
+    """Check ``num_experts >= 2`` and ``1 <= k <= num_experts``."""
+    n = check_int("num_experts", num_experts, minimum=2)
+    if k is None:
+        return n, None
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an integer in [1, num_experts={n}], got {k!r}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, num_experts={n}], got k={k}")
+    return n, int(k)
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise if ``tensor`` holds NaN or inf (floating tensors only)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(
+            f"{name} contains {n_bad} NaN/inf value(s); pass finite values "
+            "(or switch the check off with validate=False)"
+        )
+
+
+def check_input(x: Any, input_dim: int | None, *, name: str = "x", validate: bool = True) -> torch.Tensor:
+    """Check a gate/layer input: a 2-D tensor ``[batch, input_dim]`` (any width when ``input_dim`` is None)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [batch, features], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [batch, features], got shape {tuple(x.shape)}")
+    if input_dim is not None and x.shape[1] != input_dim:
+        raise ValueError(
+            f"{name} has width {x.shape[1]} but the module was built with input_dim={input_dim}"
+        )
+    if validate:
+        check_finite(name, x)
+    return x
+
+
+def check_no_unknown_options(where: str, options: Mapping[str, Any], accepted: Iterable[str]) -> None:
+    """Reject keyword options that ``where`` does not know, listing the accepted ones."""
+    accepted = sorted(accepted)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"{where} got unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"accepted options are: {', '.join(accepted) if accepted else '(none)'}"
+        )

@@ -1,0 +1,66 @@
+"""Code moves for static binary-encoded gates: move one selector (DSelect-k) or tree (COMET) to
+another expert by rewriting its codes Z (bit flips) or node decisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..gates.comet import COMET, _leaf_paths
+from ..gates.dselect_k import DSelectK
+from ..gates.protocol import GateOutput
+
+__all__ = ["CodeSite", "code_sites", "set_selector_slot", "selector_slot", "moved_gate_output"]
+
+
+@dataclass(frozen=True)
+class CodeSite:
+    """Selector ``selector`` of task ``task``'s gate, a static gate whose codes are binary."""
+
+    task: int
+    selector: int
+
+
+def _is_static_binary(gate: nn.Module) -> bool:
+    return isinstance(gate, (DSelectK, COMET)) and gate.is_static and gate.is_binary()
+
+
+def code_sites(gates: list[nn.Module]) -> list[CodeSite]:
+    """Every selector of every static binary DSelectK / COMET gate among ``gates`` (one per task)."""
+    return [CodeSite(t, j) for t, g in enumerate(gates) if _is_static_binary(g) for j in range(g.num_selectors)]
+
+
+def selector_slot(gate_output: GateOutput, selector: int) -> int:
+    """The gate slot a binary selector points at (row 0 of a static gate's output)."""
+    return int(torch.argmax(gate_output.selector_weights[0, selector]))
+
+
+def moved_gate_output(gate_output: GateOutput, selector: int, slot: int) -> GateOutput:
+    """The gate output with one binary selector moved to ``slot`` (its mixing weight unchanged)."""
+    sel = gate_output.selector_weights.clone()
+    sel[:, selector] = 0
+    sel[:, selector, slot] = 1
+    weights = torch.einsum("bk,bkn->bn", gate_output.selector_mix, sel)
+    return GateOutput(weights=weights, loss=gate_output.loss, selector_weights=sel, selector_mix=gate_output.selector_mix)
+
+
+@torch.no_grad()
+def set_selector_slot(gate: nn.Module, selector: int, slot: int) -> None:
+    """Rewrite a static gate's parameters so that selector/tree ``selector`` picks gate slot ``slot``.
+
+    The new codes are saturated at ±γ, i.e. exactly binary after the smooth-step.
+    """
+    if not (isinstance(gate, (DSelectK, COMET)) and gate.is_static):
+        raise TypeError("code moves need a static DSelectK or COMET gate (input_dim=None)")
+    if not 0 <= slot < gate.num_experts:
+        raise ValueError(f"slot must be in [0, {gate.num_experts - 1}], got {slot}")
+    gamma = float(gate.gamma)
+    if isinstance(gate, DSelectK):
+        bits = torch.tensor([(slot >> j) & 1 for j in range(gate.z_logits.shape[1])], dtype=gate.z_logits.dtype)
+        gate.z_logits[selector] = torch.where(bits > 0, gamma, -gamma).to(gate.z_logits.device)
+        return
+    _, path = _leaf_paths(gate.num_experts)[slot]
+    for node, went_left in path:
+        gate.node_logits[selector, node] = gamma if went_left else -gamma

@@ -1,0 +1,372 @@
+"""The front door: discrete local search over the gate→expert permutation(s) of an MoE layer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+from torch import nn
+
+from .._validation import check_choice, check_int, check_no_unknown_options, check_positive_float
+from ..layers.permutation import check_permutation
+from .codes import code_sites, moved_gate_output, selector_slot, set_selector_slot
+from .moves import MOVES, MoveOperator, perturb
+from .objective import Candidate, LossFn, RoutingObjective
+
+__all__ = ["local_search", "Move", "METHODS"]
+
+METHODS = ("swap", "insertion", "rotation", "ils", "exhaustive", "codes")
+_COMMON = ("layer", "apply", "tol", "max_iter", "max_evals", "strategy", "screen", "max_rows", "callback")
+_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "swap": (),
+    "insertion": (),
+    "rotation": (),
+    "ils": ("neighbourhood", "perturbations", "strength", "restart_every"),
+    "exhaustive": ("max_states",),
+    "codes": (),
+    "callable": (),
+}
+
+
+@dataclass
+class Move:
+    """One accepted move: where, what, and the verified loss before and after."""
+
+    kind: str
+    slot: int
+    selector: int
+    before: list[int]
+    after: list[int]
+    fun_before: float
+    fun_after: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Budget(Exception):
+    pass
+
+
+@dataclass
+class _Settings:
+    tol: float
+    max_iter: int
+    max_evals: int | None
+    strategy: str
+    screen: int | None
+    callback: Callable[[OptimizeResult], bool | None] | None
+
+
+class _Search:
+    """Mutable bookkeeping of one search run (the objective, the budget and the accepted moves)."""
+
+    def __init__(self, objective: RoutingObjective, settings: _Settings, rng: np.random.Generator) -> None:
+        self.obj = objective
+        self.s = settings
+        self.rng = rng
+        self.nit = 0
+        self.moves: list[Move] = []
+        self.stopped_by_callback = False
+
+    # -- budget
+    def _check_budget(self) -> None:
+        if self.nit >= self.s.max_iter:
+            raise _Budget("max_iter reached")
+        if self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
+            raise _Budget("max_evals reached")
+
+    def _notify(self) -> None:
+        if self.s.callback is not None:
+            state = OptimizeResult(x=self.obj.current(), fun=self.obj.fun, nit=self.nit, nfev=self.obj.nfev)
+            if self.s.callback(state):
+                self.stopped_by_callback = True
+                raise _Budget("stopped by callback")
+
+    # -- neighbourhoods
+    def candidates(self, move: MoveOperator, kind: str) -> list[Candidate]:
+        out = []
+        for p, index in enumerate(self.obj.state):
+            for s in range(index.shape[0]):
+                row = index[s].cpu().numpy()
+                for new in move(row, self.rng):
+                    new = tuple(int(v) for v in check_permutation(new, self.obj.n, name="row returned by the move"))
+                    if new != tuple(int(v) for v in row):
+                        out.append(Candidate(p, s, new, kind))
+        return out
+
+    def screened(self, cands: list[Candidate], screen: int) -> list[Candidate]:
+        """Keep the ``screen`` swaps with the most negative first-order estimate."""
+        grads = self.obj.mixture_gradients()
+        cache: dict[tuple[int, int], Any] = {}
+        scores = []
+        for c in cands:
+            key = (c.slot, c.selector)
+            if key not in cache:
+                cache[key] = (self.obj.swap_screen(c.slot, c.selector, grads).cpu().numpy(), self.obj.state[c.slot][c.selector].cpu().numpy())
+            matrix, row = cache[key]
+            a, b = np.nonzero(np.asarray(c.row) != row)[0]
+            scores.append(matrix[a, b])
+        order = np.argsort(np.asarray(scores), kind="stable")[:screen]
+        return [cands[i] for i in order]
+
+    # -- acceptance
+    def try_accept(self, cand: Candidate, predicted: float) -> bool:
+        """Verify a candidate exactly; keep it only if it strictly improves by more than ``tol``."""
+        before_state, before = self.obj.current(), self.obj.fun
+        if not predicted < before - self.s.tol:
+            return False
+        after = self.obj.accept(cand)
+        if after < before - self.s.tol:
+            old_row = before_state[cand.slot][cand.selector]
+            self.moves.append(Move(cand.kind, cand.slot, cand.selector, old_row.tolist(), list(cand.row), before, after))
+            self.nit += 1
+            return True
+        self.obj.set_state(before_state)
+        return False
+
+    def improve_once(self, move: MoveOperator, kind: str) -> bool:
+        """One step of the descent; False at a local optimum of the (full) neighbourhood."""
+        self._check_budget()
+        cands = self.candidates(move, kind)
+        pools = [cands]
+        if self.s.screen is not None and kind == "swap" and self.obj.row_restricted and len(cands) > self.s.screen:
+            # Screened candidates first; the full scan backs it up so the end point is a true local optimum.
+            pools = [self.screened(cands, self.s.screen), cands]
+        for pool in pools:
+            if self._improve_from(pool):
+                return True
+        return False
+
+    def _improve_from(self, pool: list[Candidate]) -> bool:
+        block = len(pool) if self.s.strategy == "best" else 32
+        for start in range(0, len(pool), block):
+            chunk = pool[start : start + block]
+            values = self.obj.evaluate(chunk)
+            for i in np.argsort(values, kind="stable"):
+                if not values[i] < self.obj.fun - self.s.tol:
+                    break
+                if self.try_accept(chunk[i], float(values[i])):
+                    self._notify()
+                    return True
+            if self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
+                raise _Budget("max_evals reached")
+        return False
+
+    def descend(self, move: MoveOperator, kind: str) -> None:
+        while self.improve_once(move, kind):
+            pass
+
+
+def _as_rng(rng: Any) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def local_search(
+    model: nn.Module,
+    data: Any,
+    loss: LossFn,
+    method: str | MoveOperator = "swap",
+    *,
+    rng: Any = None,
+    **options: Any,
+) -> OptimizeResult:
+    """Improve the permutation(s) between gate and experts by discrete local search.
+
+    Expert outputs and gate outputs are computed once on ``data``; every candidate's loss is then
+    exact without re-running the experts (see :class:`RoutingObjective`). A move is accepted only if
+    its loss, recomputed from scratch, is lower than the current one by more than ``tol``: the
+    returned permutation is never worse than the starting one.
+
+    Args:
+        model: an ``MoE``, a ``MultiGateMoE`` or a model containing one (pick it with ``layer=``).
+        data: ``(inputs, targets)`` or an iterable of such pairs (the evaluation data).
+        loss: ``loss(prediction, targets)`` returning per-example losses ``[B]`` (fast path) or a scalar.
+        method: ``'swap'`` (2-opt descent), ``'insertion'``, ``'rotation'``, ``'ils'`` (iterated local
+            search: descent, random kicks, optional restarts), ``'exhaustive'`` (all permutations, small
+            n), ``'codes'`` (move selectors of static binary DSelectK/COMET gates by rewriting their
+            codes), or a callable move operator ``move(row, rng) -> iterable of rows``.
+        rng: seed or ``numpy.random.Generator`` for randomised methods.
+
+    Options (all methods): ``layer`` (module or name), ``apply`` (default True: write the result into
+    the model), ``tol`` (default 0: any strict improvement), ``max_iter`` (accepted moves, default
+    1000), ``max_evals`` (candidate evaluations), ``strategy`` (``'best'`` or ``'first'``
+    improvement), ``screen`` (keep the best ``screen`` swaps by the first-order estimate
+    ⟨∂L/∂y, Δy⟩ before exact evaluation; a full scan still confirms local optimality),
+    ``max_rows`` (memory cap per evaluation chunk), ``callback(intermediate_result)`` (return True to
+    stop). ``'ils'``: ``neighbourhood`` (default 'swap'), ``perturbations`` (default 20), ``strength``
+    (random swaps per kick, default 3), ``restart_every`` (a random restart every this many kicks;
+    default None). ``'exhaustive'``: ``max_states`` (default 50000).
+
+    Returns:
+        ``OptimizeResult`` with ``x`` (list of ``[S, n]`` int arrays, one per permutation module of the
+        layer), ``fun``, ``fun0``, ``nit`` (accepted moves), ``nfev`` (candidate / state evaluations),
+        ``success``, ``status``, ``message`` and ``moves`` (list of :class:`Move`).
+
+    Example:
+        >>> result = local_search(moe, (x_val, y_val), per_example_mse, method="swap")  # doctest: +SKIP
+        >>> result.fun <= result.fun0
+        True
+    """
+    if callable(method) and not isinstance(method, str):
+        move_fn: MoveOperator | None = method
+        method_name = "callable"
+    else:
+        method_name = check_choice("method", method, METHODS)
+        move_fn = MOVES.get(method_name)
+    check_no_unknown_options(f"local_search(method={method_name!r})", options, _COMMON + _METHOD_OPTIONS[method_name])
+    tol = check_positive_float("tol", options.get("tol", 0.0), allow_zero=True)
+    max_iter = check_int("max_iter", options.get("max_iter", 1000), minimum=0)
+    max_evals = options.get("max_evals")
+    if max_evals is not None:
+        max_evals = check_int("max_evals", max_evals, minimum=1)
+    strategy = check_choice("strategy", options.get("strategy", "best"), ("best", "first"))
+    screen = options.get("screen")
+    if screen is not None:
+        screen = check_int("screen", screen, minimum=1)
+    callback = options.get("callback")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable(intermediate_result) or None")
+
+    objective = RoutingObjective(model, data, loss, layer=options.get("layer"), max_rows=options.get("max_rows", 1 << 18))
+    search = _Search(objective, _Settings(tol, max_iter, max_evals, strategy, screen, callback), _as_rng(rng))
+    message, status = "local optimum: no improving move in the neighbourhood", 0
+    try:
+        if method_name == "ils":
+            _iterated_local_search(search, options)
+            message = "iterated local search finished its perturbations"
+        elif method_name == "exhaustive":
+            _exhaustive(search, check_int("max_states", options.get("max_states", 50_000), minimum=1))
+            message = "global optimum over all permutations (exhaustive)"
+        elif method_name == "codes":
+            _code_descent(search)
+            message = "local optimum: no improving code move"
+        else:
+            search.descend(move_fn, method_name)
+    except _Budget as stop:
+        message, status = str(stop), 1
+    if options.get("apply", True):
+        objective.write_back()
+    return OptimizeResult(
+        x=objective.current(),
+        fun=objective.fun,
+        fun0=objective.fun0,
+        nit=search.nit,
+        nfev=objective.nfev,
+        success=True,
+        status=status,
+        message=message,
+        moves=search.moves,
+        method=method_name,
+    )
+
+
+def _iterated_local_search(search: _Search, options: dict[str, Any]) -> None:
+    name = check_choice("neighbourhood", options.get("neighbourhood", "swap"), tuple(MOVES))
+    perturbations = check_int("perturbations", options.get("perturbations", 20), minimum=0)
+    strength = check_int("strength", options.get("strength", 3), minimum=1)
+    restart_every = options.get("restart_every")
+    if restart_every is not None:
+        restart_every = check_int("restart_every", restart_every, minimum=1)
+    obj, rng = search.obj, search.rng
+    search.descend(MOVES[name], name)
+    best_state, best_fun = obj.current(), obj.fun
+    try:
+        for kick in range(perturbations):
+            search._check_budget()
+            start = [s.copy() for s in best_state]
+            if restart_every is not None and (kick + 1) % restart_every == 0:
+                start = [np.stack([rng.permutation(obj.n) for _ in range(s.shape[0])]) for s in start]
+            else:
+                p = int(rng.integers(len(start)))
+                sel = int(rng.integers(start[p].shape[0]))
+                start[p][sel] = perturb(start[p][sel], strength, rng)
+            obj.set_state(start)
+            moves_before = len(search.moves)
+            search.descend(MOVES[name], name)
+            del search.moves[moves_before:]  # keep the moves of the best trajectory only (recorded below)
+            if obj.fun < best_fun - search.s.tol:
+                search.moves.append(
+                    Move("ils", -1, -1, [], [], best_fun, obj.fun, {"kick": kick, "state": [s.tolist() for s in obj.current()]})
+                )
+                best_state, best_fun = obj.current(), obj.fun
+    finally:
+        obj.set_state(best_state)
+
+
+def _exhaustive(search: _Search, max_states: int) -> None:
+    obj = search.obj
+    rows = [(p, s) for p, index in enumerate(obj.state) for s in range(index.shape[0])]
+    count = math.factorial(obj.n) ** len(rows)
+    if count > max_states:
+        raise ValueError(
+            f"exhaustive search over {len(rows)} permutation row(s) of {obj.n} experts has {count} states, "
+            f"more than max_states={max_states}; raise max_states or use method='swap'/'ils'"
+        )
+    start, start_fun = obj.current(), obj.fun
+    if len(rows) == 1:
+        p, s = rows[0]
+        cands = [Candidate(p, s, perm, "exhaustive") for perm in itertools.permutations(range(obj.n))]
+        values = obj.evaluate(cands)
+        best = int(np.argmin(values))
+        if values[best] < start_fun - search.s.tol:
+            search.try_accept(cands[best], float(values[best]))
+        return
+    best_state, best_fun = None, start_fun
+    for combo in itertools.product(itertools.permutations(range(obj.n)), repeat=len(rows)):
+        state = [x.copy() for x in start]
+        for (p, s), perm in zip(rows, combo):
+            state[p][s] = perm
+        value = obj.value_of(state)
+        if value < best_fun - search.s.tol:
+            best_state, best_fun = state, value
+    if best_state is not None:
+        after = obj.set_state(best_state)
+        if after < start_fun - search.s.tol:
+            search.moves.append(Move("exhaustive", -1, -1, [], [], start_fun, after, {"state": [s.tolist() for s in best_state]}))
+            search.nit += 1
+        else:
+            obj.set_state(start)
+
+
+def _code_descent(search: _Search) -> None:
+    """Best-improvement descent over 'move one selector of a static binary gate to another slot'."""
+    obj = search.obj
+    gates = [obj.layer.gate] if not hasattr(obj.layer, "gates") else list(obj.layer.gates)
+    if not code_sites(gates):
+        raise ValueError(
+            "method='codes' needs a static DSelectK or COMET gate whose codes are binary; "
+            "harden the gate first (routing_search.exact.harden) or use a permutation method"
+        )
+    while True:
+        search._check_budget()
+        best: tuple[float, Any, int] | None = None
+        for site in code_sites(gates):
+            g = obj.gate_outs[site.task]
+            current = selector_slot(g, site.selector)
+            for slot in range(obj.n):
+                if slot == current:
+                    continue
+                value = obj.value_with_gate_outputs({site.task: moved_gate_output(g, site.selector, slot)})
+                if best is None or value < best[0]:
+                    best = (value, site, slot)
+        if best is None or not best[0] < obj.fun - search.s.tol:
+            return
+        value, site, slot = best
+        gate = gates[site.task]
+        before = obj.fun
+        saved = {name: p.detach().clone() for name, p in gate.named_parameters()}
+        current = selector_slot(obj.gate_outs[site.task], site.selector)
+        set_selector_slot(gate, site.selector, slot)
+        after = obj.refresh_gates()
+        if not after < before - search.s.tol:
+            for name, p in gate.named_parameters():
+                p.data.copy_(saved[name])
+            obj.refresh_gates()
+            return
+        search.moves.append(Move("code", site.task, site.selector, [current], [slot], before, after))
+        search.nit += 1
+        search._notify()
