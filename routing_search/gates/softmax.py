@@ -1,0 +1,68 @@
+"""Dense softmax gate: every expert gets a positive weight.
+
+The dense baseline of the DSelect-k paper ("Softmax MoE"). Static when ``input_dim`` is None (one
+learned logits vector shared by all examples), per-example otherwise (``softmax((Wx + b) / T)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validation import check_int, check_num_experts_k, check_positive_float
+from .protocol import BaseGate, GateOutput
+
+__all__ = ["Softmax"]
+
+
+class Softmax(BaseGate):
+    """Dense softmax gate ``softmax(logits / temperature)``.
+
+    Args:
+        num_experts: number of experts n >= 2.
+        input_dim: input width d of the per-example gate; None makes the gate static (the input is only
+            used for its batch size).
+        temperature: T > 0 dividing the logits.
+        validate: check inputs for NaN/inf.
+
+    The static logits start at zero (uniform weights); the per-example router is an ``nn.Linear`` with
+    PyTorch's default initialisation. ``loss`` is always zero.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        input_dim: int | None = None,
+        *,
+        temperature: float = 1.0,
+        validate: bool = True,
+    ) -> None:
+        n, _ = check_num_experts_k(num_experts)
+        if input_dim is not None:
+            input_dim = check_int("input_dim", input_dim, minimum=1)
+        super().__init__(n, input_dim, validate=validate)
+        self.temperature = check_positive_float("temperature", temperature)
+        self.logits: nn.Parameter | None = None
+        self.router: nn.Linear | None = None
+        if input_dim is None:
+            self.logits = nn.Parameter(torch.zeros(n))
+        else:
+            self.router = nn.Linear(input_dim, n)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, num_experts]`` before the temperature (static logits are broadcast)."""
+        if self.router is not None:
+            return self.router(x)
+        assert self.logits is not None
+        return self.logits.unsqueeze(0).expand(x.shape[0], -1)
+
+    def forward(
+        self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
+    ) -> GateOutput:
+        x = self._check_x(x)
+        self._tick()
+        weights = torch.softmax(self.compute_logits(x) / self.temperature, dim=-1)
+        return GateOutput(weights=weights, loss=self._zero_loss(weights))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, input_dim={self.input_dim}, temperature={self.temperature}"
