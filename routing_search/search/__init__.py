@@ -3,6 +3,7 @@
 from .local_search import METHODS, Move, local_search
 from .moves import MOVES, insertion_moves, perturb, rotation_moves, swap_moves
 from .objective import Candidate, RoutingObjective
+from .sinkhorn import SinkhornPermutation, log_sinkhorn, sinkhorn_modules
 
 __all__ = [
     "local_search",
@@ -15,4 +16,7 @@ __all__ = [
     "insertion_moves",
     "rotation_moves",
     "perturb",
+    "SinkhornPermutation",
+    "log_sinkhorn",
+    "sinkhorn_modules",
 ]

@@ -1,0 +1,215 @@
+"""COMET tree gate (Ibrahim et al. 2023): k soft binary trees whose leaves are the experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validation import check_int, check_num_experts_k, check_positive_float
+from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
+from .smooth_step import smooth_step, smooth_step_init_
+
+__all__ = ["COMET"]
+
+_EPS = 1e-6
+_LEAF_INIT = 0.05
+
+
+def _batch_mean(per_example: torch.Tensor) -> torch.Tensor:
+    """Mean over the leading (batch) dimension; 0 for an empty batch."""
+    return per_example.sum() / max(per_example.shape[0], 1)
+
+
+def _leaf_paths(num_experts: int) -> list[tuple[int, list[tuple[int, bool]]]]:
+    """Leaves of the heap-indexed tree in left-to-right order, each with its root path.
+
+    Internal nodes are ``0 .. n-2``, leaves ``n-1 .. 2n-2``, children of ``q`` are ``2q+1`` (left) and
+    ``2q+2`` (right). A path is a list of ``(node, went_left)`` from the root down.
+    """
+    leaves: list[tuple[int, list[tuple[int, bool]]]] = []
+
+    def visit(q: int, path: list[tuple[int, bool]]) -> None:
+        if q >= num_experts - 1:
+            leaves.append((q, path))
+            return
+        visit(2 * q + 1, path + [(q, True)])
+        visit(2 * q + 2, path + [(q, False)])
+
+    visit(0, [])
+    return leaves
+
+
+class COMET(BaseGate):
+    """COMET gate: ``k`` soft binary trees over the ``n`` experts, merged by one softmax.
+
+    Tree ``j`` is heap-indexed: internal nodes ``0 .. n-2``, leaves ``n-1 .. 2n-2``, children of node
+    ``q`` are ``2q+1`` (left) and ``2q+2`` (right); any ``n >= 2`` works (leaves may sit at different
+    depths, nothing is unreachable). Node ``q`` sends ``s = S(w_jq . x + b_jq)`` to the left child and
+    ``1 - s`` to the right; the reach probability ``pi_jl`` of a leaf is the product along its path.
+    Each leaf has a linear logit ``a_jl(x)``. Expert weights::
+
+        g_i(x) = sum_j pi_ji e^{a_ji} / sum_{j,l} pi_jl e^{a_jl}
+
+    computed stably from the scores ``a + log pi`` (scores with ``pi = 0`` are masked, so they get
+    exact zeros and no NaN gradients).
+
+    **Expert order**: expert ``i`` is the ``i``-th leaf in *left-to-right* order, which for ``n``
+    not a power of two differs from heap order. ``leaf_order[i]`` is the heap index of expert ``i``'s
+    leaf (e.g. ``(3, 4, 2)`` for ``n = 3``). Leaf parameters are stored in expert order.
+
+    Output: ``selector_weights[b, j] = pi_j e^{a_j} / sum_l pi_jl e^{a_jl}`` (tree ``j``'s
+    distribution), ``selector_mix[b, j] = sum_l pi_jl e^{a_jl} / sum_{j,l} pi e^a``, and
+    ``weights = einsum('bk,bkn->bn', selector_mix, selector_weights)``. At most ``k`` nonzeros once
+    every node output is binary. Loss: ``entropy_weight * mean_batch sum_j H(pi_j)`` (eps 1e-6);
+    ``entropy_weight`` may be a callable of the number of training calls so far.
+
+    Static variant (``input_dim=None``): node and leaf logits are plain parameters. Parameters:
+    ``k (2n - 1) (d + 1)`` per-example, ``k (2n - 1)`` static. Init: nodes ``U(-gamma/100, gamma/100)``,
+    leaves ``U(-0.05, 0.05)``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        k: int,
+        input_dim: int | None = None,
+        *,
+        gamma: float = 1.0,
+        entropy_weight: WeightSchedule = 0.0,
+        validate: bool = True,
+    ) -> None:
+        n, k = check_num_experts_k(num_experts, k)
+        if input_dim is not None:
+            input_dim = check_int("input_dim", input_dim, minimum=1)
+        super().__init__(n, input_dim, validate=validate)
+        self.num_selectors = k
+        self.gamma = check_positive_float("gamma", gamma)
+        self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
+
+        paths = _leaf_paths(n)
+        self.leaf_order: tuple[int, ...] = tuple(leaf for leaf, _ in paths)
+        depth = max(len(path) for _, path in paths)
+        node = torch.zeros(depth, n, dtype=torch.long)
+        left = torch.zeros(depth, n, dtype=torch.bool)
+        has = torch.zeros(depth, n, dtype=torch.bool)
+        for i, (_, path) in enumerate(paths):
+            for t, (q, went_left) in enumerate(path):
+                node[t, i], left[t, i], has[t, i] = q, went_left, True
+        # Level t of expert i's path: ancestor node, branch taken, and whether the path is that deep.
+        self.register_buffer("_path_node", node, persistent=False)
+        self.register_buffer("_path_left", left, persistent=False)
+        self.register_buffer("_path_has", has, persistent=False)
+
+        if input_dim is None:
+            self.node_logits = nn.Parameter(torch.empty(k, n - 1))
+            self.leaf_logits = nn.Parameter(torch.empty(k, n))
+        else:
+            self.node_weight = nn.Parameter(torch.empty(k, n - 1, input_dim))
+            self.node_bias = nn.Parameter(torch.empty(k, n - 1))
+            self.leaf_weight = nn.Parameter(torch.empty(k, n, input_dim))
+            self.leaf_bias = nn.Parameter(torch.empty(k, n))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draw the parameters: nodes inside the fractional region of S, leaves small."""
+        with torch.no_grad():
+            if self.is_static:
+                smooth_step_init_(self.node_logits, self.gamma)
+                self.leaf_logits.uniform_(-_LEAF_INIT, _LEAF_INIT)
+            else:
+                smooth_step_init_(self.node_weight, self.gamma)
+                smooth_step_init_(self.node_bias, self.gamma)
+                self.leaf_weight.uniform_(-_LEAF_INIT, _LEAF_INIT)
+                self.leaf_bias.uniform_(-_LEAF_INIT, _LEAF_INIT)
+
+    # ------------------------------------------------------------------ pieces
+    def _logits(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node logits ``[B, k, n-1]`` and leaf logits ``[B, k, n]`` (no batch dim: static, x None)."""
+        if self.is_static:
+            if x is None:
+                return self.node_logits, self.leaf_logits
+            batch = x.shape[0]
+            return self.node_logits.expand(batch, -1, -1), self.leaf_logits.expand(batch, -1, -1)
+        if x is None:
+            raise ValueError("x is required for a per-example COMET gate (input_dim is set)")
+        nodes = torch.einsum("bd,kqd->bkq", x, self.node_weight) + self.node_bias
+        leaves = torch.einsum("bd,kld->bkl", x, self.leaf_weight) + self.leaf_bias
+        return nodes, leaves
+
+    def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else self._check_x(x)
+
+    def _reach(self, s: torch.Tensor) -> torch.Tensor:
+        """Reach probabilities ``[..., n]`` (expert order) from node outputs ``s`` ``[..., n-1]``."""
+        pi = torch.ones(*s.shape[:-1], self.num_experts, dtype=s.dtype, device=s.device)
+        for t in range(self._path_node.shape[0]):
+            s_anc = s[..., self._path_node[t]]
+            branch = torch.where(self._path_left[t], s_anc, 1 - s_anc)
+            pi = pi * torch.where(self._path_has[t], branch, torch.ones_like(branch))
+        return pi
+
+    def node_outputs(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Node outputs ``S(w.x + b)`` (probability of going left): ``[k, n-1]`` or ``[B, k, n-1]``."""
+        nodes, _ = self._logits(self._maybe_check(x))
+        return smooth_step(nodes, self.gamma)
+
+    def reach_probabilities(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Leaf reach probabilities ``pi`` in expert order: ``[k, n]`` (static, x None) or ``[B, k, n]``."""
+        return self._reach(self.node_outputs(x))
+
+    def is_binary(self, x: torch.Tensor | None = None, atol: float = 0.0) -> bool:
+        """Whether every node output is within ``atol`` of 0 or 1 (then each tree picks one leaf)."""
+        s = self.node_outputs(x)
+        return bool(((s <= atol) | (s >= 1 - atol)).all())
+
+    def _combine(
+        self, pi: torch.Tensor, leaves: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weights, selector_weights, selector_mix)`` from ``pi`` and leaf logits ``[B, k, n]``."""
+        reachable = pi > 0
+        log_pi = torch.log(torch.where(reachable, pi, torch.ones_like(pi)))
+        masked = torch.full_like(leaves, torch.finfo(leaves.dtype).min)
+        scores = torch.where(reachable, leaves + log_pi, masked)
+        tree_lse = torch.logsumexp(scores, dim=-1)  # [B, k]; finite since every tree reaches a leaf
+        sel = torch.softmax(scores, dim=-1)
+        mix = torch.softmax(tree_lse, dim=-1)
+        weights = torch.einsum("...k,...kn->...n", mix, sel)
+        return weights, sel, mix
+
+    def forward(
+        self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
+    ) -> GateOutput:
+        """Soft COMET gate on a batch ``x`` ``[B, input_dim]`` (any width for a static gate)."""
+        x = self._check_x(x)
+        calls = self._tick()
+        nodes, leaves = self._logits(x)
+        pi = self._reach(smooth_step(nodes, self.gamma))
+        weights, sel, mix = self._combine(pi, leaves)
+        loss = self._zero_loss(weights)
+        lam = resolve_weight(self.entropy_weight, calls)
+        if lam != 0.0:
+            loss = loss + lam * _batch_mean(entropy(pi, eps=_EPS).sum(dim=-1))
+        return GateOutput(weights=weights, loss=loss, selector_weights=sel, selector_mix=mix)
+
+    def hard(self, x: torch.Tensor) -> GateOutput:
+        """Gate with every node decision rounded to 0/1 (``s > 0.5`` goes left): at most ``k`` nonzeros.
+
+        Equals :meth:`forward` exactly when the node outputs are already binary. Does not advance
+        the call counter; the loss is 0.
+        """
+        x = self._check_x(x)
+        nodes, leaves = self._logits(x)
+        s = smooth_step(nodes, self.gamma)
+        pi = self._reach((s > 0.5).to(s.dtype))
+        weights, sel, mix = self._combine(pi, leaves)
+        return GateOutput(
+            weights=weights, loss=self._zero_loss(weights), selector_weights=sel, selector_mix=mix
+        )
+
+    hard_forward = hard
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, k={self.num_selectors}, input_dim={self.input_dim}, "
+            f"gamma={self.gamma}"
+        )

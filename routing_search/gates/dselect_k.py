@@ -1,0 +1,225 @@
+"""DSelect-k (Hazimeh et al. 2021): k binary-encoded single-expert selectors, smoothed with S."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validation import check_choice, check_int, check_num_experts_k, check_positive_float
+from ..exact.encoding import hard_gate, hard_selector, num_bits, selector
+from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
+from .smooth_step import smooth_step, smooth_step_init_
+
+__all__ = ["DSelectK"]
+
+_EPS = 1e-6
+_ALPHA_INIT = 0.05
+
+
+def _batch_mean(per_example: torch.Tensor) -> torch.Tensor:
+    """Mean over the leading (batch) dimension; 0 for an empty batch."""
+    return per_example.sum() / max(per_example.shape[0], 1)
+
+
+class DSelectK(BaseGate):
+    """DSelect-k gate: ``q(alpha, Z) = sum_i softmax(alpha)_i r(S(z^(i)))`` (paper eq. 6).
+
+    Static (``input_dim=None``): ``alpha`` in R^k and ``Z`` in R^{k x m} are parameters
+    (``k + k*m`` of them; the input only sets the batch size). Per-example: ``alpha = G x + b`` and
+    ``z^(i) = W^(i) x + b^(i)``. ``m = ceil(log2 n)``; bit ``j`` of expert ``i``'s code is
+    ``(i >> j) & 1``.
+
+    Output: ``selector_weights[b, i] = r(S(z^(i)))`` (after the policy below), ``selector_mix[b] =
+    softmax(alpha)`` and ``weights = einsum('bk,bkn->bn', selector_mix, selector_weights)``. Every
+    row is on the simplex; once ``S(Z)`` is binary at most ``k`` entries are nonzero (exact zeros).
+
+    Loss: ``entropy_weight * sum_i H(selector_weights_i)`` (batch mean; eps 1e-6 inside the log),
+    plus the reachability penalty below. ``entropy_weight`` may be a callable of the number of
+    training calls so far.
+
+    Unreachable codes (only when ``n`` is not a power of two; otherwise none of this applies): codes
+    ``n .. 2^m - 1`` name no expert, so part of each selector's mass ``sum_{c >= n} r_c`` is lost.
+
+    * ``unreachable="renormalize"`` (default): each selector's distribution is divided by its
+      reachable mass ``sum_{i < n} r_i``, so it lies exactly on the simplex. A selector whose
+      reachable mass is exactly 0 (its saturated bits pin it to unreachable codes) is *folded*
+      instead, as below, so it never divides by zero and binary codes always give one-hot rows.
+    * ``unreachable="fold"``: the mass of unreachable code ``c`` goes to expert ``c - 2^(m-1)``
+      (the top bit is dropped). Also exactly on the simplex, but some experts own two codes.
+
+    In both cases the loss adds ``reachability_weight * sum_i (1/(mass_i + eps) - 1/(1 + eps))``
+    (batch mean), the official code's penalty ``sum_i 1/(mass_i + eps)`` shifted by a constant so it
+    is 0 when all mass is reachable; it moves mass onto real experts (a selector stuck on
+    unreachable codes costs about ``reachability_weight / eps``). ``reachability_weight=0``
+    turns it off. The hard gate (:meth:`hard`) and :meth:`selected_experts` apply the same fold
+    to unreachable binary codes, so they agree with the soft gate whenever ``S(Z)`` is binary.
+
+    Init: ``Z`` parameters (weights and biases) ``U(-gamma/100, gamma/100)``, inside the fractional
+    region of S; ``alpha`` parameters ``U(-0.05, 0.05)``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        k: int,
+        input_dim: int | None = None,
+        *,
+        gamma: float = 1.0,
+        entropy_weight: WeightSchedule = 0.0,
+        unreachable: str = "renormalize",
+        reachability_weight: float = 1.0,
+        validate: bool = True,
+    ) -> None:
+        n, k = check_num_experts_k(num_experts, k)
+        if input_dim is not None:
+            input_dim = check_int("input_dim", input_dim, minimum=1)
+        super().__init__(n, input_dim, validate=validate)
+        self.num_selectors = k
+        self.gamma = check_positive_float("gamma", gamma)
+        self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
+        self.unreachable = check_choice("unreachable", unreachable, ("renormalize", "fold"))
+        self.reachability_weight = check_positive_float(
+            "reachability_weight", reachability_weight, allow_zero=True
+        )
+        self.num_bits = num_bits(n)
+        m = self.num_bits
+        if input_dim is None:
+            self.alpha_logits = nn.Parameter(torch.empty(k))
+            self.z_logits = nn.Parameter(torch.empty(k, m))
+        else:
+            self.alpha_weight = nn.Parameter(torch.empty(k, input_dim))
+            self.alpha_bias = nn.Parameter(torch.empty(k))
+            self.z_weight = nn.Parameter(torch.empty(k, m, input_dim))
+            self.z_bias = nn.Parameter(torch.empty(k, m))
+        self.reset_parameters()
+
+    @property
+    def is_power_of_two(self) -> bool:
+        """True when every code names an expert (``num_experts = 2^m``)."""
+        return self.num_experts == 2**self.num_bits
+
+    def reset_parameters(self) -> None:
+        """Re-draw the parameters: ``Z`` inside the fractional region, ``alpha`` small."""
+        with torch.no_grad():
+            if self.is_static:
+                self.alpha_logits.uniform_(-_ALPHA_INIT, _ALPHA_INIT)
+                smooth_step_init_(self.z_logits, self.gamma)
+            else:
+                self.alpha_weight.uniform_(-_ALPHA_INIT, _ALPHA_INIT)
+                self.alpha_bias.uniform_(-_ALPHA_INIT, _ALPHA_INIT)
+                smooth_step_init_(self.z_weight, self.gamma)
+                smooth_step_init_(self.z_bias, self.gamma)
+
+    # ------------------------------------------------------------------ logits and codes
+    def _logits(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha`` ``[B, k]`` and ``z`` ``[B, k, m]`` (no batch dimension for a static gate with x None)."""
+        if self.is_static:
+            if x is None:
+                return self.alpha_logits, self.z_logits
+            batch = x.shape[0]
+            return (
+                self.alpha_logits.expand(batch, -1),
+                self.z_logits.expand(batch, -1, -1),
+            )
+        if x is None:
+            raise ValueError("x is required for a per-example DSelectK gate (input_dim is set)")
+        alpha = x @ self.alpha_weight.T + self.alpha_bias
+        z = torch.einsum("bd,kmd->bkm", x, self.z_weight) + self.z_bias
+        return alpha, z
+
+    def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else self._check_x(x)
+
+    def smooth_codes(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``S(Z)`` in ``[0, 1]``: ``[k, m]`` for a static gate with ``x=None``, else ``[B, k, m]``."""
+        _, z = self._logits(self._maybe_check(x))
+        return smooth_step(z, self.gamma)
+
+    def binary_codes(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``S(Z)`` rounded to 0/1 (ties at 0.5 go to 0), same shape and dtype as :meth:`smooth_codes`."""
+        s = self.smooth_codes(x)
+        return (s > 0.5).to(s.dtype)
+
+    def is_binary(self, x: torch.Tensor | None = None, atol: float = 0.0) -> bool:
+        """Whether every entry of ``S(Z)`` is within ``atol`` of 0 or 1."""
+        s = self.smooth_codes(x)
+        return bool(((s <= atol) | (s >= 1 - atol)).all())
+
+    def _fold_codes(self, bits: torch.Tensor) -> torch.Tensor:
+        """Clear the top bit of binary codes that name no expert (the fold policy on codes)."""
+        if self.is_power_of_two:
+            return bits
+        m = self.num_bits
+        powers = 2 ** torch.arange(m, device=bits.device)
+        codes = (bits.to(torch.long) * powers).sum(dim=-1, keepdim=True)
+        cleared = torch.cat([bits[..., : m - 1], torch.zeros_like(bits[..., m - 1 :])], dim=-1)
+        return torch.where(codes >= self.num_experts, cleared, bits)
+
+    def selected_experts(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert chosen by each selector after rounding ``S(Z)`` (int64, ``[k]`` or ``[B, k]``)."""
+        bits = self._fold_codes(self.binary_codes(x))
+        powers = 2 ** torch.arange(self.num_bits, device=bits.device)
+        return (bits.to(torch.long) * powers).sum(dim=-1)
+
+    # ------------------------------------------------------------------ distributions
+    def _selector_distribution(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-selector distributions ``[..., n]`` from ``S(z)`` ``[..., m]`` and the reachable mass."""
+        n = self.num_experts
+        if self.is_power_of_two:
+            return selector(s, n), None
+        half = 2 ** (self.num_bits - 1)
+        full = selector(s, 2 * half)
+        reach = full[..., :n]
+        mass = reach.sum(dim=-1)
+        lo = n - half  # unreachable code c in [n, 2*half) folds onto c - half in [lo, half)
+        folded = torch.cat([reach[..., :lo], reach[..., lo:half] + full[..., n:], reach[..., half:]], dim=-1)
+        if self.unreachable == "fold":
+            return folded, mass
+        alive = (mass > 0).unsqueeze(-1)
+        safe = torch.where(alive, mass.unsqueeze(-1), torch.ones_like(mass).unsqueeze(-1))
+        return torch.where(alive, reach / safe, folded), mass
+
+    def forward(
+        self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
+    ) -> GateOutput:
+        """Soft DSelect-k gate on a batch ``x`` ``[B, input_dim]`` (any width for a static gate)."""
+        x = self._check_x(x)
+        calls = self._tick()
+        alpha, z = self._logits(x)
+        r, mass = self._selector_distribution(smooth_step(z, self.gamma))
+        mix = torch.softmax(alpha, dim=-1)
+        weights = torch.einsum("...k,...kn->...n", mix, r)
+        loss = self._zero_loss(weights)
+        lam = resolve_weight(self.entropy_weight, calls)
+        if lam != 0.0:
+            loss = loss + lam * _batch_mean(entropy(r, eps=_EPS).sum(dim=-1))
+        if mass is not None and self.reachability_weight != 0.0:
+            penalty = (1.0 / (mass + _EPS) - 1.0 / (1.0 + _EPS)).sum(dim=-1)
+            loss = loss + self.reachability_weight * _batch_mean(penalty)
+        return GateOutput(weights=weights, loss=loss, selector_weights=r, selector_mix=mix)
+
+    def hard(self, x: torch.Tensor) -> GateOutput:
+        """Combinatorial gate ``q(alpha, round(S(Z)))`` of Prop. 1 (at most ``k`` nonzeros per row).
+
+        Unreachable rounded codes are folded as in the soft gate; equals :meth:`forward` exactly
+        when ``S(Z)`` is binary. Does not advance the call counter; the loss is 0.
+        """
+        x = self._check_x(x)
+        alpha, z = self._logits(x)
+        bits = self._fold_codes((smooth_step(z, self.gamma) > 0.5).to(z.dtype))
+        weights = hard_gate(alpha, bits, self.num_experts, validate=False)
+        one_hot = hard_selector(bits, self.num_experts, validate=False)
+        return GateOutput(
+            weights=weights,
+            loss=self._zero_loss(weights),
+            selector_weights=one_hot,
+            selector_mix=torch.softmax(alpha, dim=-1),
+        )
+
+    hard_forward = hard
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, k={self.num_selectors}, input_dim={self.input_dim}, "
+            f"gamma={self.gamma}, unreachable={self.unreachable!r}"
+        )

@@ -1,0 +1,250 @@
+"""Tests of the COMET tree gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from routing_search.gates.comet import COMET
+from routing_search.gates.protocol import GateOutput
+
+D = 3  # input width of per-example gates
+CASES = [(n, k) for n in (2, 3, 5, 8, 16) for k in sorted({1, 2, n})]
+
+
+def make_gate(n: int, k: int, static: bool, seed: int = 0, **kwargs) -> COMET:
+    torch.manual_seed(seed)
+    return COMET(n, k, None if static else D, **kwargs)
+
+
+def saturate_(gate: COMET, seed: int = 0) -> None:
+    """Put every node logit at ±10γ (per-example: ±10γ per weight, with inputs in {±1}^D below)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if gate.is_static:
+            signs = torch.randint(0, 2, gate.node_logits.shape, generator=g) * 2 - 1
+            gate.node_logits.copy_(10 * gate.gamma * signs)
+        else:
+            signs = torch.randint(0, 2, gate.node_weight.shape, generator=g) * 2 - 1
+            gate.node_weight.copy_(10 * gate.gamma * signs)
+            gate.node_bias.zero_()
+
+
+def sign_inputs(batch: int, seed: int = 0) -> torch.Tensor:
+    """Inputs in {±1}^D with D odd: w.x is an odd multiple of 10γ, never inside the cubic region."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (batch, D), generator=g) * 2 - 1).float()
+
+
+def naive_weights(pi: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """g_i = sum_j pi_ji e^{a_ji} / sum_{j,l} pi_jl e^{a_jl}, straight from the definition."""
+    num = (pi * a.exp()).sum(-2)
+    return num / num.sum(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------- tree layout
+@pytest.mark.parametrize(
+    ("n", "order"),
+    [(2, (1, 2)), (3, (3, 4, 2)), (4, (3, 4, 5, 6)), (5, (7, 8, 4, 5, 6)), (6, (7, 8, 9, 10, 5, 6))],
+)
+def test_left_to_right_leaf_order(n: int, order: tuple[int, ...]) -> None:
+    assert COMET(n, 1).leaf_order == order
+
+
+def test_reach_probabilities_by_hand_n3() -> None:
+    gate = make_gate(3, 1, True)
+    with torch.no_grad():
+        gate.node_logits.copy_(torch.tensor([[0.1, -0.2]]))
+    s0, s1 = gate.node_outputs()[0]
+    expected = torch.stack([s0 * s1, s0 * (1 - s1), 1 - s0])  # heap leaves 3, 4, 2
+    assert torch.allclose(gate.reach_probabilities()[0], expected, atol=1e-7)
+
+
+def test_reach_probabilities_by_hand_n5() -> None:
+    gate = make_gate(5, 2, True)
+    s = gate.node_outputs()
+    pi = gate.reach_probabilities()
+    assert pi.shape == (2, 5)
+    s0, s1, s2, s3 = s[1]
+    expected = torch.stack(
+        [
+            s0 * s1 * s3,  # heap 7: left, left, left
+            s0 * s1 * (1 - s3),  # heap 8
+            s0 * (1 - s1),  # heap 4
+            (1 - s0) * s2,  # heap 5
+            (1 - s0) * (1 - s2),  # heap 6
+        ]
+    )
+    assert torch.allclose(pi[1], expected, atol=1e-7)
+
+
+@pytest.mark.parametrize(("n", "d", "k"), [(2, 1, 1), (3, 4, 2), (5, 3, 3), (16, 7, 2)])
+def test_parameter_counts(n: int, d: int, k: int) -> None:
+    assert sum(p.numel() for p in COMET(n, k, d).parameters()) == k * (2 * n - 1) * (d + 1)
+    assert sum(p.numel() for p in COMET(n, k).parameters()) == k * (2 * n - 1)
+
+
+def test_initialisation() -> None:
+    gate = make_gate(8, 2, False, gamma=2.0)
+    assert bool((gate.node_weight.abs() <= 0.02).all() and (gate.node_bias.abs() <= 0.02).all())
+    assert bool((gate.leaf_weight.abs() <= 0.05).all() and (gate.leaf_bias.abs() <= 0.05).all())
+
+
+# ---------------------------------------------------------------- basic contract
+@pytest.mark.parametrize(("n", "k"), CASES)
+@pytest.mark.parametrize("static", [True, False])
+def test_rows_on_simplex_and_selector_identity(n: int, k: int, static: bool) -> None:
+    gate = make_gate(n, k, static, entropy_weight=0.1)
+    x = torch.randn(7, D)
+    out = gate(x)
+    assert isinstance(out, GateOutput) and gate.num_selectors == k
+    assert out.weights.shape == (7, n) and out.selector_weights.shape == (7, k, n)
+    assert out.selector_mix.shape == (7, k) and out.loss.shape == ()
+    for t in (out.weights, out.loss, out.selector_weights, out.selector_mix):
+        assert bool(torch.isfinite(t).all())
+    assert bool((out.weights > 0).all())
+    assert torch.allclose(out.weights.sum(-1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(out.selector_weights.sum(-1), torch.ones(7, k), atol=1e-6)
+    assert torch.allclose(out.selector_mix.sum(-1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(out.weights, torch.einsum("bk,bkn->bn", out.selector_mix, out.selector_weights))
+    pi = gate.reach_probabilities(x)
+    assert pi.shape == (7, k, n) and torch.allclose(pi.sum(-1), torch.ones(7, k), atol=1e-6)
+    _, leaves = gate._logits(x)
+    assert torch.allclose(out.weights, naive_weights(pi, leaves), atol=1e-6)
+    if static:
+        assert torch.equal(out.weights, out.weights[:1].expand(7, n))
+    assert not gate.is_binary(None if static else x)
+    assert out.loss.item() > 0
+
+
+def test_static_gate_accepts_any_width_and_follows_dtype() -> None:
+    gate = make_gate(5, 2, True).double()
+    out = gate(torch.randn(3, 11, dtype=torch.float64))
+    assert out.weights.dtype == torch.float64 and out.loss.dtype == torch.float64
+    assert gate.reach_probabilities().shape == (2, 5)
+    assert gate.reach_probabilities(torch.zeros(4, 1, dtype=torch.float64)).shape == (4, 2, 5)
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("n", [3, 5])
+@pytest.mark.parametrize("static", [True, False])
+def test_gradcheck_parameters_and_input(n: int, static: bool) -> None:
+    gate = make_gate(n, 2, static, entropy_weight=0.3).double()
+    with torch.no_grad():  # spread the logits over the fractional region for non-trivial gradients
+        for name, p in gate.named_parameters():
+            p.uniform_(-0.15, 0.15) if name.startswith("node") else p.normal_()
+    names = [name for name, _ in gate.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in gate.named_parameters())
+    x = (0.5 * torch.randn(3, D, dtype=torch.float64)).requires_grad_(not static)
+    s = gate.node_outputs(x)
+    assert 0 < s.min().item() and s.max().item() < 1
+
+    def f(x: torch.Tensor, *ps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = functional_call(gate, dict(zip(names, ps)), (x,))
+        return out.weights, out.loss, out.selector_mix
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_no_nan_gradients_when_some_leaves_are_unreachable() -> None:
+    gate = make_gate(5, 2, True, entropy_weight=0.5)
+    with torch.no_grad():
+        gate.node_logits[0, 0] = 10.0  # tree 0 never goes right at the root: leaves 3, 4 get pi = 0
+    out = gate(torch.zeros(4, 1))
+    assert bool((out.selector_weights[:, 0, 3:] == 0).all())
+    assert bool((out.selector_weights[:, 1] > 0).all())
+    (out.weights[:, 0].sum() + out.loss).backward()
+    for p in gate.parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all())
+    assert gate.node_logits.grad[0, 0] == 0  # saturated node is frozen
+    assert bool((gate.node_logits.grad[1] != 0).any())
+
+
+# ---------------------------------------------------------------- binary trees and the hard gate
+@pytest.mark.parametrize(("n", "k"), CASES)
+@pytest.mark.parametrize("static", [True, False])
+def test_saturated_gate_selects_at_most_k_and_equals_hard_gate(n: int, k: int, static: bool) -> None:
+    gate = make_gate(n, k, static, entropy_weight=1.0)
+    saturate_(gate, seed=n + k)
+    x = sign_inputs(16, seed=n)
+    assert gate.is_binary(x)
+    pi = gate.reach_probabilities(x)
+    assert bool(((pi == 0) | (pi == 1)).all()) and bool((pi.sum(-1) == 1).all())
+    soft, hard = gate(x), gate.hard(x)
+    chosen = pi.argmax(-1)  # [B, k] leaf reached by each tree
+    distinct = torch.tensor([len(set(row.tolist())) for row in chosen])
+    nnz = (soft.weights != 0).sum(-1)
+    assert torch.equal(nnz, distinct) and bool((nnz <= k).all())
+    assert torch.equal(soft.weights, hard.weights)
+    assert torch.equal(soft.selector_weights, hard.selector_weights)
+    assert torch.equal(soft.selector_mix, hard.selector_mix)
+    assert torch.equal(soft.selector_weights, pi)
+    assert abs(soft.loss.item()) < 1e-5 * k  # entropy of one-hot pi (eps 1e-6 inside the log)
+    assert torch.allclose(soft.weights.sum(-1), torch.ones(16), atol=1e-6)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_hard_gate_rounds_node_decisions(static: bool) -> None:
+    gate = make_gate(5, 2, static)
+    x = torch.randn(6, D)
+    out = gate.hard(x)
+    assert bool(((out.weights != 0).sum(-1) <= 2).all())
+    assert torch.allclose(out.weights.sum(-1), torch.ones(6), atol=1e-6)
+    s = gate.node_outputs(x)
+    pi_hard = gate._reach((s > 0.5).to(s.dtype))
+    assert torch.equal(out.selector_weights, pi_hard.expand(6, 2, 5) if static else pi_hard)
+    assert torch.equal(gate.hard_forward(x).weights, out.weights)
+
+
+# ---------------------------------------------------------------- regulariser and schedule
+def test_entropy_matches_definition_and_vanishes_when_binary() -> None:
+    gate = make_gate(6, 3, False, entropy_weight=0.7)
+    x = sign_inputs(5)
+    out = gate(x)
+    pi = gate.reach_probabilities(x)
+    expected = 0.7 * (-(pi * torch.log(pi + 1e-6)).sum(-1)).sum(-1).mean()
+    assert torch.allclose(out.loss, expected, atol=1e-6) and out.loss.item() > 0.1
+    saturate_(gate)
+    assert abs(gate(x).loss.item()) < 1e-5
+
+
+def test_entropy_weight_schedule_receives_call_count() -> None:
+    seen: list[int] = []
+
+    def schedule(calls: int) -> float:
+        seen.append(calls)
+        return 0.0 if calls < 2 else 1.0
+
+    gate = make_gate(4, 2, True, entropy_weight=schedule)
+    x = torch.zeros(2, 1)
+    losses = [gate(x).loss.item() for _ in range(3)]
+    assert seen == [0, 1, 2]
+    assert losses[0] == losses[1] == 0.0 and losses[2] > 0
+    gate.eval()
+    gate(x)
+    assert seen[-1] == 3 and int(gate.calls) == 3
+    assert gate.hard(x).loss.item() == 0.0 and int(gate.calls) == 3
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="k must be in"):
+        COMET(4, 5, D)
+    with pytest.raises(ValueError, match="k must be in"):
+        COMET(4, 0, D)
+    with pytest.raises(ValueError, match="num_experts"):
+        COMET(1, 1, D)
+    with pytest.raises(ValueError, match="gamma"):
+        COMET(4, 2, D, gamma=-1.0)
+    with pytest.raises(ValueError, match="input_dim"):
+        COMET(4, 2, 0)
+    with pytest.raises(ValueError, match="entropy_weight"):
+        COMET(4, 2, D, entropy_weight=-0.5)
+    gate = COMET(4, 2, D)
+    with pytest.raises(ValueError, match="input_dim"):
+        gate(torch.randn(2, D + 1))
+    with pytest.raises(ValueError, match="x contains"):
+        gate(torch.tensor([[0.0, float("inf"), 1.0]]))
+    with pytest.raises(ValueError, match="x is required"):
+        gate.reach_probabilities()

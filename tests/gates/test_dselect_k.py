@@ -1,0 +1,281 @@
+"""Tests of the DSelect-k gate and the smooth-step function it is built on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from routing_search.exact import num_bits, selector
+from routing_search.gates.dselect_k import DSelectK
+from routing_search.gates.protocol import GateOutput
+from routing_search.gates.smooth_step import smooth_step
+
+D = 3  # input width of per-example gates
+CASES = [(n, k) for n in (2, 3, 5, 8, 16) for k in sorted({1, 2, n})]
+
+
+def make_gate(n: int, k: int, static: bool, seed: int = 0, **kwargs) -> DSelectK:
+    torch.manual_seed(seed)
+    return DSelectK(n, k, None if static else D, **kwargs)
+
+
+def saturate_(gate: DSelectK, seed: int = 0) -> None:
+    """Put every z logit at ±10γ (per-example: ±10γ per weight, with inputs in {±1}^D below)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if gate.is_static:
+            signs = torch.randint(0, 2, gate.z_logits.shape, generator=g) * 2 - 1
+            gate.z_logits.copy_(10 * gate.gamma * signs)
+        else:
+            signs = torch.randint(0, 2, gate.z_weight.shape, generator=g) * 2 - 1
+            gate.z_weight.copy_(10 * gate.gamma * signs)
+            gate.z_bias.zero_()
+
+
+def sign_inputs(batch: int, seed: int = 0) -> torch.Tensor:
+    """Inputs in {±1}^D with D odd: W x is an odd multiple of 10γ, never inside the cubic region."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (batch, D), generator=g) * 2 - 1).float()
+
+
+# ---------------------------------------------------------------- smooth step
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 3.0])
+def test_smooth_step_values_and_slopes_match_at_the_joins(gamma: float) -> None:
+    h = 1e-9
+    for edge, value in ((-gamma / 2, 0.0), (gamma / 2, 1.0)):
+        t = torch.tensor([edge - h, edge, edge + h], dtype=torch.float64, requires_grad=True)
+        s = smooth_step(t, gamma)
+        (grad,) = torch.autograd.grad(s.sum(), t)
+        assert torch.allclose(s, torch.full_like(s, value), atol=1e-12)
+        assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-6)
+    t = torch.tensor([-gamma, 0.0, gamma], dtype=torch.float64, requires_grad=True)
+    s = smooth_step(t, gamma)
+    (grad,) = torch.autograd.grad(s.sum(), t)
+    assert s.tolist() == [0.0, 0.5, 1.0]
+    assert grad[0] == 0 and grad[2] == 0
+    assert torch.isclose(grad[1], torch.tensor(1.5 / gamma, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- basic contract
+@pytest.mark.parametrize(("n", "k"), CASES)
+@pytest.mark.parametrize("static", [True, False])
+def test_rows_on_simplex_and_selector_identity(n: int, k: int, static: bool) -> None:
+    gate = make_gate(n, k, static, entropy_weight=0.1)
+    x = torch.randn(7, D)
+    out = gate(x)
+    assert isinstance(out, GateOutput)
+    m = num_bits(n)
+    assert gate.num_selectors == k and gate.num_bits == m
+    assert out.weights.shape == (7, n) and out.selector_weights.shape == (7, k, n)
+    assert out.selector_mix.shape == (7, k) and out.loss.shape == ()
+    for t in (out.weights, out.loss, out.selector_weights, out.selector_mix):
+        assert bool(torch.isfinite(t).all())
+    assert bool((out.weights >= 0).all())
+    assert torch.allclose(out.weights.sum(-1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(out.selector_weights.sum(-1), torch.ones(7, k), atol=1e-6)
+    assert torch.allclose(out.selector_mix.sum(-1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(out.weights, torch.einsum("bk,bkn->bn", out.selector_mix, out.selector_weights))
+    if static:
+        assert torch.equal(out.weights, out.weights[:1].expand(7, n))
+    # Initialised inside the fractional region: everything is nonzero, loss is positive.
+    assert not gate.is_binary(None if static else x)
+    assert bool((out.weights > 0).all()) and out.loss.item() > 0
+
+
+@pytest.mark.parametrize("unreachable", ["renormalize", "fold"])
+@pytest.mark.parametrize("static", [True, False])
+def test_unreachable_policies_stay_on_simplex(unreachable: str, static: bool) -> None:
+    gate = make_gate(5, 2, static, unreachable=unreachable)
+    x = torch.randn(4, D)
+    out = gate(x)
+    assert torch.allclose(out.selector_weights.sum(-1), torch.ones(4, 2), atol=1e-6)
+    s = gate.smooth_codes(x)
+    full = selector(s, 8)
+    if unreachable == "renormalize":
+        expected = full[..., :5] / full[..., :5].sum(-1, keepdim=True)
+    else:  # codes 5, 6, 7 fold onto experts 1, 2, 3
+        expected = full[..., :5].clone()
+        expected[..., 1:4] += full[..., 5:]
+    assert torch.allclose(out.selector_weights, expected, atol=1e-6)
+    # penalty: sum over selectors of 1/(mass+eps) - 1/(1+eps), positive while mass is lost
+    no_penalty = make_gate(5, 2, static, unreachable=unreachable, reachability_weight=0.0)
+    assert no_penalty(x).loss.item() == 0.0
+    mass = full[..., :5].sum(-1)
+    expected_pen = (1 / (mass + 1e-6) - 1 / (1 + 1e-6)).sum(-1).mean()
+    assert torch.allclose(out.loss, expected_pen, atol=1e-6)
+
+
+def test_power_of_two_has_no_reachability_penalty() -> None:
+    gate = make_gate(8, 2, True, reachability_weight=5.0)
+    assert gate(torch.zeros(3, 1)).loss.item() == 0.0
+
+
+@pytest.mark.parametrize(("n", "d", "k"), [(3, 4, 2), (8, 5, 3), (16, 2, 16)])
+def test_parameter_counts(n: int, d: int, k: int) -> None:
+    m = num_bits(n)
+    assert sum(p.numel() for p in DSelectK(n, k).parameters()) == k + k * m
+    assert sum(p.numel() for p in DSelectK(n, k, d).parameters()) == k * (d + 1) + k * m * (d + 1)
+
+
+def test_static_gate_accepts_any_width_and_follows_dtype() -> None:
+    gate = make_gate(5, 2, True).double()
+    out = gate(torch.randn(3, 11, dtype=torch.float64))
+    assert out.weights.dtype == torch.float64 and out.loss.dtype == torch.float64
+    assert gate.smooth_codes().shape == (2, 3)
+    assert gate.smooth_codes(torch.zeros(4, 1, dtype=torch.float64)).shape == (4, 2, 3)
+
+
+def test_initialisation_inside_fractional_region() -> None:
+    gate = make_gate(8, 4, True, gamma=2.0)
+    assert bool((gate.z_logits.abs() <= 2.0 / 100).all())
+    s = gate.smooth_codes()
+    assert bool(((s > 0) & (s < 1)).all())
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize(("n", "unreachable"), [(3, "renormalize"), (5, "fold"), (8, "renormalize")])
+@pytest.mark.parametrize("static", [True, False])
+def test_gradcheck_parameters_and_input(n: int, unreachable: str, static: bool) -> None:
+    gate = make_gate(n, 2, static, gamma=1.0, entropy_weight=0.3, unreachable=unreachable).double()
+    with torch.no_grad():  # spread the logits over the fractional region for non-trivial gradients
+        for name, p in gate.named_parameters():
+            p.uniform_(-0.15, 0.15) if name.startswith("z") else p.normal_()
+    names = [name for name, _ in gate.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in gate.named_parameters())
+    x = (0.5 * torch.randn(3, D, dtype=torch.float64)).requires_grad_(not static)
+    assert 0 < gate.smooth_codes(x).min().item() and gate.smooth_codes(x).max().item() < 1
+
+    def f(x: torch.Tensor, *ps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = functional_call(gate, dict(zip(names, ps)), (x,))
+        return out.weights, out.loss, out.selector_weights
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+# ---------------------------------------------------------------- binary codes and the hard gate
+@pytest.mark.parametrize(("n", "k"), CASES)
+@pytest.mark.parametrize("static", [True, False])
+def test_saturated_gate_selects_at_most_k_and_equals_hard_gate(n: int, k: int, static: bool) -> None:
+    gate = make_gate(n, k, static, entropy_weight=1.0, reachability_weight=0.0)
+    saturate_(gate, seed=n + k)
+    x = sign_inputs(16, seed=n)
+    assert gate.is_binary(x)
+    soft, hard = gate(x), gate.hard(x)
+    nnz = (soft.weights != 0).sum(-1)
+    chosen = gate.selected_experts(x)  # [B, k]
+    assert bool((chosen < n).all())
+    distinct = torch.tensor([len(set(row.tolist())) for row in chosen])
+    assert torch.equal(nnz, distinct) and bool((nnz <= k).all())
+    assert torch.equal(soft.weights, hard.weights)
+    assert torch.equal(soft.selector_weights, hard.selector_weights)
+    assert torch.equal(soft.selector_mix, hard.selector_mix)
+    assert torch.equal(soft.selector_weights.argmax(-1), chosen)
+    assert torch.equal(soft.selector_weights, torch.nn.functional.one_hot(chosen, n).float())
+    assert abs(soft.loss.item()) < 1e-5 * k  # entropy of one-hot rows (eps 1e-6 inside the log)
+    assert torch.allclose(soft.weights.sum(-1), torch.ones(16), atol=1e-6)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_hard_gate_rounds_fractional_codes(static: bool) -> None:
+    gate = make_gate(5, 2, static)
+    x = torch.randn(6, D)
+    out = gate.hard(x)
+    assert bool(((out.weights != 0).sum(-1) <= 2).all())
+    assert torch.allclose(out.weights.sum(-1), torch.ones(6), atol=1e-6)
+    # rounding each bit picks the most probable code of r(S(z)) over all 2^m codes (then folded)
+    s = gate.smooth_codes(x)
+    mode = selector(s, 8).argmax(-1)
+    folded = torch.where(mode >= 5, mode - 4, mode)
+    expected = gate.selected_experts(x)
+    if static:
+        expected = expected.expand(6, 2)
+    assert torch.equal(folded, expected)
+    assert torch.equal(out.selector_weights.argmax(-1), expected)
+
+
+def test_binary_unreachable_code_is_folded_in_soft_and_hard_gate() -> None:
+    gate = make_gate(3, 1, True, reachability_weight=1.0)
+    with torch.no_grad():
+        gate.z_logits.copy_(torch.tensor([[5.0, 5.0]]))  # code 3 names no expert -> folds to 1
+    x = torch.zeros(2, 1)
+    soft = gate(x)
+    assert torch.equal(soft.weights, torch.tensor([[0.0, 1.0, 0.0]] * 2))
+    assert torch.equal(gate.hard(x).weights, soft.weights)
+    assert gate.selected_experts().tolist() == [1]
+    assert soft.loss.item() > 1e5  # a selector stuck on unreachable codes is heavily penalised
+    assert gate.binary_codes().tolist() == [[1.0, 1.0]]
+
+
+def test_hard_forward_alias() -> None:
+    gate = make_gate(4, 2, False)
+    x = torch.randn(3, D)
+    assert torch.equal(gate.hard_forward(x).weights, gate.hard(x).weights)
+
+
+# ---------------------------------------------------------------- regulariser and schedule
+def test_entropy_zero_when_binary_positive_when_fractional() -> None:
+    gate = make_gate(8, 3, False, entropy_weight=0.5)
+    x = sign_inputs(5)
+    fractional = gate(x).loss
+    assert fractional.item() > 0.1
+    saturate_(gate)
+    assert abs(gate(x).loss.item()) < 1e-5
+
+
+def test_entropy_matches_definition() -> None:
+    gate = make_gate(4, 2, False, entropy_weight=0.7)
+    x = torch.randn(5, D)
+    out = gate(x)
+    r = out.selector_weights
+    expected = 0.7 * (-(r * torch.log(r + 1e-6)).sum(-1)).sum(-1).mean()
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
+def test_entropy_weight_schedule_receives_call_count() -> None:
+    seen: list[int] = []
+
+    def schedule(calls: int) -> float:
+        seen.append(calls)
+        return 0.0 if calls < 2 else 1.0
+
+    gate = make_gate(8, 2, True, entropy_weight=schedule)
+    x = torch.zeros(2, 1)
+    losses = [gate(x).loss.item() for _ in range(3)]
+    assert seen == [0, 1, 2]
+    assert losses[0] == losses[1] == 0.0 and losses[2] > 0
+    gate.eval()
+    gate(x)
+    gate(x)
+    assert seen[-2:] == [3, 3] and int(gate.calls) == 3  # no advance in eval mode
+    assert gate.hard(x).loss.item() == 0.0 and int(gate.calls) == 3
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="k must be in"):
+        DSelectK(4, 5)
+    with pytest.raises(ValueError, match="k must be in"):
+        DSelectK(4, 0)
+    with pytest.raises(ValueError, match="num_experts"):
+        DSelectK(1, 1)
+    with pytest.raises(ValueError, match="gamma"):
+        DSelectK(4, 2, gamma=0.0)
+    with pytest.raises(ValueError, match="unreachable"):
+        DSelectK(5, 2, unreachable="penalize")
+    with pytest.raises(ValueError, match="input_dim"):
+        DSelectK(4, 2, 0)
+    with pytest.raises(ValueError, match="entropy_weight"):
+        DSelectK(4, 2, entropy_weight=-1.0)
+    with pytest.raises(ValueError, match="reachability_weight"):
+        DSelectK(5, 2, reachability_weight=-1.0)
+    gate = DSelectK(4, 2, D)
+    with pytest.raises(ValueError, match="input_dim"):
+        gate(torch.randn(2, D + 1))
+    with pytest.raises(ValueError, match="x contains"):
+        gate(torch.tensor([[0.0, float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="x must have shape"):
+        gate(torch.randn(D))
+    with pytest.raises(ValueError, match="x is required"):
+        gate.smooth_codes()
+    DSelectK(4, 2, D, validate=False)(torch.tensor([[0.0, float("nan"), 1.0]]))  # check switched off
