@@ -10,3 +10,7 @@ __all__ = [
     "reachable_mass",
     "selector",
 ]
+
+from .harden import HardenCertificate, HardGate, certify, harden, snap_codes_  # noqa: E402
+
+__all__ += ["HardenCertificate", "HardGate", "certify", "harden", "snap_codes_"]

@@ -292,32 +292,6 @@ class RoutingObjective:
         """The current permutation of every slot, ``[S, n]`` int64 arrays."""
         return [s.cpu().numpy().copy() for s in self.state]
 
-    def _changed(self, cand: Candidate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        old = self.state[cand.slot][cand.selector]
-        new = torch.as_tensor(cand.row, device=old.device)
-        slots = torch.nonzero(new != old).flatten()
-        return slots, old[slots], new[slots]
-
-    def _delta(self, task: int, cand: Candidate, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows touched by a candidate for ``task`` and the mixture change on them."""
-        slots, old_e, new_e = self._changed(cand)
-        c = self.contrib[task][:, cand.selector, :].index_select(1, slots)  # [B, |C|]
-        if rows is None:
-            rows = torch.nonzero((c != 0).any(dim=1)).flatten()
-        c = c.index_select(0, rows).to(self.F.dtype)
-        F_rows = self.F.index_select(0, rows)
-        diff = F_rows.index_select(1, new_e) - F_rows.index_select(1, old_e)  # [R, |C|, u]
-        return rows, torch.einsum("rc,rcu->ru", c, diff)
-
-    def candidate_rows(self, cand: Candidate) -> torch.Tensor:
-        """Rows whose mixture a candidate changes (for any task using its slot)."""
-        slots, _, _ = self._changed(cand)
-        touched = torch.zeros(self.batch, dtype=torch.bool, device=self.F.device)
-        for t in self.slot_tasks[cand.slot]:
-            c = self.contrib[t][:, cand.selector, :].index_select(1, slots)
-            touched |= (c != 0).any(dim=1)
-        return torch.nonzero(touched).flatten()
-
     @torch.no_grad()
     def evaluate(self, candidates: Sequence[Candidate]) -> np.ndarray:
         """Exact evaluation loss of each candidate applied alone to the current state."""
@@ -326,47 +300,65 @@ class RoutingObjective:
             for i, cand in enumerate(candidates):
                 out[i] = self._full_value({cand.slot: self._with_row(cand)})
             return out
-        pending: list[tuple[int, torch.Tensor]] = []
-        pending_rows = 0
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, cand in enumerate(candidates):
-            rows = self.candidate_rows(cand)
-            if rows.numel() == 0:
-                out[i] = self.fun
-                continue
-            if pending and pending_rows + rows.numel() > self.max_rows:
-                self._evaluate_chunk(candidates, pending, out)
-                pending, pending_rows = [], 0
-            pending.append((i, rows))
-            pending_rows += rows.numel()
-        if pending:
-            self._evaluate_chunk(candidates, pending, out)
+            groups.setdefault((cand.slot, cand.selector), []).append(i)
+        for (slot, selector), members in groups.items():
+            rows = torch.as_tensor([candidates[i].row for i in members], device=self.F.device)
+            # Bound the [candidates, changed slots, batch] mask built per chunk.
+            per_chunk = max(1, (1 << 24) // (self.batch * self.n))
+            for start in range(0, len(members), per_chunk):
+                chunk = members[start : start + per_chunk]
+                self._group_changes(slot, selector, rows[start : start + per_chunk], out, chunk)
+                self.nfev += len(chunk)
         return out
 
-    def _evaluate_chunk(self, candidates: Sequence[Candidate], pending: list[tuple[int, torch.Tensor]], out: np.ndarray) -> None:
-        all_rows = torch.cat([rows for _, rows in pending])
-        owner = torch.cat([torch.full((rows.numel(),), j, device=rows.device) for j, (_, rows) in enumerate(pending)])
+    def _group_changes(self, slot: int, selector: int, rows: torch.Tensor, out: np.ndarray, members: list[int]) -> None:
+        """Evaluate candidates that all change selector ``selector`` of module ``slot`` (vectorised).
+
+        Every (candidate, row, changed slot) entry with non-zero weight contributes
+        ``c · (F[row, new expert] − F[row, old expert])`` to that row's mixture under that candidate.
+        """
+        old = self.state[slot][selector]
+        changed = rows != old  # [G, n]
+        tasks = self.slot_tasks[slot]
+        # Entries (g, b, i): candidate g changes slot i and row b gives slot i weight for some task.
+        active = torch.zeros(self.batch, self.n, dtype=torch.bool, device=self.F.device)
+        for t in tasks:
+            active |= self.contrib[t][:, selector, :] != 0
+        touched = (changed.unsqueeze(1) & active.unsqueeze(0)).any(dim=2)  # [G, B]
+        pair_g, pair_b = torch.nonzero(touched, as_tuple=True)
+        result = torch.zeros(rows.shape[0], dtype=torch.float64, device=self.F.device)
+        for lo in range(0, pair_g.numel(), self.max_rows):
+            g, b = pair_g[lo : lo + self.max_rows], pair_b[lo : lo + self.max_rows]
+            result.index_add_(0, g, self._pair_loss_change(slot, selector, rows, changed, g, b))
+        values = self.fun + result.cpu().numpy() / self.batch
+        out[np.asarray(members)] = values
+
+    def _pair_loss_change(
+        self, slot: int, selector: int, rows: torch.Tensor, changed: torch.Tensor, g: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-example loss change of row ``b[j]`` under candidate ``g[j]``."""
+        old = self.state[slot][selector]
         preds: list[torch.Tensor] = []
         with _eval_mode(self.model):
             for t in range(len(self.gate_outs)):
-                affected = [j for j, (i, _) in enumerate(pending) if t in self.slot_tasks[candidates[i].slot]]
-                if not affected:
-                    preds.append(self.task_preds[t].index_select(0, all_rows))
+                if t not in self.slot_tasks[slot]:
+                    preds.append(self.task_preds[t].index_select(0, b))
                     continue
-                mixture = self.mixtures[t].index_select(0, all_rows).clone()
-                offset = 0
-                for j, (i, rows) in enumerate(pending):
-                    if t in self.slot_tasks[candidates[i].slot]:
-                        _, delta = self._delta(t, candidates[i], rows)
-                        mixture[offset : offset + rows.numel()] += delta
-                    offset += rows.numel()
+                weight = self.contrib[t][:, selector, :].to(self.F.dtype)  # [B, n]
+                entry_pair, entry_slot = torch.nonzero(changed.index_select(0, g) & (weight.index_select(0, b) != 0), as_tuple=True)
+                rb = b.index_select(0, entry_pair)
+                c = weight.reshape(-1).index_select(0, rb * self.n + entry_slot)
+                new_e = rows.reshape(-1).index_select(0, g.index_select(0, entry_pair) * self.n + entry_slot)
+                old_e = old.index_select(0, entry_slot)
+                flat_F = self.F.reshape(-1, self.F.shape[2])  # row-major: (row, expert) -> row * n + expert
+                diff = flat_F.index_select(0, rb * self.n + new_e) - flat_F.index_select(0, rb * self.n + old_e)
+                mixture = self.mixtures[t].index_select(0, b).index_add(0, entry_pair, c.unsqueeze(1) * diff)
                 preds.append(self._head_task(t, mixture))
-            value = self.loss_fn(self._assemble(preds), take_rows(self.targets, all_rows))
-        new_losses, _ = self._split_loss(value, all_rows.numel())
-        change = new_losses - self.row_losses.index_select(0, all_rows)
-        sums = torch.zeros(len(pending), dtype=torch.float64, device=change.device).index_add_(0, owner, change)
-        for j, (i, _) in enumerate(pending):
-            out[i] = self.fun + float(sums[j]) / self.batch
-        self.nfev += len(pending)
+            value = self.loss_fn(self._assemble(preds), take_rows(self.targets, b))
+        new_losses, _ = self._split_loss(value, b.numel())
+        return new_losses - self.row_losses.index_select(0, b)
 
     def _with_row(self, cand: Candidate) -> torch.Tensor:
         index = self.state[cand.slot].clone()
