@@ -5,10 +5,11 @@ protocol; MoE layers with an explicit gate→expert permutation; discrete local 
 permutation alternated with first-order training; exact binary-encoding reformulations and solvers.
 """
 
-from . import data, gates, layers, search
+from . import data, exact, gates, layers, metrics, search, training
 from .gates import COMET, DSelectK, GateOutput, GumbelSoftmax, Hash, Softmax, TaskAware, TopK
 from .layers import MLP, MoE, MoEOutput, MultiGateMoE, MultiGateOutput, Permutation, SharedBottom, make_experts
-from .search import local_search
+from .search import SinkhornPermutation, local_search
+from .training import LocalSearcher, fit
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,9 @@ __all__ = [
     "layers",
     "search",
     "data",
+    "exact",
+    "metrics",
+    "training",
     "GateOutput",
     "Softmax",
     "TopK",
@@ -34,4 +38,7 @@ __all__ = [
     "MLP",
     "make_experts",
     "local_search",
+    "SinkhornPermutation",
+    "fit",
+    "LocalSearcher",
 ]

@@ -1,0 +1,164 @@
+"""Atomic, safe-to-load checkpoints.
+
+* :func:`save_checkpoint` writes to a temporary file in the target directory, flushes and fsyncs it, and
+  only then moves it into place, so a crash never leaves a half-written checkpoint under the real name.
+  It refuses to replace an existing file unless ``overwrite=True``.
+* :func:`load_checkpoint` uses ``torch.load(weights_only=True)`` (no arbitrary code runs on load) and
+  turns every failure (missing, truncated, corrupt, foreign file) into a :class:`CheckpointError` that
+  names the path. Loading never writes to the file.
+* :func:`check_compatible` compares a checkpoint's model state with a model before anything is loaded.
+
+Only weights_only-loadable values may be stored: tensors, Python scalars, strings, ``None``, and
+lists / tuples / dicts of those. :func:`to_plain` converts numpy values (e.g. a numpy generator's state).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_compatible",
+    "to_plain",
+    "FORMAT",
+    "VERSION",
+]
+
+FORMAT = "routing_search.checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, truncated, foreign or incompatible."""
+
+
+def to_plain(value: Any) -> Any:
+    """Recursively turn numpy arrays / scalars into lists / Python scalars (tuples become lists)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX); silently skipped where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, overwrite: bool = False) -> Path:
+    """Atomically write ``state`` (plus a format tag and version) to ``path``; returns the path.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False (the existing file is untouched).
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint path {str(path)!r} is a directory; give a file name such as checkpoint.pt")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"checkpoint {str(path)!r} already exists; pass overwrite=True to replace it")
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **{k: v for k, v in state.items() if k not in ("format", "version")}}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # os.link fails if `path` appeared meanwhile, so an existing file can never be clobbered.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"checkpoint {str(path)!r} already exists; pass overwrite=True to replace it") from None
+            except OSError:  # hard links unsupported on this file system
+                if path.exists():
+                    raise FileExistsError(f"checkpoint {str(path)!r} already exists; pass overwrite=True to replace it") from None
+                os.replace(tmp, path)
+            else:
+                tmp.unlink()
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_directory(directory)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, truncated or corrupt, or is not a
+            routing_search checkpoint of a supported version. The message names the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {str(path)!r}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files (RuntimeError, EOFError, UnpicklingError, ...)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be read; it is corrupt, truncated or not a torch file "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a routing_search checkpoint (format tag {FORMAT!r} missing)")
+    version = state.get("version")
+    if not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has version {version!r}; this routing_search reads versions 1..{VERSION}")
+    return state
+
+
+def check_compatible(checkpoint: Mapping[str, Any], model: nn.Module, *, path: str | os.PathLike | None = None) -> None:
+    """Check that ``checkpoint['model']`` (or ``checkpoint`` itself if it is a state dict) fits ``model``.
+
+    Raises:
+        CheckpointError: listing missing keys, unexpected keys and shape mismatches.
+    """
+    saved = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    where = f"checkpoint {str(path)!r}" if path is not None else "checkpoint"
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{where} holds no model state dict")
+    current = model.state_dict()
+    problems = []
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    for key, value in current.items():
+        old = saved.get(key)
+        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.shape != value.shape:
+            problems.append(f"{key}: checkpoint shape {tuple(old.shape)} vs model shape {tuple(value.shape)}")
+    if problems:
+        raise CheckpointError(f"{where} does not match the model: " + "; ".join(problems))

@@ -1,0 +1,172 @@
+"""A permutation searcher to call from your own training loop every N steps.
+
+Example (wrapping an existing PyTorch loop)::
+
+    from routing_search.training import LocalSearcher, mse_loss
+
+    searcher = LocalSearcher(model, mse_loss, method="swap", every=200, rng=0)
+    for step, (x, y) in enumerate(loader, start=1):
+        optimizer.zero_grad()
+        out = model(x)
+        (mse_loss(out.output, y).mean() + out.loss).backward()
+        optimizer.step()
+        searcher.step(step, (x_val, y_val))   # searches when step % 200 == 0
+
+Save ``searcher.state_dict()`` with your checkpoint and restore it with ``load_state_dict`` to resume
+the same random stream and round count.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+from torch import nn
+
+from .._validation import check_choice, check_int, check_no_unknown_options
+from ..search.local_search import METHODS, local_search
+from .checkpoint import to_plain
+
+__all__ = ["LocalSearcher", "search_option_names", "generator_state", "set_generator_state"]
+
+
+def search_option_names(method: str) -> tuple[str, ...]:
+    """The keyword options :func:`routing_search.local_search` accepts for ``method``."""
+    # The option tables live next to the search itself (the package re-exports a function of the same name).
+    module = importlib.import_module("..search.local_search", __package__)
+
+    common = tuple(getattr(module, "_COMMON", ()))
+    per_method = getattr(module, "_METHOD_OPTIONS", {})
+    return common + tuple(per_method.get(method, ()))
+
+
+def generator_state(rng: np.random.Generator) -> dict[str, Any]:
+    """A numpy Generator's bit-generator state as plain Python values (weights_only-loadable)."""
+    return to_plain(rng.bit_generator.state)
+
+
+def set_generator_state(rng: np.random.Generator, state: dict[str, Any]) -> np.random.Generator:
+    """Restore ``state`` into ``rng`` (or into a new Generator when the bit generator type differs)."""
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if not isinstance(name, str) or not hasattr(np.random, name):
+        raise ValueError(f"not a numpy bit-generator state: {state!r}")
+    if type(rng.bit_generator).__name__ != name:
+        rng = np.random.Generator(getattr(np.random, name)())
+    rng.bit_generator.state = state
+    return rng
+
+
+class LocalSearcher:
+    """Runs :func:`routing_search.local_search` on a schedule of step counts.
+
+    Args:
+        model: the model holding the MoE layer (see ``local_search``).
+        loss: per-example loss ``loss(prediction, targets) -> [B]`` (a scalar works, more slowly).
+        method: a ``local_search`` method name or a callable move operator.
+        every: search when ``step % every == 0`` in :meth:`step` (step counts are the caller's: pass
+            1-based counts to avoid a search before the first update).
+        rounds: at most this many searches (``None``: unlimited). :meth:`__call__` also counts.
+        rng: seed or ``numpy.random.Generator`` for randomised methods; the searcher keeps its own.
+        **search_options: passed to ``local_search`` (checked now; an unknown name raises ``TypeError``).
+
+    Attributes:
+        rounds_done: searches run so far.
+        log: one dict per search: ``step``, ``fun0``, ``fun``, ``nit``, ``nfev``, ``seconds``.
+        last_result: the last ``OptimizeResult`` (or None).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Callable[[Any, Any], Any],
+        *,
+        method: str | Callable = "swap",
+        every: int = 1,
+        rounds: int | None = None,
+        rng: Any = None,
+        **search_options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise TypeError(f"loss must be callable(prediction, targets), got {type(loss).__name__}")
+        if isinstance(method, str):
+            check_choice("method", method, METHODS)
+            accepted = search_option_names(method)
+        elif callable(method):
+            accepted = search_option_names("callable")
+        else:
+            raise TypeError(f"method must be one of {METHODS} or a callable move operator, got {method!r}")
+        if accepted:
+            check_no_unknown_options(f"LocalSearcher(method={method if isinstance(method, str) else 'callable'!r})", search_options, accepted)
+        self.model = model
+        self.loss = loss
+        self.method = method
+        self.every = check_int("every", every, minimum=1)
+        self.rounds = None if rounds is None else check_int("rounds", rounds, minimum=0)
+        self.options = dict(search_options)
+        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.rounds_done = 0
+        self.log: list[dict[str, Any]] = []
+        self.last_result: OptimizeResult | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        """True when ``rounds`` searches have been run."""
+        return self.rounds is not None and self.rounds_done >= self.rounds
+
+    def due(self, step: int) -> bool:
+        """Whether :meth:`step` would search at ``step``."""
+        return step % self.every == 0 and not self.exhausted
+
+    def step(self, step: int, data: Any) -> OptimizeResult | None:
+        """Search on ``data`` if ``step % every == 0`` and rounds remain; return the result or None."""
+        step = check_int("step", step)
+        if not self.due(step):
+            return None
+        return self._search(data, step)
+
+    def __call__(self, data: Any) -> OptimizeResult:
+        """Search now on ``data`` (counts as a round, even when ``rounds`` are used up)."""
+        return self._search(data, None)
+
+    def _search(self, data: Any, step: int | None) -> OptimizeResult:
+        start = time.perf_counter()
+        result = local_search(self.model, data, self.loss, self.method, rng=self.rng, **self.options)
+        seconds = time.perf_counter() - start
+        self.rounds_done += 1
+        self.last_result = result
+        self.log.append(
+            {
+                "step": step,
+                "fun0": float(result.fun0),
+                "fun": float(result.fun),
+                "nit": int(result.nit),
+                "nfev": int(result.nfev),
+                "seconds": float(seconds),
+            }
+        )
+        return result
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Round count, log and random state as plain Python values (weights_only-loadable)."""
+        return {
+            "every": self.every,
+            "rounds": self.rounds,
+            "rounds_done": self.rounds_done,
+            "log": [dict(entry) for entry in self.log],
+            "rng": generator_state(self.rng),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the schedule ``every``/``rounds`` stays as constructed)."""
+        if not isinstance(state, dict) or not {"rounds_done", "log", "rng"} <= set(state):
+            raise ValueError("not a LocalSearcher state dict (needs 'rounds_done', 'log' and 'rng')")
+        self.rng = set_generator_state(self.rng, state["rng"])
+        self.rounds_done = int(state["rounds_done"])
+        self.log = [dict(entry) for entry in state["log"]]

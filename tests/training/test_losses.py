@@ -1,0 +1,93 @@
+"""Per-example losses against torch.nn.functional (reduction='none')."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from routing_search.training.losses import bce_with_logits_loss, cross_entropy_loss, mse_loss, multitask_loss
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def test_mse_per_example_matches_functional(gen):
+    pred, target = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    out = mse_loss(pred, target)
+    assert out.shape == (6,)
+    torch.testing.assert_close(out, F.mse_loss(pred, target, reduction="none").mean(dim=1))
+
+
+def test_column_prediction_against_flat_target(gen):
+    pred, target = torch.randn(5, 1, generator=gen), torch.randn(5, generator=gen)
+    torch.testing.assert_close(mse_loss(pred, target), (pred[:, 0] - target) ** 2)
+    torch.testing.assert_close(mse_loss(pred[:, 0], target[:, None]), (pred[:, 0] - target) ** 2)
+    labels = (target > 0).float()
+    torch.testing.assert_close(
+        bce_with_logits_loss(pred, labels), F.binary_cross_entropy_with_logits(pred[:, 0], labels, reduction="none")
+    )
+
+
+def test_shape_mismatch_is_an_error(gen):
+    with pytest.raises(ValueError, match="does not match"):
+        mse_loss(torch.zeros(4, 2), torch.zeros(4, 3))
+
+
+def test_bce_per_example_matches_functional(gen):
+    pred = torch.randn(7, 2, generator=gen)
+    target = torch.randint(0, 2, (7, 2), generator=gen).float()
+    expected = F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(dim=1)
+    torch.testing.assert_close(bce_with_logits_loss(pred, target), expected)
+
+
+def test_cross_entropy_indices_probabilities_and_float_labels(gen):
+    logits = torch.randn(8, 4, generator=gen)
+    labels = torch.randint(0, 4, (8,), generator=gen)
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(cross_entropy_loss(logits, labels), expected)
+    torch.testing.assert_close(cross_entropy_loss(logits, labels.float()), expected)
+    torch.testing.assert_close(cross_entropy_loss(logits, labels[:, None]), expected)
+    probs = torch.softmax(torch.randn(8, 4, generator=gen), dim=1)
+    torch.testing.assert_close(cross_entropy_loss(logits, probs), F.cross_entropy(logits, probs, reduction="none"))
+    with pytest.raises(ValueError, match="whole numbers"):
+        cross_entropy_loss(logits, labels.float() + 0.5)
+
+
+def test_multitask_weighted_combination(gen):
+    alpha = 0.3
+    p1, p2 = torch.randn(6, 1, generator=gen), torch.randn(6, 1, generator=gen)
+    targets = torch.stack([torch.randint(0, 2, (6,), generator=gen).float(), torch.randn(6, generator=gen)], dim=1)
+    fn = multitask_loss(["bce", "mse"], [alpha, 1 - alpha])
+    out = fn([p1, p2], targets)
+    expected = alpha * F.binary_cross_entropy_with_logits(p1[:, 0], targets[:, 0], reduction="none") + (1 - alpha) * (
+        p2[:, 0] - targets[:, 1]
+    ) ** 2
+    assert out.shape == (6,)
+    torch.testing.assert_close(out, expected)
+    # targets as a list, predictions as one [B, T] tensor
+    torch.testing.assert_close(fn(torch.cat([p1, p2], dim=1), [targets[:, 0], targets[:, 1]]), expected)
+
+
+def test_multitask_with_cross_entropy_task(gen):
+    logits, reg = torch.randn(5, 3, generator=gen), torch.randn(5, 1, generator=gen)
+    targets = torch.stack([torch.tensor([0.0, 2, 1, 1, 0]), torch.randn(5, generator=gen)], dim=1)
+    out = multitask_loss(["cross_entropy", "mse"])([logits, reg], targets)
+    expected = F.cross_entropy(logits, targets[:, 0].long(), reduction="none") + (reg[:, 0] - targets[:, 1]) ** 2
+    torch.testing.assert_close(out, expected)
+
+
+def test_multitask_bad_arguments():
+    with pytest.raises(ValueError, match="'hinge'.*not a known loss"):
+        multitask_loss(["mse", "hinge"])
+    with pytest.raises(ValueError, match="one weight per task"):
+        multitask_loss(["mse", "bce"], [1.0])
+    with pytest.raises(TypeError):
+        multitask_loss("mse")
+    fn = multitask_loss(["mse", "mse"])
+    with pytest.raises(ValueError, match="expected 2 predictions"):
+        fn([torch.zeros(3, 1)], torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"\[B, 2\]"):
+        fn([torch.zeros(3, 1), torch.zeros(3, 1)], torch.zeros(3, 3))
