@@ -14,3 +14,21 @@ __all__ = [
 from .harden import HardenCertificate, HardGate, certify, harden, snap_codes_  # noqa: E402
 
 __all__ += ["HardenCertificate", "HardGate", "certify", "harden", "snap_codes_"]
+
+from .gap import frozen_arrays, optimality_gap  # noqa: E402
+from .landscape import LandscapeSummary, landscape  # noqa: E402
+from .permutation import QAPMatrices, permutation_loss, qap_matrices, solve_permutation  # noqa: E402
+from .subset import solve_subset, subset_objective  # noqa: E402
+
+__all__ += [
+    "solve_subset",
+    "subset_objective",
+    "solve_permutation",
+    "permutation_loss",
+    "qap_matrices",
+    "QAPMatrices",
+    "landscape",
+    "LandscapeSummary",
+    "optimality_gap",
+    "frozen_arrays",
+]

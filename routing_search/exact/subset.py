@@ -1,0 +1,660 @@
+"""Exact solvers for the cardinality-constrained mixture problem (problem (2) of the DSelect-k paper).
+
+With the experts frozen, their outputs ``F`` ([B, n, u]) on a data set and targets ``y`` ([B, u]), solve
+
+    min_w  (1/B) Σ_b ℓ(Σ_i w_i F_bi, y_b)   s.t.  w ∈ simplex,  ‖w‖₀ ≤ k.
+
+By Prop. 1 of the paper this is the problem a static DSelect-k gate with binary codes solves.
+
+Losses (one convention throughout the ``exact`` package):
+
+* ``"squared"``: ℓ(ŷ, y) = ½‖ŷ − y‖², averaged over the B examples.
+* ``"logistic"``: u = 1, y ∈ {0, 1}, the mixture is a logit: ℓ(ŷ, y) = log(1 + e^ŷ) − y·ŷ
+  (binary cross-entropy with logits), averaged over the B examples.
+
+Both are convex in ``w``, so for a fixed support the problem is convex over a face of the simplex.
+
+Certificates. Every convex sub-problem returns a *certified* lower bound on its own optimum: for a
+convex ``f`` over a simplex face and any feasible point ``w``,
+``f* ≥ f(w) − (∇f(w)·w − min_i ∇f(w)_i)`` (linearise at ``w`` and minimise the linear model over the
+face: the Frank–Wolfe gap). This holds whatever solver produced ``w``, so the ``bound`` reported by
+:func:`solve_subset` is a proven global lower bound, not an estimate.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+from scipy.optimize import OptimizeResult, minimize
+from scipy.special import expit
+
+from .._validation import check_choice, check_int, check_no_unknown_options, check_positive_float
+
+__all__ = ["solve_subset", "subset_objective", "LOSSES", "METHODS"]
+
+LOSSES = ("squared", "logistic")
+METHODS = ("enumerate", "branch_and_bound")
+
+# Weights below this are set to exactly zero after a numerical solve (weights live in [0, 1]).
+_ZERO_WEIGHT = 1e-10
+# Faces with at most this many experts are solved exactly by enumerating their sub-faces (squared loss).
+_MAX_EXACT_FACE = 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input handling (shared with permutation.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _as_float_array(name: str, value: Any) -> np.ndarray:
+    """Convert numpy / torch / nested sequences to a finite float64 array, naming ``name`` on failure."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be a numeric array (numpy array or torch tensor), got {type(value).__name__}"
+        ) from None
+    if not np.all(np.isfinite(arr)):
+        n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{name} contains {n_bad} NaN/inf value(s); pass finite values")
+    return arr
+
+
+def _prepare_outputs_targets(F: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``F`` as [B, n, u] and ``y`` as [B, u] float64 arrays after checking their shapes."""
+    F = _as_float_array("F", F)
+    y = _as_float_array("y", y)
+    if F.ndim == 2:
+        F = F[:, :, None]
+    elif F.ndim != 3:
+        raise ValueError(f"F must have shape [B, n, u] or [B, n] (expert outputs), got shape {F.shape}")
+    B, n, u = F.shape
+    if B == 0 or n == 0 or u == 0:
+        raise ValueError(f"F must have B >= 1 examples, n >= 1 experts, u >= 1 outputs; got shape {F.shape}")
+    if y.ndim == 1:
+        y = y[:, None]
+    elif y.ndim != 2:
+        raise ValueError(f"y must have shape [B, u] or [B] (targets), got shape {y.shape}")
+    if y.shape != (B, u):
+        raise ValueError(
+            f"y must have shape [B={B}, u={u}] (or [B={B}] when u=1) to match F of shape {F.shape}, "
+            f"got shape {y.shape}"
+        )
+    return F, y
+
+
+def _check_loss_name(loss: Any, F: np.ndarray, y: np.ndarray) -> str:
+    """Check a named loss and its data requirements (logistic: u = 1 and y in {0, 1})."""
+    if not isinstance(loss, str):
+        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}; got {loss!r}")
+    check_choice("loss", loss, LOSSES)
+    if loss == "logistic":
+        if F.shape[2] != 1:
+            raise ValueError(f"loss='logistic' needs a single output (u=1); F has u={F.shape[2]}")
+        if not np.all((y == 0.0) | (y == 1.0)):
+            raise ValueError("loss='logistic' needs binary targets: y must contain only 0 and 1")
+    return loss
+
+
+def _make_rng(rng: Any) -> np.random.Generator:
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"rng must be None, an int seed, a SeedSequence or a numpy Generator; got {rng!r} ({exc})"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Convex sub-problems over simplex faces
+# ---------------------------------------------------------------------------------------------------
+
+
+def _clean_simplex(x: np.ndarray) -> np.ndarray:
+    """Clip to >= 0, zero tiny entries and renormalise to sum 1 (the uniform point if nothing is left)."""
+    w = np.clip(np.asarray(x, dtype=np.float64), 0.0, None)
+    w[w < _ZERO_WEIGHT] = 0.0
+    s = w.sum()
+    if not np.isfinite(s) or s <= 0.0:
+        return np.full(w.shape, 1.0 / w.size)
+    return w / s
+
+
+class _Solve:
+    """Outcome of one convex sub-problem: weights over ``idx``, value there, certified lower bound."""
+
+    __slots__ = ("idx", "w", "value", "lower")
+
+    def __init__(self, idx: np.ndarray, w: np.ndarray, value: float, lower: float) -> None:
+        self.idx, self.w, self.value, self.lower = idx, w, value, lower
+
+
+def _combine(a: _Solve, b: _Solve) -> _Solve:
+    """Two solves of the same sub-problem: keep the lower value and the higher (still valid) bound."""
+    best = a if a.value <= b.value else b
+    return _Solve(best.idx, best.w, best.value, max(a.lower, b.lower))
+
+
+class _Problem:
+    """A convex loss of the mixture weights; subclasses give value and gradient on an index set."""
+
+    def __init__(self, n: int, ftol: float, maxiter: int) -> None:
+        self.n, self.ftol, self.maxiter = n, ftol, maxiter
+        self.nfev = 0  # convex sub-problem solves (faces and relaxations)
+
+    def value(self, idx: np.ndarray, w: np.ndarray) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def grad(self, idx: np.ndarray, w: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def certified(self, idx: np.ndarray, w: np.ndarray) -> _Solve:
+        """Wrap a feasible point with its value and the Frank–Wolfe lower bound (valid by convexity)."""
+        val = self.value(idx, w)
+        g = self.grad(idx, w)
+        fw_gap = max(float(g @ w - g.min()), 0.0)
+        return _Solve(idx, w, val, val - fw_gap)
+
+    def slsqp(self, idx: np.ndarray, x0: np.ndarray | None = None) -> _Solve:
+        """Minimise over the simplex on ``idx`` with SLSQP (convex: global up to ``ftol``), certified."""
+        m = idx.size
+        if m == 1:
+            return self.certified(idx, np.ones(1))
+        start = np.full(m, 1.0 / m) if x0 is None else _clean_simplex(x0)
+
+        def fun(w: np.ndarray) -> tuple[float, np.ndarray]:
+            return self.value(idx, w), self.grad(idx, w)
+
+        res = minimize(
+            fun,
+            start,
+            jac=True,
+            method="SLSQP",
+            bounds=[(0.0, 1.0)] * m,
+            constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+            options={"ftol": self.ftol, "maxiter": self.maxiter},
+        )
+        return _combine(self.certified(idx, _clean_simplex(res.x)), self.certified(idx, start))
+
+    def solve_face(self, idx: np.ndarray) -> _Solve:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def solve_relaxation(self, idx: np.ndarray, x0: np.ndarray | None = None) -> _Solve:
+        """Minimise over the whole simplex on ``idx`` (no cardinality constraint)."""
+        self.nfev += 1
+        return self.slsqp(idx, x0)
+
+
+class _Squared(_Problem):
+    """½‖Fw − y‖² averaged over examples = ½ wᵀQw − cᵀw + const."""
+
+    def __init__(self, F: np.ndarray, y: np.ndarray, ftol: float, maxiter: int) -> None:
+        super().__init__(F.shape[1], ftol, maxiter)
+        B = F.shape[0]
+        self.Q = np.einsum("biu,bju->ij", F, F) / B
+        self.c = np.einsum("biu,bu->i", F, y) / B
+        self.const = 0.5 * float(np.sum(y * y)) / B
+        self._kkt_cache: dict[tuple[int, ...], tuple[float, np.ndarray] | None] = {}
+
+    def value(self, idx: np.ndarray, w: np.ndarray) -> float:
+        Qs = self.Q[np.ix_(idx, idx)]
+        return float(0.5 * w @ Qs @ w - self.c[idx] @ w + self.const)
+
+    def grad(self, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return self.Q[np.ix_(idx, idx)] @ w - self.c[idx]
+
+    def kkt(self, sub: tuple[int, ...]) -> tuple[float, np.ndarray] | None:
+        """Minimiser of the QP on the affine hull of face ``sub`` if it lies in the face, else None.
+
+        Solves the KKT system [[Q, 1], [1ᵀ, 0]] [w; ν] = [c; 1] by least squares and keeps the point only
+        if it sums to one and is non-negative. Results are cached per sub-face within one solve.
+        """
+        if sub in self._kkt_cache:
+            return self._kkt_cache[sub]
+        idx = np.asarray(sub, dtype=np.intp)
+        m = idx.size
+        if m == 1:
+            w = np.ones(1)
+        else:
+            K = np.zeros((m + 1, m + 1))
+            K[:m, :m] = self.Q[np.ix_(idx, idx)]
+            K[:m, m] = 1.0
+            K[m, :m] = 1.0
+            rhs = np.append(self.c[idx], 1.0)
+            w = np.linalg.lstsq(K, rhs, rcond=None)[0][:m]
+            if abs(w.sum() - 1.0) > 1e-9 or w.min() < -1e-10:
+                self._kkt_cache[sub] = None
+                return None
+            w = np.clip(w, 0.0, None)
+            w /= w.sum()
+        out = (self.value(idx, w), w)
+        self._kkt_cache[sub] = out
+        return out
+
+    def solve_face(self, idx: np.ndarray) -> _Solve:
+        """Exact QP on a face: best KKT point over all sub-faces (exact; see module docs)."""
+        self.nfev += 1
+        if idx.size > _MAX_EXACT_FACE:
+            return self.simplex_qp(idx)
+        best_val, best_w = math.inf, np.zeros(idx.size)
+        members = tuple(int(i) for i in idx)
+        position = {j: p for p, j in enumerate(members)}
+        for r in range(1, len(members) + 1):
+            for sub in itertools.combinations(members, r):
+                out = self.kkt(sub)
+                if out is not None and out[0] < best_val:
+                    best_val = out[0]
+                    best_w = np.zeros(idx.size)
+                    best_w[[position[j] for j in sub]] = out[1]
+        # Exact up to rounding: the certified bound equals the value.
+        return _Solve(idx, best_w, best_val, best_val)
+
+    def active_set(self, idx: np.ndarray) -> np.ndarray | None:
+        """Primal active-set method for min ½wᵀQw − cᵀw over the simplex on ``idx`` (exact, finite).
+
+        Keeps a working set W of free experts (the others are at zero) and a feasible w. Each step solves
+        the KKT system on W: if its point is non-negative, move there and add the outside expert with the
+        most negative reduced cost (∇_j − multiplier), or stop when none is negative (KKT conditions of
+        the full problem hold: optimal by convexity); otherwise step towards it until an expert hits
+        zero and drop that one. Returns None (the caller falls back to SLSQP) on a singular KKT system
+        or after too many steps.
+        """
+        Q = self.Q[np.ix_(idx, idx)]
+        c = self.c[idx]
+        m = idx.size
+        start = int(np.argmin(0.5 * np.diag(Q) - c))
+        w = np.zeros(m)
+        w[start] = 1.0
+        work = [start]
+        for _ in range(10 * m + 50):
+            W = np.asarray(sorted(work), dtype=np.intp)
+            k = W.size
+            K = np.zeros((k + 1, k + 1))
+            K[:k, :k] = Q[np.ix_(W, W)]
+            K[:k, k] = 1.0
+            K[k, :k] = 1.0
+            sol, _, rank, _ = np.linalg.lstsq(K, np.append(c[W], 1.0), rcond=None)
+            if rank < k + 1:
+                return None
+            target = sol[:k]
+            if target.min() >= 0.0:
+                w[:] = 0.0
+                w[W] = target
+                g = Q @ w - c
+                reduced = g - g[W].mean()
+                reduced[W] = 0.0
+                j = int(np.argmin(reduced))
+                if reduced[j] >= -1e-12 * max(1.0, float(np.abs(g).max())):
+                    return w
+                work.append(j)
+                continue
+            step = target - w[W]
+            neg = step < 0.0
+            ratios = w[W][neg] / -step[neg]
+            alpha = min(1.0, float(ratios.min()))
+            w[W] = w[W] + alpha * step
+            blocking = int(W[neg][np.argmin(ratios)])
+            w[blocking] = 0.0
+            w = np.clip(w, 0.0, None)
+            w /= w.sum()
+            work = [e for e in work if e != blocking]
+        return None
+
+    def solve_relaxation(self, idx: np.ndarray, x0: np.ndarray | None = None) -> _Solve:
+        self.nfev += 1
+        return self.simplex_qp(idx, x0)
+
+    def simplex_qp(self, idx: np.ndarray, x0: np.ndarray | None = None) -> _Solve:
+        """Exact active-set solve; on failure SLSQP polished by the exact KKT point on its support."""
+        w = self.active_set(idx)
+        if w is not None:
+            return self.certified(idx, w)
+        sol = self.slsqp(idx, x0)
+        sub = tuple(int(j) for j in idx[sol.w > 0])
+        polished = self.kkt(sub)
+        if polished is not None:
+            w = np.zeros(idx.size)
+            w[sol.w > 0] = polished[1]
+            sol = _combine(sol, self.certified(idx, w))
+        return sol
+
+
+class _Logistic(_Problem):
+    """Mean BCE-with-logits of the mixture logit Σ_i w_i F_bi against y_b ∈ {0, 1}."""
+
+    def __init__(self, F: np.ndarray, y: np.ndarray, ftol: float, maxiter: int) -> None:
+        super().__init__(F.shape[1], ftol, maxiter)
+        self.X = F[:, :, 0]
+        self.t = y[:, 0]
+        self.B = F.shape[0]
+
+    def value(self, idx: np.ndarray, w: np.ndarray) -> float:
+        z = self.X[:, idx] @ w
+        return float(np.mean(np.logaddexp(0.0, z) - self.t * z))
+
+    def grad(self, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+        z = self.X[:, idx] @ w
+        return self.X[:, idx].T @ (expit(z) - self.t) / self.B
+
+    def newton_polish(self, sol: _Solve, steps: int = 20) -> _Solve:
+        """Equality-constrained Newton steps on the support SLSQP found; kept only while they help.
+
+        Each step solves [[H, 1], [1ᵀ, 0]] [d; ν] = [−g; 0] on the support (H = Hessian there), so the
+        point stays on the affine hull; a step that leaves the face or does not lower the loss stops.
+        """
+        active = sol.w > 0
+        if active.sum() < 2:
+            return sol
+        sub = sol.idx[active]
+        w = sol.w[active].copy()
+        m = sub.size
+        Xs = self.X[:, sub]
+        for _ in range(steps):
+            z = Xs @ w
+            p = expit(z)
+            g = Xs.T @ (p - self.t) / self.B
+            H = (Xs * (p * (1.0 - p))[:, None]).T @ Xs / self.B
+            K = np.zeros((m + 1, m + 1))
+            K[:m, :m] = H
+            K[:m, m] = 1.0
+            K[m, :m] = 1.0
+            d = np.linalg.lstsq(K, np.append(-g, 0.0), rcond=None)[0][:m]
+            w_new = w + d
+            if w_new.min() < 0.0 or self.value(sub, w_new) > self.value(sub, w):
+                break
+            converged = np.abs(d).max() < 1e-15
+            w = w_new / w_new.sum()
+            if converged:
+                break
+        full = np.zeros(sol.idx.size)
+        full[active] = w
+        return _combine(sol, self.certified(sol.idx, full))
+
+    def solve_face(self, idx: np.ndarray) -> _Solve:
+        self.nfev += 1
+        return self.newton_polish(self.slsqp(idx))
+
+    def solve_relaxation(self, idx: np.ndarray, x0: np.ndarray | None = None) -> _Solve:
+        return self.newton_polish(super().solve_relaxation(idx, x0))
+
+
+def _make_problem(loss: str, F: np.ndarray, y: np.ndarray, ftol: float, maxiter: int) -> _Problem:
+    return _Squared(F, y, ftol, maxiter) if loss == "squared" else _Logistic(F, y, ftol, maxiter)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public objective
+# ---------------------------------------------------------------------------------------------------
+
+
+def subset_objective(w: Any, F: Any, y: Any, loss: str = "squared") -> float:
+    """Evaluate (1/B) Σ_b ℓ(Σ_i w_i F_bi, y_b) for weights ``w`` (length n) directly from the data.
+
+    No constraint on ``w`` is checked beyond its shape; see the module docstring for the losses.
+    """
+    F, y = _prepare_outputs_targets(F, y)
+    loss = _check_loss_name(loss, F, y)
+    w = _as_float_array("w", w)
+    if w.shape != (F.shape[1],):
+        raise ValueError(f"w must have shape [n={F.shape[1]}], got shape {w.shape}")
+    pred = np.einsum("i,biu->bu", w, F)
+    if loss == "squared":
+        return float(0.5 * np.mean(np.sum((pred - y) ** 2, axis=1)))
+    z, t = pred[:, 0], y[:, 0]
+    return float(np.mean(np.logaddexp(0.0, z) - t * z))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------------
+
+
+def _enumerate(problem: _Problem, n: int, k: int, max_supports: int) -> dict[str, Any]:
+    total = math.comb(n, k)
+    if total > max_supports:
+        raise ValueError(
+            f"method='enumerate' would solve C(n={n}, k={k}) = {total} faces, more than "
+            f"max_supports={max_supports}; raise max_supports=... or use method='branch_and_bound'"
+        )
+    best: _Solve | None = None
+    bound = math.inf
+    for support in itertools.combinations(range(n), k):
+        sol = problem.solve_face(np.asarray(support, dtype=np.intp))
+        bound = min(bound, sol.lower)
+        if best is None or sol.value < best.value:
+            best = sol
+    assert best is not None
+    message = f"enumerated all {total} supports of size {k}"
+    return {"best": best, "bound": bound, "nodes": total, "complete": True, "message": message}
+
+
+def _greedy(problem: _Problem, n: int, k: int) -> _Solve:
+    """Forward selection: add the expert whose face gives the lowest loss, k times."""
+    chosen: list[int] = []
+    best: _Solve | None = None
+    for _ in range(k):
+        step_best: _Solve | None = None
+        for j in range(n):
+            if j in chosen:
+                continue
+            sol = problem.solve_face(np.asarray(sorted(chosen + [j]), dtype=np.intp))
+            if step_best is None or sol.value < step_best.value:
+                step_best = sol
+        assert step_best is not None
+        best = step_best
+        chosen = [int(i) for i in step_best.idx]
+    assert best is not None
+    return best
+
+
+def _full(sol: _Solve, n: int) -> np.ndarray:
+    w = np.zeros(n)
+    w[sol.idx] = sol.w
+    return w
+
+
+def _branch_and_bound(problem: _Problem, n: int, k: int, tol: float, max_nodes: int) -> dict[str, Any]:
+    """Best-first branch and bound over (forced-in I, forced-out O) nodes; see solve_subset docs."""
+    every = np.arange(n, dtype=np.intp)
+
+    incumbent = _greedy(problem, n, k)
+    inc_value, inc_w = incumbent.value, _full(incumbent, n)
+
+    def offer(value: float, w_full: np.ndarray) -> None:
+        nonlocal inc_value, inc_w
+        if value < inc_value:
+            inc_value, inc_w = value, w_full
+
+    def tol_eff() -> float:
+        return tol * max(1.0, abs(inc_value))
+
+    root = problem.solve_relaxation(every)
+    root_w = _full(root, n)
+    # Rounding the root relaxation to its k largest weights gives a second incumbent candidate.
+    top = np.sort(np.argsort(-root_w, kind="stable")[:k]).astype(np.intp)
+    rounded = problem.solve_face(top)
+    offer(rounded.value, _full(rounded, n))
+
+    counter = itertools.count()
+    # Heap entries: (lower bound, tie-break, forced-in I, forced-out O, relaxation weights, relaxation value)
+    heap: list[tuple[float, int, tuple[int, ...], tuple[int, ...], np.ndarray, float]] = [
+        (root.lower, next(counter), (), (), root_w, root.value)
+    ]
+    closed_lower = math.inf  # min certified bound over nodes closed, pruned or solved as leaves
+    nodes = 0
+    complete = True
+    while heap:
+        lower, _, I, O, w_rel, v_rel = heap[0]
+        if lower >= inc_value - tol_eff():
+            closed_lower = min(closed_lower, lower)  # best-first: every open node is pruned too
+            heap.clear()
+            break
+        if nodes >= max_nodes:
+            complete = False
+            break
+        heapq.heappop(heap)
+        nodes += 1
+        in_set, out_set = set(I), set(O)
+        free = [j for j in range(n) if j not in in_set and j not in out_set]
+
+        if len(I) == k or len(I) + len(free) <= k:
+            # Leaf: a single face remains.
+            face = np.asarray(sorted(I if len(I) == k else I + tuple(free)), dtype=np.intp)
+            sol = problem.solve_face(face)
+            offer(sol.value, _full(sol, n))
+            closed_lower = min(closed_lower, sol.lower)
+            continue
+
+        support = set(np.flatnonzero(w_rel > 0).tolist())
+        if len(in_set | support) <= k:
+            # The relaxation's minimiser is feasible for this node, hence optimal for it (within its gap).
+            offer(v_rel, w_rel)
+            if v_rel - lower <= tol_eff():
+                closed_lower = min(closed_lower, lower)
+                continue
+
+        j = max(free, key=lambda e: (w_rel[e], -e))
+        # Include j: same relaxation (it does not depend on I), same bound.
+        heapq.heappush(heap, (lower, next(counter), tuple(sorted(I + (j,))), O, w_rel, v_rel))
+        # Exclude j: new relaxation on the experts not forced out.
+        O2 = tuple(sorted(O + (j,)))
+        if len(I) + len(free) - 1 <= k:
+            heapq.heappush(heap, (lower, next(counter), I, O2, w_rel, v_rel))  # a leaf; solved when popped
+            continue
+        allowed = np.asarray([e for e in range(n) if e not in O2], dtype=np.intp)
+        warm = w_rel[allowed]
+        child = problem.solve_relaxation(allowed, warm if warm.sum() > 0 else None)
+        child_w = _full(child, n)
+        if len(in_set | set(np.flatnonzero(child_w > 0).tolist())) <= k:
+            offer(child.value, child_w)
+        if child.lower >= inc_value - tol_eff():
+            closed_lower = min(closed_lower, child.lower)
+        else:
+            heapq.heappush(heap, (child.lower, next(counter), I, O2, child_w, child.value))
+
+    open_lower = min((entry[0] for entry in heap), default=math.inf)
+    bound = min(inc_value, closed_lower, open_lower)
+    best = _Solve(every, inc_w, inc_value, bound)
+    if complete:
+        message = f"branch and bound finished: optimal within tol={tol:g} (relative)"
+    else:
+        message = f"branch and bound stopped at max_nodes={max_nodes}; best found and a valid bound returned"
+    return {"best": best, "bound": bound, "nodes": nodes, "complete": complete, "message": message}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Front door
+# ---------------------------------------------------------------------------------------------------
+
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "enumerate": {"ftol": 1e-12, "maxiter": 500, "max_supports": 1_000_000},
+    "branch_and_bound": {"ftol": 1e-12, "maxiter": 500, "tol": 1e-9, "max_nodes": 100_000},
+}
+
+
+def solve_subset(
+    F: Any,
+    y: Any,
+    k: int,
+    *,
+    loss: str = "squared",
+    method: str = "enumerate",
+    rng: Any = None,
+    **options: Any,
+) -> OptimizeResult:
+    """Globally solve min_w (1/B) Σ_b ℓ(Σ_i w_i F_bi, y_b) over the simplex with ‖w‖₀ ≤ k.
+
+    Args:
+        F: expert outputs, [B, n, u] or [B, n] (u = 1); numpy array or torch tensor.
+        y: targets, [B, u] or [B].
+        k: maximum number of experts, 1 <= k <= n.
+        loss: ``"squared"`` (½‖ŷ − y‖², mean over examples) or ``"logistic"`` (u = 1, y ∈ {0, 1},
+            BCE with the mixture as logit, mean over examples).
+        method: ``"enumerate"`` — solve the face of every size-k support (a support of size < k is a
+            face of some size-k support, so when k <= n enumerating size exactly k covers ‖w‖₀ ≤ k);
+            ``"branch_and_bound"`` — best-first search over nodes (forced-in I, forced-out O) with the
+            convex relaxation (no cardinality constraint, experts in O removed) as lower bound: every
+            w feasible for the node is feasible for that relaxation, so its certified minimum bounds the
+            node from below. The incumbent starts from greedy forward selection.
+        rng: accepted for API uniformity (anything ``numpy.random.default_rng`` takes); both methods are
+            deterministic.
+        **options: ``ftol`` (SLSQP tolerance, default 1e-12), ``maxiter`` (SLSQP iterations, 500);
+            enumerate: ``max_supports`` (refuse more faces, default 1e6);
+            branch_and_bound: ``tol`` (prune when bound >= incumbent − tol·max(1, |incumbent|), default
+            1e-9), ``max_nodes`` (default 1e5).
+
+    Convex solves. Squared loss, faces of <= 10 experts: exact — each face is a convex QP; its minimiser
+    set has a point whose own support T gives a non-singular KKT system on the affine hull of T, so
+    solving the equality-constrained QP of every sub-face T (least squares on the KKT system), keeping
+    the feasible ones and taking the best is exact. Squared loss, relaxations and larger faces: an exact
+    primal active-set method (SLSQP as fallback on a singular KKT system). Logistic loss: SLSQP with
+    bounds and the sum-to-one constraint, then equality-constrained Newton steps on its support; global
+    up to tolerance by convexity. Every solve carries a certified Frank–Wolfe lower bound.
+
+    Returns:
+        ``OptimizeResult`` with ``x`` (weights, length n, exact zeros off the support), ``fun``,
+        ``support`` (sorted indices of the nonzeros), ``nit`` and ``nodes_explored`` (faces for
+        enumerate, nodes for branch and bound), ``nfev`` (convex sub-problem solves), ``success``,
+        ``message``, ``bound`` (proven global lower bound) and ``gap`` (= fun − bound >= 0; 0 for
+        enumeration with squared loss, whose faces are solved exactly).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> F = rng.normal(size=(50, 6, 2)); y = 0.3 * F[:, 1] + 0.7 * F[:, 4]
+        >>> res = solve_subset(F, y, 2)
+        >>> res.support.tolist(), round(res.fun, 12)
+        ([1, 4], 0.0)
+    """
+    F, y = _prepare_outputs_targets(F, y)
+    n = F.shape[1]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an integer in [1, n={n}], got {k!r}")
+    if not 1 <= int(k) <= n:
+        raise ValueError(f"k must be in [1, n={n}] (n = number of experts in F), got k={k}")
+    k = int(k)
+    loss = _check_loss_name(loss, F, y)
+    if not isinstance(method, str):
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    check_choice("method", method, METHODS)
+    check_no_unknown_options(f"solve_subset(method={method!r})", options, _OPTIONS[method])
+    _make_rng(rng)
+    opts = {**_OPTIONS[method], **options}
+    ftol = check_positive_float("ftol", opts["ftol"])
+    maxiter = check_int("maxiter", opts["maxiter"], minimum=1)
+
+    problem = _make_problem(loss, F, y, ftol, maxiter)
+    if method == "enumerate":
+        out = _enumerate(problem, n, k, check_int("max_supports", opts["max_supports"], minimum=1))
+    else:
+        tol = check_positive_float("tol", opts["tol"], allow_zero=True)
+        out = _branch_and_bound(problem, n, k, tol, check_int("max_nodes", opts["max_nodes"], minimum=1))
+
+    best: _Solve = out["best"]
+    x = _full(best, n)
+    x[x < 0] = 0.0
+    fun = subset_objective(x, F, y, loss)  # recomputed from the data (no Gram-matrix cancellation)
+    if method == "enumerate" and loss == "squared":
+        bound = fun
+    else:
+        bound = min(float(out["bound"]), fun)
+    return OptimizeResult(
+        x=x,
+        fun=fun,
+        support=np.flatnonzero(x),
+        nit=int(out["nodes"]),
+        nfev=int(problem.nfev),
+        success=bool(out["complete"]),
+        message=out["message"],
+        bound=bound,
+        gap=fun - bound,
+        nodes_explored=int(out["nodes"]),
+        method=method,
+        loss=loss,
+    )
+
