@@ -29,7 +29,7 @@ from torch import nn
 from .._validation import check_int, check_positive_float
 from ..gates.protocol import GateOutput, check_gate, num_selectors_of
 
-__all__ = ["log_sinkhorn", "permutation_entropy", "SinkhornPermutation", "sinkhorn_modules"]
+__all__ = ["log_sinkhorn", "permutation_entropy", "SinkhornPermutation", "SinkhornState", "sinkhorn_modules"]
 
 
 def log_sinkhorn(log_alpha: torch.Tensor, num_iters: int) -> torch.Tensor:
@@ -86,6 +86,20 @@ def _renormalise(w: torch.Tensor) -> torch.Tensor:
     return w / total.clamp_min(torch.finfo(w.dtype).tiny)
 
 
+class SinkhornState(nn.Module):
+    """``log_alpha`` and the schedule / rounding buffers of a learned permutation (shareable)."""
+
+    def __init__(self, log_alpha: torch.Tensor, tau_start: float, iters_start: int) -> None:
+        super().__init__()
+        n = log_alpha.shape[0]
+        self.log_alpha = nn.Parameter(log_alpha)
+        self.register_buffer("tau", torch.tensor(tau_start, dtype=torch.float64))
+        self.register_buffer("num_iters", torch.tensor(iters_start, dtype=torch.long))
+        self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("frozen_flag", torch.tensor(False))
+        self.register_buffer("index", torch.arange(n, dtype=torch.long))
+
+
 class SinkhornPermutation(nn.Module):
     """A learned permutation between a gate and its experts (COMET+), itself following the gate protocol.
 
@@ -101,20 +115,18 @@ class SinkhornPermutation(nn.Module):
         entropy_weight: ζ >= 0, the weight of :func:`permutation_entropy` in the soft phase.
         init_scale: ``log_alpha`` starts U(-init_scale, init_scale) (>= 0).
         generator: optional ``torch.Generator`` for that initialisation.
+        share: the :class:`SinkhornState` of another wrapper (its ``.state``) to learn one permutation
+            for several gates, as COMET+ does in multi-task models; see :meth:`shared`. Only the owner
+            of the state adds the entropy penalty.
 
-    Buffers (all saved in checkpoints): ``tau`` (float64), ``num_iters`` and ``schedule_step`` (long),
-    ``frozen_flag`` (bool) and ``index`` (long ``[n]``, the rounded permutation, identity before).
+    State (in the submodule ``state``, saved in checkpoints): ``log_alpha``, ``tau`` (float64),
+    ``num_iters`` and ``schedule_step`` (long), ``frozen_flag`` (bool) and ``index`` (long ``[n]``, the
+    rounded permutation, identity before); the wrapper exposes each as an attribute.
 
     A training loop calls :meth:`set_progress` at the start of each schedule step (epoch) of the soft
     phase and :meth:`round_` once when it ends; :func:`sinkhorn_modules` finds the modules in a model.
     Note that the soft ``P`` makes every weight non-zero, so an MoE dispatches densely until rounding.
     """
-
-    tau: torch.Tensor
-    num_iters: torch.Tensor
-    schedule_step: torch.Tensor
-    frozen_flag: torch.Tensor
-    index: torch.Tensor
 
     def __init__(
         self,
@@ -128,6 +140,7 @@ class SinkhornPermutation(nn.Module):
         entropy_weight: float = 1e-4,
         init_scale: float = 0.05,
         generator: torch.Generator | None = None,
+        share: "SinkhornState | None" = None,
     ) -> None:
         super().__init__()
         self.gate = check_gate(gate)
@@ -146,16 +159,53 @@ class SinkhornPermutation(nn.Module):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
         n = self.num_experts
-        device = generator.device if generator is not None else None
-        init = torch.rand((n, n), generator=generator, device=device).cpu()
-        self.log_alpha = nn.Parameter((2.0 * init - 1.0) * self.init_scale)
-        self.register_buffer("tau", torch.tensor(self.tau_start, dtype=torch.float64))
-        self.register_buffer("num_iters", torch.tensor(self.iters_start, dtype=torch.long))
-        self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("frozen_flag", torch.tensor(False))
-        self.register_buffer("index", torch.arange(n, dtype=torch.long))
+        if share is None:
+            device = generator.device if generator is not None else None
+            init = torch.rand((n, n), generator=generator, device=device).cpu()
+            share = SinkhornState((2.0 * init - 1.0) * self.init_scale, self.tau_start, self.iters_start)
+            self.owns_state = True
+        else:
+            if not isinstance(share, SinkhornState):
+                raise TypeError(f"share must be the SinkhornState of another SinkhornPermutation (its .state), got {type(share).__name__}")
+            if share.log_alpha.shape != (n, n):
+                raise ValueError(f"share holds a permutation over {share.log_alpha.shape[0]} experts but the gate has num_experts={n}")
+            self.owns_state = False  # the owner adds the entropy penalty, once
+        self.state = share
         # Keep log_alpha non-trainable when a frozen checkpoint is loaded into a fresh module.
         self.register_load_state_dict_post_hook(SinkhornPermutation._sync_requires_grad)
+
+    @classmethod
+    def shared(cls, gates: list[nn.Module], **kwargs: object) -> list["SinkhornPermutation"]:
+        """Wrap several gates (e.g. one per task) with ONE learned permutation shared by all of them."""
+        gates = list(gates)
+        if not gates:
+            raise ValueError("gates must hold at least one gate")
+        first = cls(gates[0], **kwargs)
+        return [first] + [cls(g, share=first.state, **kwargs) for g in gates[1:]]
+
+    @property
+    def log_alpha(self) -> nn.Parameter:
+        return self.state.log_alpha
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.state.tau
+
+    @property
+    def num_iters(self) -> torch.Tensor:
+        return self.state.num_iters
+
+    @property
+    def schedule_step(self) -> torch.Tensor:
+        return self.state.schedule_step
+
+    @property
+    def frozen_flag(self) -> torch.Tensor:
+        return self.state.frozen_flag
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self.state.index
 
     def extra_repr(self) -> str:
         return (
@@ -265,7 +315,7 @@ class SinkhornPermutation(nn.Module):
             new_sel = None
             weights = _renormalise(g @ rows)
         loss = out.loss
-        if self.entropy_weight > 0:
+        if self.entropy_weight > 0 and self.owns_state:
             penalty = self.entropy_weight * permutation_entropy(log_p)
             loss = loss + penalty.to(device=loss.device, dtype=loss.dtype)
         return GateOutput(weights=weights, loss=loss, selector_weights=new_sel, selector_mix=mix)

@@ -293,7 +293,7 @@ def test_gradcheck_soft_phase() -> None:
     log_alpha = module.log_alpha.detach().clone().requires_grad_()
 
     def f(la: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.func.functional_call(module, {"log_alpha": la}, (x,))
+        out = torch.func.functional_call(module, {"state.log_alpha": la}, (x,))
         return out.weights, out.loss
 
     assert torch.autograd.gradcheck(f, (log_alpha,))
@@ -406,7 +406,7 @@ def test_state_dict_round_trip() -> None:
     a.set_progress(3)
     b = _wrap(SparseGate(n, d, 2), seed=1, anneal_steps=6)
     b.load_state_dict(a.state_dict())
-    assert {"log_alpha", "tau", "num_iters", "schedule_step", "frozen_flag", "index"} <= set(a.state_dict())
+    assert {f"state.{k}" for k in ("log_alpha", "tau", "num_iters", "schedule_step", "frozen_flag", "index")} <= set(a.state_dict())
     assert float(b.tau) == float(a.tau) and int(b.num_iters) == int(a.num_iters) and not b.frozen
     x = torch.randn(7, d, generator=_gen(18))
     torch.testing.assert_close(b(x).weights, a(x).weights)
@@ -460,3 +460,40 @@ def test_bad_gate() -> None:
         SinkhornPermutation("not a gate", anneal_steps=2)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="anneal_steps"):
         SinkhornPermutation(SoftmaxGate(4, 2))  # type: ignore[call-arg]
+
+
+def test_shared_permutation_across_task_gates() -> None:
+    """COMET+ multi-task: one learned permutation for all task gates, one penalty, one rounding."""
+    from routing_search.layers.multigate import MultiGateMoE
+
+    n, d = 5, 3
+    gates = [SelectorGate(n, d, 2), SelectorGate(n, d, 2)]
+    wrapped = SinkhornPermutation.shared(gates, anneal_steps=2, tau_start=0.5, tau_end=0.5, entropy_weight=0.1)
+    assert wrapped[0].state is wrapped[1].state
+    assert wrapped[0].owns_state and not wrapped[1].owns_state
+    model = MultiGateMoE([torch.nn.Linear(d, 2) for _ in range(n)], wrapped)
+    assert sum(p is wrapped[0].log_alpha for p in model.parameters()) == 1  # registered once for optimisers
+    x = torch.randn(7, d, generator=_gen(3))
+    out = model(x)
+    inner_losses = sum(g(x).loss for g in gates)
+    penalty = 0.1 * permutation_entropy(wrapped[0].log_soft_permutation())
+    torch.testing.assert_close(out.loss, inner_losses + penalty)  # the penalty counted once
+    out.loss.backward()
+    assert wrapped[0].log_alpha.grad is not None and torch.isfinite(wrapped[0].log_alpha.grad).all()
+    perm = wrapped[0].round_()
+    assert wrapped[1].frozen and np.array_equal(wrapped[1].permutation(), perm)
+    fresh = MultiGateMoE(
+        [torch.nn.Linear(d, 2) for _ in range(n)],
+        SinkhornPermutation.shared([SelectorGate(n, d, 2), SelectorGate(n, d, 2)], anneal_steps=2),
+    )
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.gates[1].frozen and np.array_equal(fresh.gates[1].permutation(), perm)
+    assert fresh.gates[0].state is fresh.gates[1].state
+
+
+def test_share_rejects_mismatched_state() -> None:
+    owner = _wrap(SelectorGate(4, 3, 2))
+    with pytest.raises(ValueError, match="num_experts"):
+        SinkhornPermutation(SelectorGate(5, 3, 2), anneal_steps=2, share=owner.state)
+    with pytest.raises(TypeError, match="share"):
+        SinkhornPermutation(SelectorGate(4, 3, 2), anneal_steps=2, share=owner)
