@@ -55,7 +55,10 @@ def combine_sparse(experts: Sequence[nn.Module], x: torch.Tensor, weights: Seque
                 results[t] = flat_e.new_zeros((batch, flat_e.shape[1]))
                 out_shape = out_e.shape[1:]
             results[t] = results[t].index_add(0, rows, contrib)
-    return [r.reshape((batch,) + tuple(out_shape)) for r in results]
+    if all(r is None for r in results):  # no weight anywhere (only an off-protocol gate): all mixtures are 0
+        return combine_dense(experts, x, weights)
+    template = next(r for r in results if r is not None)
+    return [(template.new_zeros(template.shape) if r is None else r).reshape((batch,) + tuple(out_shape)) for r in results]
 
 
 def choose_dispatch(mode: str, weights: Sequence[torch.Tensor], *, max_density: float = 0.5) -> str:

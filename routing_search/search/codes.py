@@ -37,13 +37,23 @@ def selector_slot(gate_output: GateOutput, selector: int) -> int:
     return int(torch.argmax(gate_output.selector_weights[0, selector]))
 
 
-def moved_gate_output(gate_output: GateOutput, selector: int, slot: int) -> GateOutput:
-    """The gate output with one binary selector moved to ``slot`` (its mixing weight unchanged)."""
+def moved_gate_output(gate_output: GateOutput, selector: int, slot: int, gate: nn.Module | None = None) -> GateOutput:
+    """The gate output with one binary selector moved to ``slot``.
+
+    DSelect-k's mixing weights do not depend on the codes, so they are kept. A binary COMET tree's
+    mixing score is the logit of the leaf it reaches, so pass the static COMET ``gate`` to get the
+    exact mix after the move (without it the mix is kept, which is only right for DSelect-k).
+    """
     sel = gate_output.selector_weights.clone()
     sel[:, selector] = 0
     sel[:, selector, slot] = 1
-    weights = torch.einsum("bk,bkn->bn", gate_output.selector_mix, sel)
-    return GateOutput(weights=weights, loss=gate_output.loss, selector_weights=sel, selector_mix=gate_output.selector_mix)
+    mix = gate_output.selector_mix
+    if isinstance(gate, COMET):
+        leaves = gate.leaf_logits.detach().to(sel.dtype).unsqueeze(0).expand(sel.shape[0], -1, -1)
+        scores = torch.gather(leaves, 2, sel.argmax(dim=-1, keepdim=True)).squeeze(-1)  # [B, k]
+        mix = torch.softmax(scores, dim=-1)
+    weights = torch.einsum("bk,bkn->bn", mix, sel)
+    return GateOutput(weights=weights, loss=gate_output.loss, selector_weights=sel, selector_mix=mix)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
@@ -203,7 +204,8 @@ def local_search(
 
     Returns:
         ``OptimizeResult`` with ``x`` (list of ``[S, n]`` int arrays, one per permutation module of the
-        layer), ``fun``, ``fun0``, ``nit`` (accepted moves), ``nfev`` (candidate / state evaluations),
+        layer), ``fun``, ``fun0``, ``nit`` (accepted moves; for ``'ils'`` including those of discarded descents),
+        ``nfev`` (candidate / state evaluations; ``max_evals`` is checked between candidate blocks),
         ``success``, ``status``, ``message`` and ``moves`` (list of :class:`Move`).
 
     Example:
@@ -343,30 +345,35 @@ def _code_descent(search: _Search) -> None:
         )
     while True:
         search._check_budget()
-        best: tuple[float, Any, int] | None = None
+        scored: list[tuple[float, Any, int]] = []
         for site in code_sites(gates):
             g = obj.gate_outs[site.task]
             current = selector_slot(g, site.selector)
             for slot in range(obj.n):
-                if slot == current:
-                    continue
-                value = obj.value_with_gate_outputs({site.task: moved_gate_output(g, site.selector, slot)})
-                if best is None or value < best[0]:
-                    best = (value, site, slot)
-        if best is None or not best[0] < obj.fun - search.s.tol:
+                if slot != current:
+                    moved = moved_gate_output(g, site.selector, slot, gates[site.task])
+                    scored.append((obj.value_with_gate_outputs({site.task: moved}), site, slot))
+        scored.sort(key=lambda item: item[0])
+        if not any(_try_code_move(search, gates, site, slot) for value, site, slot in scored if value < obj.fun - search.s.tol):
             return
-        value, site, slot = best
-        gate = gates[site.task]
-        before = obj.fun
-        saved = {name: p.detach().clone() for name, p in gate.named_parameters()}
-        current = selector_slot(obj.gate_outs[site.task], site.selector)
-        set_selector_slot(gate, site.selector, slot)
-        after = obj.refresh_gates()
-        if not after < before - search.s.tol:
-            for name, p in gate.named_parameters():
-                p.data.copy_(saved[name])
-            obj.refresh_gates()
-            return
+        search._notify()
+
+
+def _try_code_move(search: _Search, gates: list[nn.Module], site: Any, slot: int) -> bool:
+    """Rewrite one selector's codes and keep the change only if the re-computed loss improves."""
+    obj = search.obj
+    gate = gates[site.task]
+    before = obj.fun
+    saved = {name: p.detach().clone() for name, p in gate.named_parameters()}
+    current = selector_slot(obj.gate_outs[site.task], site.selector)
+    set_selector_slot(gate, site.selector, slot)
+    after = obj.refresh_gates()
+    if after < before - search.s.tol:
         search.moves.append(Move("code", site.task, site.selector, [current], [slot], before, after))
         search.nit += 1
-        search._notify()
+        return True
+    with torch.no_grad():
+        for name, p in gate.named_parameters():
+            p.copy_(saved[name])
+    obj.refresh_gates()
+    return False
