@@ -227,7 +227,8 @@ def run_demo(*, out: str = "runs", seeds: int = 3, epochs: int = 30, quick: bool
                 search = None
             else:
                 make_gate = lambda: DSelectK(num_experts=cfg.num_experts, k=cfg.k)
-                search = {"method": "swap", "every_epochs": 1} if "local search" in name else None
+                # Frequent searches early matter here: a move pays off only once the target expert has learnt something.
+                search = {"method": "swap", "every": 10} if "local search" in name else None
             model = _build(cfg, make_gate, seed=seed)
             collapse(model, tuple(range(cfg.k)))
             r = train_and_score(cfg, data, model, search=search, seed=seed, progress=progress)

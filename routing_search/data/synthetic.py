@@ -94,7 +94,7 @@ def make_synthetic_moe(
     """Draw a multi-task data set from a random ground-truth MoE (see the module docstring).
 
     Args:
-        num_samples: rows N.
+        num_samples: rows N (at least 2: each task's signal is scaled to unit sample variance).
         input_dim: width d of x ~ N(0, I).
         num_experts: n true experts.
         k: experts per task (each task's support has exactly k experts).
@@ -108,7 +108,8 @@ def make_synthetic_moe(
         seed: seed of the private generator (nothing global is touched).
     """
     n, k = check_num_experts_k(num_experts, k)
-    num_samples = check_int("num_samples", num_samples, minimum=1)
+    # At least two rows: each task's signal is scaled by its sample std, undefined (NaN) for one row.
+    num_samples = check_int("num_samples", num_samples, minimum=2)
     input_dim = check_int("input_dim", input_dim, minimum=1)
     num_tasks = check_int("num_tasks", num_tasks, minimum=1, maximum=128)
     hidden = check_int("hidden", hidden, minimum=1)

@@ -1,0 +1,182 @@
+"""The ``routing-search`` command: argument parsing, fresh output directories, and smoke runs of
+``study --quick`` and ``demo --quick`` (slow) that check what they write."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+from pathlib import Path
+
+import pytest
+
+from routing_search.cli import output
+from routing_search.cli.main import build_parser, main
+from routing_search.cli.output import new_run_dir
+
+STAMP = "20240102-030405"
+
+
+@pytest.fixture
+def frozen_stamp(monkeypatch):
+    """Every run directory gets the same time stamp, as two runs started in the same second would."""
+    monkeypatch.setattr(output, "time", types.SimpleNamespace(strftime=lambda fmt: STAMP))
+    return STAMP
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- parser
+def test_parser_defaults():
+    parser = build_parser()
+    demo = parser.parse_args(["demo"])
+    assert demo.command == "demo"
+    assert (demo.out, demo.seeds, demo.epochs, demo.quick, demo.no_progress) == ("runs", 3, 30, False, False)
+    study = parser.parse_args(["study"])
+    assert study.command == "study"
+    assert (study.out, study.experts, study.k, study.tasks, study.epochs, study.seed, study.quick, study.no_progress) == (
+        "runs", 6, 2, 3, 15, 0, False, False,
+    )
+
+
+def test_parser_values():
+    parser = build_parser()
+    demo = parser.parse_args(["demo", "--quick", "--no-progress", "--seeds", "2", "--epochs", "5", "--out", "somewhere"])
+    assert (demo.out, demo.seeds, demo.epochs, demo.quick, demo.no_progress) == ("somewhere", 2, 5, True, True)
+    study = parser.parse_args(
+        ["study", "--experts", "5", "--k", "3", "--tasks", "4", "--epochs", "2", "--seed", "7", "--quick", "--no-progress", "--out", "o"]
+    )
+    assert (study.out, study.experts, study.k, study.tasks, study.epochs, study.seed, study.quick, study.no_progress) == (
+        "o", 5, 3, 4, 2, 7, True, True,
+    )
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["study", "--experts", "six"], ["demo", "--bogus"]])
+def test_parser_rejects(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- run directories
+def test_new_run_dir_same_second_gives_new_dirs(tmp_path, frozen_stamp):
+    parent = tmp_path / "a" / "b"  # created on demand
+    first = new_run_dir(parent, "demo")
+    second = new_run_dir(parent, "demo")
+    third = new_run_dir(parent, "demo")
+    assert first == parent / f"demo-{STAMP}"
+    assert second == parent / f"demo-{STAMP}-1"
+    assert third == parent / f"demo-{STAMP}-2"
+    assert all(p.is_dir() for p in (first, second, third))
+    other = new_run_dir(parent, "study")  # another prefix does not collide
+    assert other == parent / f"study-{STAMP}"
+
+
+def test_new_run_dir_never_reuses_existing(tmp_path, frozen_stamp):
+    taken = tmp_path / f"study-{STAMP}"
+    taken.mkdir()
+    (taken / "report.md").write_text("earlier run")
+    (tmp_path / f"study-{STAMP}-1").write_text("a file, not a directory")
+    fresh = new_run_dir(tmp_path, "study")
+    assert fresh == tmp_path / f"study-{STAMP}-2"
+    assert fresh.is_dir() and not any(fresh.iterdir())
+    assert (taken / "report.md").read_text() == "earlier run"
+    assert (tmp_path / f"study-{STAMP}-1").read_text() == "a file, not a directory"
+
+
+def test_new_run_dir_gives_up_loudly(tmp_path, frozen_stamp):
+    (tmp_path / f"demo-{STAMP}").mkdir()
+    for attempt in range(1, 1000):
+        (tmp_path / f"demo-{STAMP}-{attempt}").mkdir()
+    with pytest.raises(FileExistsError, match="new run directory"):
+        new_run_dir(tmp_path, "demo")
+
+
+def test_new_run_dir_real_clock_distinct(tmp_path):
+    first, second = new_run_dir(tmp_path, "demo"), new_run_dir(tmp_path, "demo")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert first.parent == second.parent == tmp_path
+    assert first.name.startswith("demo-") and second.name.startswith("demo-")  # same or next second
+
+
+# ----------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["study", "--experts", "9"], "num_experts"),
+        (["study", "--experts", "1"], "num_experts"),
+        (["study", "--k", "7"], "k must be"),
+        (["study", "--epochs", "0"], "epochs"),
+        (["demo", "--seeds", "0"], "seeds"),
+        (["demo", "--epochs", "0"], "epochs"),
+    ],
+)
+def test_bad_arguments_raise_before_writing(tmp_path, argv, match):
+    with pytest.raises(ValueError, match=match):
+        main(argv + ["--no-progress", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ----------------------------------------------------------------------------- smoke runs
+@pytest.mark.slow
+def test_study_quick_writes_reports(tmp_path, capsys):
+    existing = tmp_path / "keep"
+    existing.mkdir()
+    assert main(["study", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    run_dirs = [p for p in tmp_path.iterdir() if p.is_dir() and p != existing]
+    assert len(run_dirs) == 1 and run_dirs[0].name.startswith("study-")
+    run = run_dirs[0]
+    assert sorted(p.name for p in run.iterdir()) == ["report.json", "report.md"]
+    assert str(run) in capsys.readouterr().out
+
+    report = json.loads((run / "report.json").read_text())
+    inst = report["instance"]
+    assert (inst["num_experts"], inst["k"], inst["num_tasks"], inst["seed"]) == (6, 2, 3, 0)
+    assert inst["samples"] == 600 and inst["epochs"] == 3
+    assert len(inst["true_supports"]) == 3 and all(len(s) == 2 for s in inst["true_supports"])
+    rows = report["rows"]
+    assert {(r["gate"], r["local_search"]) for r in rows} == {(g, s) for g in ("TopK", "DSelectK") for s in (False, True)}
+    assert len(rows) == 4
+    for r in rows:
+        for key in ("test_loss", "permutation_gap", "permutation_relative_gap", "subset_current", "subset_optimum", "subset_gap",
+                    "experts_per_task", "support_f1", "train_seconds", "exact_seconds"):
+            assert math.isfinite(r[key]), (r["gate"], key)
+        # Against the exhaustive optimum over all permutations: never negative beyond rounding.
+        assert r["permutation_gap"] >= -1e-9
+        assert r["test_loss"] - r["permutation_gap"] >= 0  # the optimum is a loss
+        assert r["subset_gap"] == pytest.approx(r["subset_current"] - r["subset_optimum"], abs=1e-12)
+        assert 0 <= r["support_f1"] <= 1 and 0 < r["experts_per_task"] <= 6
+
+    md = (run / "report.md").read_text()
+    assert md.startswith("# routing-search study")
+    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| gate")]
+    assert len(table) == 4
+    for gate in ("TopK", "DSelectK"):
+        for flag in ("no", "yes"):
+            assert any(line.startswith(f"| {gate} | {flag} |") for line in table), (gate, flag)
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_outputs_and_never_overwrites(tmp_path, frozen_stamp):
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    first = tmp_path / f"demo-{STAMP}"
+    assert sorted(p.name for p in first.iterdir()) == ["expert_weights.png", "summary.json"]
+    png = (first / "expert_weights.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["config"]["num_samples"] == 1200 and summary["config"]["num_tasks"] == 3
+    assert set(summary["gates"]) >= {"Softmax", "TopK", "TopK + local search", "DSelectK", "DSelectK + local search", "COMET"}
+    assert set(summary["collapsed_start"]) == {"first-order only", "first-order + local search", "learned Sinkhorn (COMET+)"}
+    for scores in list(summary["gates"].values()) + list(summary["collapsed_start"].values()):
+        assert math.isfinite(scores["test_loss"]) and 0 <= scores["f1"] <= 1
+    before = _snapshot(first)
+
+    # A second run in the "same second" (frozen stamp) gets its own directory; a short run is enough here.
+    assert main(["demo", "--quick", "--no-progress", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    second = tmp_path / f"demo-{STAMP}-1"
+    assert sorted(p.name for p in second.iterdir()) == ["expert_weights.png", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, second.name]
+    assert _snapshot(first) == before
