@@ -16,8 +16,8 @@ from torch import nn
 from .._validation import check_choice, check_int, check_no_unknown_options, check_positive_float
 from ..layers.permutation import check_permutation
 from .codes import code_sites, moved_gate_output, selector_slot, set_selector_slot
-from .moves import MOVES, MoveOperator, perturb
-from .objective import Candidate, LossFn, RoutingObjective
+from .moves import MOVES, MoveOperator, perturb, swap_moves
+from .objective import Candidate, LossFn, RoutingObjective, eval_mode
 
 __all__ = ["local_search", "Move", "METHODS"]
 
@@ -99,21 +99,6 @@ class _Search:
                         out.append(Candidate(p, s, new, kind))
         return out
 
-    def screened(self, cands: list[Candidate], screen: int) -> list[Candidate]:
-        """Keep the ``screen`` swaps with the most negative first-order estimate."""
-        grads = self.obj.mixture_gradients()
-        cache: dict[tuple[int, int], Any] = {}
-        scores = []
-        for c in cands:
-            key = (c.slot, c.selector)
-            if key not in cache:
-                cache[key] = (self.obj.swap_screen(c.slot, c.selector, grads).cpu().numpy(), self.obj.state[c.slot][c.selector].cpu().numpy())
-            matrix, row = cache[key]
-            a, b = np.nonzero(np.asarray(c.row) != row)[0]
-            scores.append(matrix[a, b])
-        order = np.argsort(np.asarray(scores), kind="stable")[:screen]
-        return [cands[i] for i in order]
-
     # -- acceptance
     def try_accept(self, cand: Candidate, predicted: float) -> bool:
         """Verify a candidate exactly; keep it only if it strictly improves by more than ``tol``."""
@@ -132,14 +117,46 @@ class _Search:
     def improve_once(self, move: MoveOperator, kind: str) -> bool:
         """One step of the descent; False at a local optimum of the (full) neighbourhood."""
         self._check_budget()
-        cands = self.candidates(move, kind)
-        pools = [cands]
-        if self.s.screen is not None and kind == "swap" and self.obj.row_restricted and len(cands) > self.s.screen:
-            # Screened candidates first; the full scan backs it up so the end point is a true local optimum.
-            pools = [self.screened(cands, self.s.screen), cands]
-        for pool in pools:
-            if self._improve_from(pool):
+        if move is swap_moves:
+            return self._improve_swaps()
+        return self._improve_from(self.candidates(move, kind))
+
+    def _swap_candidate(self, slot: int, selector: int, a: int, c: int) -> Candidate:
+        row = self.obj.state[slot][selector].cpu().numpy().copy()
+        row[a], row[c] = row[c], row[a]
+        return Candidate(slot, selector, tuple(int(v) for v in row), "swap")
+
+    def _screened_swaps(self) -> list[Candidate]:
+        """The ``screen`` swaps (over all rows) with the most negative first-order estimate ⟨∂L/∂y, Δy⟩."""
+        grads = self.obj.mixture_gradients()
+        a_idx, c_idx = np.triu_indices(self.obj.n, k=1)
+        scored = []
+        for p, index in enumerate(self.obj.state):
+            for s in range(index.shape[0]):
+                scores = self.obj.swap_screen(p, s, grads).cpu().numpy()[a_idx, c_idx]
+                scored.extend((float(v), p, s, int(a), int(c)) for v, a, c in zip(scores, a_idx, c_idx))
+        scored.sort(key=lambda item: item[0])
+        return [self._swap_candidate(p, s, a, c) for _, p, s, a, c in scored[: self.s.screen]]
+
+    def _improve_swaps(self) -> bool:
+        """Swap step: screened candidates first (optional), then the structured full 2-opt scan."""
+        rows = sum(index.shape[0] for index in self.obj.state)
+        if self.s.screen is not None and self.obj.row_restricted and rows * self.obj.n * (self.obj.n - 1) // 2 > self.s.screen:
+            if self._improve_from(self._screened_swaps()):
                 return True
+        for p, index in enumerate(self.obj.state):
+            for s in range(index.shape[0]):
+                values = self.obj.swap_values(p, s).cpu().numpy()
+                a_idx, c_idx = np.triu_indices(self.obj.n, k=1)
+                flat = values[a_idx, c_idx]
+                for j in np.argsort(flat, kind="stable"):
+                    if not flat[j] < self.obj.fun - self.s.tol:
+                        break
+                    if self.try_accept(self._swap_candidate(p, s, int(a_idx[j]), int(c_idx[j])), float(flat[j])):
+                        self._notify()
+                        return True
+                if self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
+                    raise _Budget("max_evals reached")
         return False
 
     def _improve_from(self, pool: list[Candidate]) -> bool:
@@ -233,23 +250,10 @@ def local_search(
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable(intermediate_result) or None")
 
-    objective = RoutingObjective(model, data, loss, layer=options.get("layer"), max_rows=options.get("max_rows", 1 << 18))
+    objective = RoutingObjective(model, data, loss, layer=options.get("layer"), max_rows=options.get("max_rows", 1 << 14))
     search = _Search(objective, _Settings(tol, max_iter, max_evals, strategy, screen, callback), _as_rng(rng))
-    message, status = "local optimum: no improving move in the neighbourhood", 0
-    try:
-        if method_name == "ils":
-            _iterated_local_search(search, options)
-            message = "iterated local search finished its perturbations"
-        elif method_name == "exhaustive":
-            _exhaustive(search, check_int("max_states", options.get("max_states", 50_000), minimum=1))
-            message = "global optimum over all permutations (exhaustive)"
-        elif method_name == "codes":
-            _code_descent(search)
-            message = "local optimum: no improving code move"
-        else:
-            search.descend(move_fn, method_name)
-    except _Budget as stop:
-        message, status = str(stop), 1
+    with eval_mode(model):
+        message, status = _run(search, method_name, move_fn, options)
     if options.get("apply", True):
         objective.write_back()
     return OptimizeResult(
@@ -264,6 +268,24 @@ def local_search(
         moves=search.moves,
         method=method_name,
     )
+
+
+def _run(search: _Search, method_name: str, move_fn: MoveOperator | None, options: dict[str, Any]) -> tuple[str, int]:
+    """Run the chosen method; returns ``(message, status)`` (status 1: stopped by a budget or callback)."""
+    try:
+        if method_name == "ils":
+            _iterated_local_search(search, options)
+            return "iterated local search finished its perturbations", 0
+        if method_name == "exhaustive":
+            _exhaustive(search, check_int("max_states", options.get("max_states", 50_000), minimum=1))
+            return "global optimum over all permutations (exhaustive)", 0
+        if method_name == "codes":
+            _code_descent(search)
+            return "local optimum: no improving code move", 0
+        search.descend(move_fn, method_name)
+        return "local optimum: no improving move in the neighbourhood", 0
+    except _Budget as stop:
+        return str(stop), 1
 
 
 def _iterated_local_search(search: _Search, options: dict[str, Any]) -> None:

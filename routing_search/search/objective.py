@@ -28,7 +28,7 @@ from ..layers.moe import MoE, MoEOutput
 from ..layers.multigate import MultiGateMoE, MultiGateOutput
 from ..layers.permutation import Permutation, apply_permutation
 
-__all__ = ["RoutingObjective", "Candidate", "LossFn", "find_routing_layer", "unwrap_prediction"]
+__all__ = ["RoutingObjective", "Candidate", "LossFn", "find_routing_layer", "unwrap_prediction", "as_batch", "take_rows", "eval_mode"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -82,7 +82,7 @@ def find_routing_layer(model: nn.Module, layer: nn.Module | str | None = None) -
     return found[0][1], True
 
 
-def _as_batch(data: Any) -> tuple[Any, Any]:
+def as_batch(data: Any) -> tuple[Any, Any]:
     """``(inputs, targets)`` from a pair or an iterable of pairs (concatenated)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
         return data[0], data[1]
@@ -124,8 +124,15 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
+def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
+    """Put every submodule in eval mode (dropout off, no noisy gating) and restore each one's mode after.
+
+    ``modules`` may pass ``list(model.modules())`` computed once, for callers on a hot path.
+    """
+    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
+    if not any(mode for _, mode in modes):
+        yield  # already in eval mode: nothing to toggle (this runs once per candidate chunk)
+        return
     model.eval()
     try:
         yield
@@ -162,15 +169,16 @@ class RoutingObjective:
         loss: LossFn,
         *,
         layer: nn.Module | str | None = None,
-        max_rows: int = 1 << 18,
+        max_rows: int = 1 << 14,
     ) -> None:
         if not callable(loss):
             raise TypeError(f"loss must be a callable loss(prediction, targets), got {type(loss).__name__}")
         self.model = model
+        self._modules = list(model.modules())
         self.loss_fn = loss
         self.layer, self.nested = find_routing_layer(model, layer)
         self.max_rows = check_int("max_rows", max_rows, minimum=1)
-        self.inputs, self.targets = _as_batch(data)
+        self.inputs, self.targets = as_batch(data)
         self.nfev = 0
         self._build_cache()
 
@@ -178,7 +186,7 @@ class RoutingObjective:
     @torch.no_grad()
     def _build_cache(self) -> None:
         layer = self.layer
-        with _eval_mode(self.model):
+        with eval_mode(self.model, self._modules):
             if self.nested:
                 captured: dict[str, Any] = {}
 
@@ -232,7 +240,7 @@ class RoutingObjective:
     def _refresh(self) -> None:
         """Recompute mixtures, predictions, per-example losses and the total from the current state."""
         self.mixtures = [self._mixture(t, self.state[self.task_slot[t]]) for t in range(len(self.gate_outs))]
-        with _eval_mode(self.model):
+        with eval_mode(self.model, self._modules):
             if self.nested:
                 self.task_preds = None
                 self.row_losses = None
@@ -341,7 +349,7 @@ class RoutingObjective:
         """Per-example loss change of row ``b[j]`` under candidate ``g[j]``."""
         old = self.state[slot][selector]
         preds: list[torch.Tensor] = []
-        with _eval_mode(self.model):
+        with eval_mode(self.model, self._modules):
             for t in range(len(self.gate_outs)):
                 if t not in self.slot_tasks[slot]:
                     preds.append(self.task_preds[t].index_select(0, b))
@@ -360,6 +368,97 @@ class RoutingObjective:
         new_losses, _ = self._split_loss(value, b.numel())
         return new_losses - self.row_losses.index_select(0, b)
 
+    @torch.no_grad()
+    def swap_values(self, slot: int, selector: int) -> torch.Tensor:
+        """Exact loss after every swap (a, c) of one permutation row: ``[n, n]`` float64, diagonal = current.
+
+        Structured evaluation of the whole 2-opt neighbourhood. For every row ``b`` and slot ``a`` that
+        carries weight there, and every expert ``e``, the loss change ``δ(b, a→e)`` of giving slot ``a``
+        expert ``e`` is computed at once by broadcasting over the row's expert outputs. A swap changes
+        slot ``a`` to ``π(c)`` and slot ``c`` to ``π(a)``, so its total change is
+        ``Σ_b δ(b, a→π(c)) + δ(b, c→π(a))``, except on rows where both slots carry weight, whose joint
+        change is computed exactly and replaces the two single-slot terms.
+        """
+        n, batch = self.n, self.batch
+        if not self.row_restricted:
+            index = self.state[slot][selector].cpu().numpy()
+            pairs = [(a, c) for a in range(n) for c in range(a + 1, n)]
+            cands = []
+            for a, c in pairs:
+                row = index.copy()
+                row[a], row[c] = row[c], row[a]
+                cands.append(Candidate(slot, selector, tuple(int(v) for v in row), "swap"))
+            values = torch.full((n, n), self.fun, dtype=torch.float64)
+            for (a, c), v in zip(pairs, self.evaluate(cands)):
+                values[a, c] = values[c, a] = v
+            return values
+        device = self.F.device
+        index = self.state[slot][selector]
+        tasks = self.slot_tasks[slot]
+        weights = {t: self.contrib[t][:, selector, :].to(self.F.dtype) for t in tasks}
+        active = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        for w in weights.values():
+            active |= w != 0
+        entry_b, entry_a = torch.nonzero(active, as_tuple=True)
+        delta = torch.empty(entry_b.numel(), n, dtype=torch.float64, device=device)
+        per_chunk = max(1, self.max_rows // n)
+        for lo in range(0, entry_b.numel(), per_chunk):
+            b, a = entry_b[lo : lo + per_chunk], entry_a[lo : lo + per_chunk]
+            F_rows = self.F.index_select(0, b)  # [E, n, u]: every expert's output on the entry's row
+            F_old = F_rows[torch.arange(b.numel(), device=device), index.index_select(0, a)].unsqueeze(1)
+            coeff = {t: w[b, a].view(-1, 1, 1) for t, w in weights.items()}
+            base = {t: self.mixtures[t].index_select(0, b).unsqueeze(1) - c * F_old for t, c in coeff.items()}
+            delta[lo : lo + per_chunk] = self._rows_loss_change(b.repeat_interleave(n), base, coeff, F_rows).view(-1, n)
+        # D[a, e]: total change of giving slot a expert e on every row where a carries weight.
+        D = torch.zeros(n * n, dtype=torch.float64, device=device)
+        D.index_add_(0, (entry_a.unsqueeze(1) * n + torch.arange(n, device=device)).reshape(-1), delta.reshape(-1))
+        D = D.view(n, n)
+        swapped = D[:, index]  # [a, c] = D[a, π(c)]
+        total = swapped + swapped.t()
+        # Rows where both slots of a swap carry weight: exact joint change instead of the two terms.
+        entry_id = torch.full((batch, n), -1, dtype=torch.long, device=device)
+        entry_id[entry_b, entry_a] = torch.arange(entry_b.numel(), device=device)
+        both = active.unsqueeze(2) & active.unsqueeze(1) & torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+        tri_b, tri_a, tri_c = torch.nonzero(both, as_tuple=True)
+        correction = torch.zeros(n * n, dtype=torch.float64, device=device)
+        for lo in range(0, tri_b.numel(), self.max_rows):
+            b, a, c = tri_b[lo : lo + self.max_rows], tri_a[lo : lo + self.max_rows], tri_c[lo : lo + self.max_rows]
+            ea, ec = index.index_select(0, a), index.index_select(0, c)
+            F_flat = self.F.reshape(batch * n, -1)
+            F_new, F_old = F_flat.index_select(0, b * n + ec).unsqueeze(1), F_flat.index_select(0, b * n + ea).unsqueeze(1)
+            coeff = {t: (w[b, a] - w[b, c]).view(-1, 1, 1) for t, w in weights.items()}
+            base = {t: self.mixtures[t].index_select(0, b).unsqueeze(1) - d * F_old for t, d in coeff.items()}
+            joint = self._rows_loss_change(b, base, coeff, F_new)
+            single = delta[entry_id[b, a], ec] + delta[entry_id[b, c], ea]
+            correction.index_add_(0, a * n + c, joint - single)
+        correction = correction.view(n, n)
+        total += correction + correction.t()
+        values = self.fun + total / batch
+        values.fill_diagonal_(self.fun)
+        self.nfev += n * (n - 1) // 2
+        return values
+
+    def _rows_loss_change(
+        self, rows: torch.Tensor, base: dict[int, torch.Tensor], coeff: dict[int, torch.Tensor], outputs: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-example loss change when task t's mixture on each row becomes ``base[t] + coeff[t] * outputs``.
+
+        ``outputs`` is ``[R', m, u]`` with ``R' * m == len(rows)`` (``m`` alternatives per base row);
+        ``base[t]`` and ``coeff[t]`` broadcast against it (one fused pass). Tasks not in ``coeff`` keep
+        their cached predictions.
+        """
+        preds: list[torch.Tensor] = []
+        with eval_mode(self.model, self._modules):
+            for t in range(len(self.gate_outs)):
+                if t not in coeff:
+                    preds.append(self.task_preds[t].index_select(0, rows))
+                    continue
+                mixture = torch.addcmul(base[t], coeff[t], outputs)
+                preds.append(self._head_task(t, mixture.reshape(rows.numel(), -1)))
+            value = self.loss_fn(self._assemble(preds), take_rows(self.targets, rows))
+        new_losses, _ = self._split_loss(value, rows.numel())
+        return new_losses - self.row_losses.index_select(0, rows)
+
     def _with_row(self, cand: Candidate) -> torch.Tensor:
         index = self.state[cand.slot].clone()
         index[cand.selector] = torch.as_tensor(cand.row, device=index.device)
@@ -370,7 +469,7 @@ class RoutingObjective:
         state = [replace.get(p, s) for p, s in enumerate(self.state)]
         mixtures = [self._mixture(t, state[self.task_slot[t]]) for t in range(len(self.gate_outs))]
         self.nfev += 1
-        with _eval_mode(self.model):
+        with eval_mode(self.model, self._modules):
             if self.nested:
                 saved, self.state = self.state, state
                 try:
@@ -397,7 +496,7 @@ class RoutingObjective:
     @torch.no_grad()
     def refresh_gates(self) -> float:
         """Recompute the gate outputs (after the gate's parameters were changed) and the loss."""
-        with _eval_mode(self.model):
+        with eval_mode(self.model, self._modules):
             outs = self.layer.gate_outputs(self.x, task=self.task, key=self.key)
         self.gate_outs = [_detach_gate_output(g) for g in outs]
         self.contrib = [
@@ -433,7 +532,7 @@ class RoutingObjective:
         if self.nested:
             raise ValueError("first-order screening needs the MoE layer itself as the model (not a wrapping model)")
         mixtures = [m.detach().clone().requires_grad_(True) for m in self.mixtures]
-        with _eval_mode(self.model), torch.enable_grad():
+        with eval_mode(self.model, self._modules), torch.enable_grad():
             preds = [self._head_task(t, m) for t, m in enumerate(mixtures)]
             value = self.loss_fn(self._assemble(preds), self.targets)
             total = value.mean() if value.dim() > 0 else value

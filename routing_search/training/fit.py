@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .._validation import check_int, check_positive_float
 from ..layers.moe import MoE
 from ..layers.multigate import MultiGateMoE
-from ..search.objective import unwrap_prediction
+from ..search.objective import as_batch, take_rows, unwrap_prediction
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, to_plain
 from .searcher import LocalSearcher
 
@@ -214,18 +214,27 @@ def _make_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
     raise TypeError(f"optimizer must be None, a torch.optim.Optimizer or a callable params -> optimizer, got {type(optimizer).__name__}")
 
 
-def _make_searcher(search: Any, model: nn.Module, loss: LossFn, seed: int) -> tuple[LocalSearcher | None, str]:
-    """The searcher and its schedule unit ('steps' or 'epochs')."""
+DEFAULT_SEARCH_ROWS = 2048
+DEFAULT_SWAP_SCREEN = 16
+
+
+def _make_searcher(search: Any, model: nn.Module, loss: LossFn, seed: int) -> tuple[LocalSearcher | None, str, int | None]:
+    """The searcher, its schedule unit ('steps' or 'epochs') and the cap on held-out rows it uses."""
     if search is None:
-        return None, "steps"
+        return None, "steps", None
     if isinstance(search, LocalSearcher):
         if search.model is not model:
             raise ValueError("search= LocalSearcher was built for a different model")
-        return search, "steps"
+        return search, "steps", None
     if not isinstance(search, Mapping):
         raise TypeError(f"search must be None, a dict of options or a LocalSearcher, got {type(search).__name__}")
     options = dict(search)
     method = options.pop("method", "swap")
+    rows = options.pop("rows", DEFAULT_SEARCH_ROWS)
+    if rows is not None:
+        rows = check_int("search rows", rows, minimum=1)
+    if method == "swap":
+        options.setdefault("screen", DEFAULT_SWAP_SCREEN)
     every = options.pop("every", None)
     every_epochs = options.pop("every_epochs", None)
     if every is not None and every_epochs is not None:
@@ -234,9 +243,19 @@ def _make_searcher(search: Any, model: nn.Module, loss: LossFn, seed: int) -> tu
     rng = options.pop("rng", None)
     rng = np.random.default_rng(seed) if rng is None else rng
     if every is not None:
-        return LocalSearcher(model, loss, method=method, every=every, rounds=rounds, rng=rng, **options), "steps"
+        return LocalSearcher(model, loss, method=method, every=every, rounds=rounds, rng=rng, **options), "steps", rows
     every_epochs = 1 if every_epochs is None else every_epochs
-    return LocalSearcher(model, loss, method=method, every=every_epochs, rounds=rounds, rng=rng, **options), "epochs"
+    return LocalSearcher(model, loss, method=method, every=every_epochs, rounds=rounds, rng=rng, **options), "epochs", rows
+
+
+def _search_subset(data: Any, rows: int | None, seed: int) -> Any:
+    """At most ``rows`` held-out rows, a fixed seeded subset (the same rows at every search)."""
+    inputs, targets = as_batch(data)
+    total = (inputs["x"] if isinstance(inputs, Mapping) else inputs).shape[0]
+    if rows is None or total <= rows:
+        return inputs, targets
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))[:rows].sort().values
+    return take_rows(inputs, chosen), take_rows(targets, chosen)
 
 
 def _routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -396,8 +415,11 @@ def fit(
             after moving the model to ``device``), or a callable ``params -> optimizer``.
         search: None (no search); a dict with ``method`` (default 'swap'), ``every`` (steps) or
             ``every_epochs`` (default 1; search at the end of every that many epochs), ``rounds`` (max
-            searches), ``rng`` (default: a generator seeded by ``seed``) and any ``local_search`` option
-            (e.g. ``screen``, ``max_iter``); or a :class:`LocalSearcher` (scheduled on steps).
+            searches), ``rng`` (default: a generator seeded by ``seed``), ``rows`` (the search uses a fixed
+            seeded subset of at most this many held-out rows, default 2048; None for all) and any
+            ``local_search`` option (e.g. ``max_iter``; ``screen`` defaults to 16 for 'swap', the full
+            scan still confirms each search ends in a local optimum); or a :class:`LocalSearcher`
+            (scheduled on steps, uses all of ``search_data``).
         early_stopping_patience: stop after this many epochs without a lower validation loss.
         restore_best: with early stopping, load the best epoch's weights at the end.
         checkpoint_dir: write ``checkpoint.pt`` there (atomically) at the end of every epoch. A directory
@@ -439,12 +461,12 @@ def fit(
     device = _resolve_device(device, model)
     model.to(device)
     optimizer = _make_optimizer(optimizer, model)
-    searcher, unit = _make_searcher(search, model, loss, seed)
+    searcher, unit, search_rows = _make_searcher(search, model, loss, seed)
     if searcher is not None:
         search_data = val_data if search_data is None else search_data
         if search_data is None:
             raise ValueError("search needs held-out data: pass search_data= or val_data=")
-        search_data = _to_device(search_data, device)
+        search_data = _to_device(_search_subset(search_data, search_rows, seed), device)
     shuffle = torch.Generator().manual_seed(seed)
     generators = _module_generators(model)
 
