@@ -174,9 +174,9 @@ class RoutingObjective:
         if not callable(loss):
             raise TypeError(f"loss must be a callable loss(prediction, targets), got {type(loss).__name__}")
         self.model = model
-        self._modules = list(model.modules())
         self.loss_fn = loss
         self.layer, self.nested = find_routing_layer(model, layer)
+        self._modules = list(model.modules())
         self.max_rows = check_int("max_rows", max_rows, minimum=1)
         self.inputs, self.targets = as_batch(data)
         self.nfev = 0
