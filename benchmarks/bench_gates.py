@@ -82,6 +82,7 @@ def dispatch_table(device: torch.device, repeats: int, n: int, k: int, d: int, b
     }
     keys = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     print(f"\nMoE inference with binary gates: MLP experts {d}->256->64, n={n}, k={k}, batch={batch}, device={device}")
+    print(f"(speed-up limit n/k = {n // k}x; Hash sends each row to one expert, limit {n}x)")
     print(f"{'gate':22s} {'dense ms':>9s} {'sparse ms':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
     for name, gate in binary.items():
         dense = MoE(experts, gate, dispatch="dense").to(device).eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "check_input",
     "check_finite",
     "check_no_unknown_options",
+    "as_finite_array",
 ]
 
 
@@ -110,3 +112,23 @@ def check_no_unknown_options(where: str, options: Mapping[str, Any], accepted: I
             f"{where} got unknown option(s) {', '.join(map(repr, unknown))}; "
             f"accepted options are: {', '.join(accepted) if accepted else '(none)'}"
         )
+
+
+def as_finite_array(name: str, value: Any, *, ndim: tuple[int, ...] | None = None, shape_doc: str = "") -> np.ndarray:
+    """``value`` (numpy, torch or nested sequences) as a finite float64 array, checked against ``ndim``."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    shape_text = f" {shape_doc}" if shape_doc else ""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a numeric array{shape_text} (numpy array or torch tensor), got {type(value).__name__}") from None
+    if ndim is not None:
+        if arr.ndim not in ndim:
+            raise ValueError(f"{name} must have shape{shape_text}, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError(f"{name} must not be empty (shape{shape_text}), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{name} contains {n_bad} NaN/inf value(s); pass finite values")
+    return arr

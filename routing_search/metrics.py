@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ._validation import as_finite_array
+
 __all__ = [
     "SupportRecovery",
     "Collapse",
@@ -40,22 +42,7 @@ __all__ = [
 
 
 def _to_numpy(name: str, value: Any, *, ndim: tuple[int, ...], shape_doc: str) -> np.ndarray:
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().numpy()
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{name} must be a numeric array {shape_doc} (numpy array or torch tensor), "
-            f"got {type(value).__name__}"
-        ) from None
-    if arr.ndim not in ndim:
-        raise ValueError(f"{name} must have shape {shape_doc}, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty (shape {shape_doc}), got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN/inf values; pass finite weights")
-    return arr
+    return as_finite_array(name, value, ndim=ndim, shape_doc=shape_doc)
 
 
 def _check_threshold(threshold: Any) -> float:

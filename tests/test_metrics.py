@@ -144,7 +144,7 @@ def test_errors_name_the_argument() -> None:
         support_recovery(truth, truth[:3])
     bad = truth.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match="truth contains NaN"):
+    with pytest.raises(ValueError, match="truth contains 1 NaN/inf"):
         support_recovery(truth, bad)
     with pytest.raises(ValueError, match="matching must be an integer array of length"):
         support_recovery(truth, truth, matching=[0, 1])

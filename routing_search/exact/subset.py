@@ -32,7 +32,7 @@ import numpy as np
 from scipy.optimize import OptimizeResult, minimize
 from scipy.special import expit
 
-from .._validation import check_choice, check_int, check_no_unknown_options, check_positive_float
+from .._validation import as_finite_array, check_choice, check_int, check_no_unknown_options, check_positive_float
 
 __all__ = ["solve_subset", "subset_objective", "LOSSES", "METHODS"]
 
@@ -52,18 +52,7 @@ _MAX_EXACT_FACE = 10
 
 def _as_float_array(name: str, value: Any) -> np.ndarray:
     """Convert numpy / torch / nested sequences to a finite float64 array, naming ``name`` on failure."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().numpy()
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{name} must be a numeric array (numpy array or torch tensor), got {type(value).__name__}"
-        ) from None
-    if not np.all(np.isfinite(arr)):
-        n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise ValueError(f"{name} contains {n_bad} NaN/inf value(s); pass finite values")
-    return arr
+    return as_finite_array(name, value)
 
 
 def _prepare_outputs_targets(F: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .._validation import check_int, check_num_experts_k, check_positive_float
 from .protocol import BaseGate, GateOutput
+from .router import make_router, router_logits
 
 __all__ = ["GumbelSoftmax", "sample_gumbel"]
 
@@ -69,19 +70,11 @@ class GumbelSoftmax(BaseGate):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
-        self.logits: nn.Parameter | None = None
-        self.router: nn.Linear | None = None
-        if input_dim is None:
-            self.logits = nn.Parameter(torch.zeros(n))
-        else:
-            self.router = nn.Linear(input_dim, n)
+        self.logits, self.router = make_router(input_dim, torch.zeros(n))
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, num_experts]`` without noise or temperature."""
-        if self.router is not None:
-            return self.router(x)
-        assert self.logits is not None
-        return self.logits.unsqueeze(0).expand(x.shape[0], -1)
+        return router_logits(self.logits, self.router, x)
 
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None

@@ -11,6 +11,7 @@ from torch import nn
 
 from .._validation import check_int, check_num_experts_k, check_positive_float
 from .protocol import BaseGate, GateOutput
+from .router import make_router, router_logits
 
 __all__ = ["Softmax"]
 
@@ -42,19 +43,11 @@ class Softmax(BaseGate):
             input_dim = check_int("input_dim", input_dim, minimum=1)
         super().__init__(n, input_dim, validate=validate)
         self.temperature = check_positive_float("temperature", temperature)
-        self.logits: nn.Parameter | None = None
-        self.router: nn.Linear | None = None
-        if input_dim is None:
-            self.logits = nn.Parameter(torch.zeros(n))
-        else:
-            self.router = nn.Linear(input_dim, n)
+        self.logits, self.router = make_router(input_dim, torch.zeros(n))
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, num_experts]`` before the temperature (static logits are broadcast)."""
-        if self.router is not None:
-            return self.router(x)
-        assert self.logits is not None
-        return self.logits.unsqueeze(0).expand(x.shape[0], -1)
+        return router_logits(self.logits, self.router, x)
 
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None

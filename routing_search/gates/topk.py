@@ -21,6 +21,7 @@ from torch import nn
 
 from .._validation import check_int, check_num_experts_k, check_positive_float
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
+from .router import make_router, router_logits
 
 __all__ = ["TopK", "cv_squared"]
 
@@ -83,27 +84,20 @@ class TopK(BaseGate):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
 
-        self.logits: nn.Parameter | None = None
+        # Static logits start at U(-0.05, 0.05) so that ties are broken at random.
+        self.logits, self.router = make_router(input_dim, torch.empty(n).uniform_(-0.05, 0.05))
         self.noise_logits: nn.Parameter | None = None
-        self.router: nn.Linear | None = None
         self.noise_router: nn.Linear | None = None
-        if input_dim is None:
-            self.logits = nn.Parameter(torch.empty(n).uniform_(-0.05, 0.05))
-            if self.noisy:
-                self.noise_logits = nn.Parameter(torch.zeros(n))
-        else:
-            self.router = nn.Linear(input_dim, n)
-            if self.noisy:
-                self.noise_router = nn.Linear(input_dim, n, bias=False)
-                nn.init.zeros_(self.noise_router.weight)
+        if self.noisy and input_dim is None:
+            self.noise_logits = nn.Parameter(torch.zeros(n))
+        elif self.noisy:
+            self.noise_router = nn.Linear(input_dim, n, bias=False)
+            nn.init.zeros_(self.noise_router.weight)
 
     # ------------------------------------------------------------------ pieces
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Clean (noise-free) logits ``[batch, num_experts]``."""
-        if self.router is not None:
-            return self.router(x)
-        assert self.logits is not None
-        return self.logits.unsqueeze(0).expand(x.shape[0], -1)
+        return router_logits(self.logits, self.router, x)
 
     def noise_std(self, x: torch.Tensor) -> torch.Tensor:
         """Standard deviation ``softplus(W_noise x) + noise_epsilon`` of the routing noise ``[batch, n]``."""
