@@ -169,8 +169,10 @@ def _plot(path: Path, histories: dict[str, list], num_tasks: int) -> None:
                 ax.set_ylabel(f"task {task}\nexpert weight")
             if task == num_tasks - 1:
                 ax.set_xlabel("epoch")
-    fig.suptitle("Expert weights per task over training (one line per expert)")
-    fig.tight_layout()
+    handles = axes[0][0].get_lines()
+    fig.legend(handles, [f"expert {e}" for e in range(len(handles))], loc="lower center", ncol=len(handles), fontsize=8)
+    fig.suptitle("Expert weights per task over training, measured on validation data after each epoch")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
