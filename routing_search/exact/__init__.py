@@ -15,7 +15,7 @@ from .harden import HardenCertificate, HardGate, certify, harden, snap_codes_  #
 
 __all__ += ["HardenCertificate", "HardGate", "certify", "harden", "snap_codes_"]
 
-from .gap import frozen_arrays, optimality_gap  # noqa: E402
+from .gap import frozen_arrays, optimality_gap, permutation_objective  # noqa: E402
 from .landscape import LandscapeSummary, landscape  # noqa: E402
 from .permutation import QAPMatrices, permutation_loss, qap_matrices, solve_permutation  # noqa: E402
 from .subset import solve_subset, subset_objective  # noqa: E402
@@ -31,4 +31,5 @@ __all__ += [
     "LandscapeSummary",
     "optimality_gap",
     "frozen_arrays",
+    "permutation_objective",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 from .._validation import check_choice, check_int, check_no_unknown_options
 from .subset import solve_subset, subset_objective
 
-__all__ = ["optimality_gap", "frozen_arrays"]
+__all__ = ["optimality_gap", "frozen_arrays", "permutation_objective"]
 
 
 def frozen_arrays(model: nn.Module, data: Any, *, layer: nn.Module | str | None = None, task: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -31,6 +32,29 @@ def frozen_arrays(model: nn.Module, data: Any, *, layer: nn.Module | str | None 
     g = objective.gate_outs[task]
     w = apply_permutation(g, objective.state[objective.task_slot[task]])
     return g.weights.double().cpu().numpy(), w.double().cpu().numpy(), objective.F.double().cpu().numpy()
+
+
+def permutation_objective(
+    model: nn.Module, data: Any, loss: Any, *, layer: nn.Module | str | None = None
+) -> Callable[[Sequence[int]], float]:
+    """The model's loss on ``data`` as a function of its permutation, experts and gates frozen.
+
+    For a layer with a single permutation row (one module, one row: ``per_selector=False`` or a gate
+    without selectors; ``share_permutation=True`` in a multi-gate MoE). The returned callable takes a
+    permutation (``perm[i]`` = expert of gate slot ``i``) and returns the exact loss without re-running
+    the experts; pass it to :func:`~routing_search.exact.landscape`. The model itself is not changed.
+    """
+    from ..search.objective import RoutingObjective
+
+    objective = RoutingObjective(model, data, loss, layer=layer)
+    rows = [s.shape[0] for s in objective.state]
+    if rows != [1]:
+        raise ValueError(
+            f"permutation_objective needs a layer with one permutation row, this one has rows {rows} per module; "
+            "build it with per_selector=False (and share_permutation=True for a MultiGateMoE), "
+            "or use RoutingObjective.value_of for several rows"
+        )
+    return lambda perm: objective.value_of([np.asarray(perm, dtype=np.int64).reshape(1, -1)])
 
 
 def _check_task(task: int, num_tasks: int) -> None:

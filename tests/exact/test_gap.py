@@ -333,3 +333,34 @@ def test_frozen_arrays_multigate_task():
             np.testing.assert_array_equal(W[:, e], G[:, i])
         np.testing.assert_allclose(W, out.weights[t].numpy(), rtol=0, atol=1e-14)
         np.testing.assert_allclose(F, stacked, rtol=0, atol=1e-14)
+
+
+def test_permutation_objective_feeds_the_landscape() -> None:
+    """The landscape of a real model: its global optimum is the exhaustive search's optimum."""
+    from routing_search.exact import landscape, permutation_objective
+    from routing_search.search import local_search
+
+    torch.manual_seed(3)
+    n = 5
+    moe = MoE(make_experts(n, 4, [6], 2), TopK(num_experts=n, k=2, input_dim=4))
+    x, y = torch.randn(64, 4), torch.randn(64, 2)
+    loss = lambda p, t: ((p - t) ** 2).mean(dim=1)  # noqa: E731
+    f = permutation_objective(moe, (x, y), loss)
+    before = moe.permutation.get().copy()
+    summary = landscape(f, n, space="permutations", move="swap")
+    assert np.array_equal(moe.permutation.get(), before)  # evaluating the landscape changes nothing
+    best = local_search(moe, (x, y), loss, "exhaustive", apply=False)
+    assert summary.global_loss == pytest.approx(best.fun, abs=1e-6)
+    with torch.no_grad():
+        moe.permutation.set(list(summary.global_optimum))
+        assert float(loss(moe(x).output, y).mean()) == pytest.approx(summary.global_loss, abs=1e-6)
+    assert sum(summary.basin_sizes.values()) == summary.num_nodes
+
+
+def test_permutation_objective_needs_one_row() -> None:
+    from routing_search.exact import permutation_objective
+    from routing_search.gates import DSelectK
+
+    moe = MoE(make_experts(4, 3, [4], 1), DSelectK(num_experts=4, k=2))
+    with pytest.raises(ValueError, match="one permutation row"):
+        permutation_objective(moe, (torch.randn(8, 3), torch.randn(8, 1)), lambda p, t: ((p - t) ** 2).mean(1))
