@@ -27,6 +27,7 @@ from ..gates.protocol import GateOutput
 from ..layers.moe import MoE, MoEOutput
 from ..layers.multigate import MultiGateMoE, MultiGateOutput
 from ..layers.permutation import Permutation, apply_permutation
+from .swap_scan import SwapScan
 
 __all__ = ["RoutingObjective", "Candidate", "LossFn", "find_routing_layer", "unwrap_prediction", "as_batch", "take_rows", "eval_mode"]
 
@@ -180,6 +181,7 @@ class RoutingObjective:
         self.max_rows = check_int("max_rows", max_rows, minimum=1)
         self.inputs, self.targets = as_batch(data)
         self.nfev = 0
+        self._swap_scans: dict[tuple[int, int], SwapScan] = {}
         self._build_cache()
 
     # ----------------------------------------------------------------- cache
@@ -239,6 +241,7 @@ class RoutingObjective:
     @torch.no_grad()
     def _refresh(self) -> None:
         """Recompute mixtures, predictions, per-example losses and the total from the current state."""
+        old_mixtures, old_losses = getattr(self, "mixtures", None), getattr(self, "row_losses", None)
         self.mixtures = [self._mixture(t, self.state[self.task_slot[t]]) for t in range(len(self.gate_outs))]
         with eval_mode(self.model, self._modules):
             if self.nested:
@@ -250,6 +253,12 @@ class RoutingObjective:
                 value = self.loss_fn(self._assemble(self.task_preds), self.targets)
                 self.row_losses, self.fun = self._split_loss(value, self.batch)
         self.nfev += 1
+        if self._swap_scans and old_mixtures is not None and old_losses is not None and self.row_losses is not None:
+            changed = self.row_losses != old_losses
+            for new, old in zip(self.mixtures, old_mixtures):
+                changed |= (new != old).any(dim=1)
+            for scan in self._swap_scans.values():
+                scan.mark_dirty(changed)
 
     def _split_loss(self, value: torch.Tensor, rows: int) -> tuple[torch.Tensor | None, float]:
         if not isinstance(value, torch.Tensor):
@@ -372,70 +381,26 @@ class RoutingObjective:
     def swap_values(self, slot: int, selector: int) -> torch.Tensor:
         """Exact loss after every swap (a, c) of one permutation row: ``[n, n]`` float64, diagonal = current.
 
-        Structured evaluation of the whole 2-opt neighbourhood. For every row ``b`` and slot ``a`` that
-        carries weight there, and every expert ``e``, the loss change ``δ(b, a→e)`` of giving slot ``a``
-        expert ``e`` is computed at once by broadcasting over the row's expert outputs. A swap changes
-        slot ``a`` to ``π(c)`` and slot ``c`` to ``π(a)``, so its total change is
-        ``Σ_b δ(b, a→π(c)) + δ(b, c→π(a))``, except on rows where both slots carry weight, whose joint
-        change is computed exactly and replaces the two single-slot terms.
+        With a per-example loss this is the structured, incremental scan of :class:`SwapScan`; otherwise
+        every swap is evaluated as a candidate.
         """
-        n, batch = self.n, self.batch
-        if not self.row_restricted:
-            index = self.state[slot][selector].cpu().numpy()
-            pairs = [(a, c) for a in range(n) for c in range(a + 1, n)]
-            cands = []
-            for a, c in pairs:
-                row = index.copy()
-                row[a], row[c] = row[c], row[a]
-                cands.append(Candidate(slot, selector, tuple(int(v) for v in row), "swap"))
-            values = torch.full((n, n), self.fun, dtype=torch.float64)
-            for (a, c), v in zip(pairs, self.evaluate(cands)):
-                values[a, c] = values[c, a] = v
-            return values
-        device = self.F.device
-        index = self.state[slot][selector]
-        tasks = self.slot_tasks[slot]
-        weights = {t: self.contrib[t][:, selector, :].to(self.F.dtype) for t in tasks}
-        active = torch.zeros(batch, n, dtype=torch.bool, device=device)
-        for w in weights.values():
-            active |= w != 0
-        entry_b, entry_a = torch.nonzero(active, as_tuple=True)
-        delta = torch.empty(entry_b.numel(), n, dtype=torch.float64, device=device)
-        per_chunk = max(1, self.max_rows // n)
-        for lo in range(0, entry_b.numel(), per_chunk):
-            b, a = entry_b[lo : lo + per_chunk], entry_a[lo : lo + per_chunk]
-            F_rows = self.F.index_select(0, b)  # [E, n, u]: every expert's output on the entry's row
-            F_old = F_rows[torch.arange(b.numel(), device=device), index.index_select(0, a)].unsqueeze(1)
-            coeff = {t: w[b, a].view(-1, 1, 1) for t, w in weights.items()}
-            base = {t: self.mixtures[t].index_select(0, b).unsqueeze(1) - c * F_old for t, c in coeff.items()}
-            delta[lo : lo + per_chunk] = self._rows_loss_change(b.repeat_interleave(n), base, coeff, F_rows).view(-1, n)
-        # D[a, e]: total change of giving slot a expert e on every row where a carries weight.
-        D = torch.zeros(n * n, dtype=torch.float64, device=device)
-        D.index_add_(0, (entry_a.unsqueeze(1) * n + torch.arange(n, device=device)).reshape(-1), delta.reshape(-1))
-        D = D.view(n, n)
-        swapped = D[:, index]  # [a, c] = D[a, π(c)]
-        total = swapped + swapped.t()
-        # Rows where both slots of a swap carry weight: exact joint change instead of the two terms.
-        entry_id = torch.full((batch, n), -1, dtype=torch.long, device=device)
-        entry_id[entry_b, entry_a] = torch.arange(entry_b.numel(), device=device)
-        both = active.unsqueeze(2) & active.unsqueeze(1) & torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-        tri_b, tri_a, tri_c = torch.nonzero(both, as_tuple=True)
-        correction = torch.zeros(n * n, dtype=torch.float64, device=device)
-        for lo in range(0, tri_b.numel(), self.max_rows):
-            b, a, c = tri_b[lo : lo + self.max_rows], tri_a[lo : lo + self.max_rows], tri_c[lo : lo + self.max_rows]
-            ea, ec = index.index_select(0, a), index.index_select(0, c)
-            F_flat = self.F.reshape(batch * n, -1)
-            F_new, F_old = F_flat.index_select(0, b * n + ec).unsqueeze(1), F_flat.index_select(0, b * n + ea).unsqueeze(1)
-            coeff = {t: (w[b, a] - w[b, c]).view(-1, 1, 1) for t, w in weights.items()}
-            base = {t: self.mixtures[t].index_select(0, b).unsqueeze(1) - d * F_old for t, d in coeff.items()}
-            joint = self._rows_loss_change(b, base, coeff, F_new)
-            single = delta[entry_id[b, a], ec] + delta[entry_id[b, c], ea]
-            correction.index_add_(0, a * n + c, joint - single)
-        correction = correction.view(n, n)
-        total += correction + correction.t()
-        values = self.fun + total / batch
-        values.fill_diagonal_(self.fun)
+        n = self.n
         self.nfev += n * (n - 1) // 2
+        if self.row_restricted:
+            scan = self._swap_scans.get((slot, selector))
+            if scan is None:
+                scan = self._swap_scans[(slot, selector)] = SwapScan(self, slot, selector)
+            return scan.values()
+        index = self.state[slot][selector].cpu().numpy()
+        pairs = [(a, c) for a in range(n) for c in range(a + 1, n)]
+        cands = []
+        for a, c in pairs:
+            row = index.copy()
+            row[a], row[c] = row[c], row[a]
+            cands.append(Candidate(slot, selector, tuple(int(v) for v in row), "swap"))
+        values = torch.full((n, n), self.fun, dtype=torch.float64)
+        for (a, c), v in zip(pairs, self.evaluate(cands)):
+            values[a, c] = values[c, a] = v
         return values
 
     def _rows_loss_change(
@@ -499,6 +464,7 @@ class RoutingObjective:
         with eval_mode(self.model, self._modules):
             outs = self.layer.gate_outputs(self.x, task=self.task, key=self.key)
         self.gate_outs = [_detach_gate_output(g) for g in outs]
+        self._swap_scans.clear()  # which rows carry weight may have changed
         self.contrib = [
             _selector_contributions(g, self.slots[self.task_slot[t]].num_selectors) for t, g in enumerate(self.gate_outs)
         ]

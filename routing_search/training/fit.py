@@ -215,7 +215,6 @@ def _make_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
 
 
 DEFAULT_SEARCH_ROWS = 2048
-DEFAULT_SWAP_SCREEN = 16
 
 
 def _make_searcher(search: Any, model: nn.Module, loss: LossFn, seed: int) -> tuple[LocalSearcher | None, str, int | None]:
@@ -233,8 +232,6 @@ def _make_searcher(search: Any, model: nn.Module, loss: LossFn, seed: int) -> tu
     rows = options.pop("rows", DEFAULT_SEARCH_ROWS)
     if rows is not None:
         rows = check_int("search rows", rows, minimum=1)
-    if method == "swap":
-        options.setdefault("screen", DEFAULT_SWAP_SCREEN)
     every = options.pop("every", None)
     every_epochs = options.pop("every_epochs", None)
     if every is not None and every_epochs is not None:
@@ -417,8 +414,7 @@ def fit(
             ``every_epochs`` (default 1; search at the end of every that many epochs), ``rounds`` (max
             searches), ``rng`` (default: a generator seeded by ``seed``), ``rows`` (the search uses a fixed
             seeded subset of at most this many held-out rows, default 2048; None for all) and any
-            ``local_search`` option (e.g. ``max_iter``; ``screen`` defaults to 16 for 'swap', the full
-            scan still confirms each search ends in a local optimum); or a :class:`LocalSearcher`
+            ``local_search`` option (e.g. ``max_iter``, ``screen``); or a :class:`LocalSearcher`
             (scheduled on steps, uses all of ``search_data``).
         early_stopping_patience: stop after this many epochs without a lower validation loss.
         restore_best: with early stopping, load the best epoch's weights at the end.

@@ -426,3 +426,59 @@ def test_objective_input_errors(make_gate, make_extras):
 
     with pytest.raises(ValueError, match="did not call the chosen MoE layer"):
         RoutingObjective(Skips(), (x, y), mse_rows)
+
+
+# --------------------------------------------------------------- incremental swap scan
+def _fresh_swap_values(model, data, loss, slot, selector):
+    return RoutingObjective(model, data, loss).swap_values(slot, selector)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_incremental_swap_scan_equals_a_fresh_scan_after_any_state_change(share):
+    """After accepted swaps, kicks and arbitrary states, the cached scan equals one built from scratch."""
+    from routing_search.gates import DSelectK, TopK
+
+    torch.manual_seed(0)
+    n = 6
+    gates = [TopK(num_experts=n, k=2, input_dim=D).double(), DSelectK(num_experts=n, k=2, input_dim=D).double()]
+    towers = [nn.Linear(U, 1).double(), nn.Linear(U, 1).double()]
+    model = MultiGateMoE(experts_for(n), gates, towers, share_permutation=share, per_selector=False).eval()
+    x, y = torch.randn(40, D, dtype=torch.float64), torch.randn(40, 2, dtype=torch.float64)
+    obj = RoutingObjective(model, (x, y), multitask_rows)
+    rng = np.random.default_rng(1)
+    slots = len(obj.state)
+    for _ in range(6):
+        for p in range(slots):
+            obj.swap_values(p, 0)  # build / refresh every cache before the state changes
+        state = obj.current()
+        p = int(rng.integers(slots))
+        if rng.random() < 0.5:
+            a, c = rng.choice(n, size=2, replace=False)
+            state[p][0][[a, c]] = state[p][0][[c, a]]
+        else:
+            state[p][0] = rng.permutation(n)
+        obj.set_state(state)
+        for q in range(slots):
+            model.permutations[q].set(state[q])
+        for q in range(slots):
+            expected = _fresh_swap_values(model, (x, y), multitask_rows, q, 0)
+            torch.testing.assert_close(obj.swap_values(q, 0), expected, rtol=0, atol=1e-12)
+
+
+def test_swap_scan_refreshes_rows_whose_mixture_a_tie_left_unchanged():
+    """Swapping two slots with equal weight leaves the mixture as it was, but not the cached terms."""
+    from routing_search.gates import TopK
+
+    n = 5
+    gate = TopK(num_experts=n, k=2).double()
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]))  # slots 0 and 1 get exactly 0.5 each
+    model = MoE(experts_for(n), gate).eval()
+    x, y = torch.randn(30, D, dtype=torch.float64), torch.randn(30, U, dtype=torch.float64)
+    obj = RoutingObjective(model, (x, y), mse_rows)
+    obj.swap_values(0, 0)
+    state = obj.current()
+    state[0][0][[0, 1]] = state[0][0][[1, 0]]
+    obj.set_state(state)
+    model.permutation.set(state[0])
+    torch.testing.assert_close(obj.swap_values(0, 0), _fresh_swap_values(model, (x, y), mse_rows, 0, 0), rtol=0, atol=1e-12)

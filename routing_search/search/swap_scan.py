@@ -1,0 +1,105 @@
+"""The whole 2-opt (swap) neighbourhood of one permutation row, kept up to date incrementally.
+
+For every row ``b`` and gate slot ``a`` carrying weight there ("entries"), and every expert ``e``, the
+loss change ``δ(b, a→e)`` of giving slot ``a`` expert ``e`` is computed by broadcasting over the row's
+expert outputs. A swap (a, c) gives slot ``a`` expert ``π(c)`` and slot ``c`` expert ``π(a)``, so its loss
+change is ``Σ_b δ(b, a→π(c)) + δ(b, c→π(a))``, except on rows where both slots carry weight: there the
+joint change is computed exactly and replaces the two single-slot terms ("triples" (b, a, c)).
+
+Which (row, slot) pairs carry weight depends only on the gate, not on the permutation. After a move
+only the rows whose mixture or loss changed need their terms recomputed; the objective marks them
+dirty at every refresh, so each scan after the first costs in proportion to the rows a move touched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .objective import RoutingObjective
+
+__all__ = ["SwapScan"]
+
+
+class SwapScan:
+    """Cached swap-neighbourhood terms of selector ``selector`` of permutation module ``slot``."""
+
+    def __init__(self, objective: RoutingObjective, slot: int, selector: int) -> None:
+        self.obj = objective
+        self.slot = slot
+        self.selector = selector
+        n, batch, device = objective.n, objective.batch, objective.F.device
+        self.weights = {t: objective.contrib[t][:, selector, :].to(objective.F.dtype) for t in objective.slot_tasks[slot]}
+        active = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        for w in self.weights.values():
+            active |= w != 0
+        self.entry_b, self.entry_a = torch.nonzero(active, as_tuple=True)
+        self.entry_id = torch.full((batch, n), -1, dtype=torch.long, device=device)
+        self.entry_id[self.entry_b, self.entry_a] = torch.arange(self.entry_b.numel(), device=device)
+        both = active.unsqueeze(2) & active.unsqueeze(1) & torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+        self.tri_b, self.tri_a, self.tri_c = torch.nonzero(both, as_tuple=True)
+        self.delta = torch.zeros(self.entry_b.numel(), n, dtype=torch.float64, device=device)
+        self.tri_value = torch.zeros(self.tri_b.numel(), dtype=torch.float64, device=device)
+        self.D = torch.zeros(n * n, dtype=torch.float64, device=device)  # D[a, e] = Σ_b δ(b, a→e)
+        self.correction = torch.zeros(n * n, dtype=torch.float64, device=device)
+        self.dirty = torch.ones(batch, dtype=torch.bool, device=device)
+        self.last_index = objective.state[slot][selector].clone()
+
+    def mark_dirty(self, rows: torch.Tensor) -> None:
+        """Rows (bool ``[B]``) whose mixture or loss changed since the terms were computed."""
+        self.dirty |= rows
+
+    @torch.no_grad()
+    def values(self) -> torch.Tensor:
+        """Exact loss after every swap (a, c): ``[n, n]`` float64 with the current loss on the diagonal."""
+        obj, n = self.obj, self.obj.n
+        index = obj.state[self.slot][self.selector]
+        moved = index != self.last_index  # slots whose expert changed: their terms depend on it
+        if bool(moved.any()):
+            self.dirty[self.entry_b[moved[self.entry_a]]] = True
+            self.last_index = index.clone()
+        if bool(self.dirty.any()):
+            self._update_entries(torch.nonzero(self.dirty[self.entry_b]).flatten(), index)
+            self._update_triples(torch.nonzero(self.dirty[self.tri_b]).flatten(), index)
+            self.dirty.zero_()
+        D = self.D.view(n, n)
+        swapped = D[:, index]  # [a, c] = D[a, π(c)]
+        correction = self.correction.view(n, n)
+        values = obj.fun + (swapped + swapped.t() + correction + correction.t()) / obj.batch
+        values.fill_diagonal_(obj.fun)
+        return values
+
+    def _update_entries(self, ids: torch.Tensor, index: torch.Tensor) -> None:
+        obj, n = self.obj, self.obj.n
+        device = ids.device
+        per_chunk = max(1, obj.max_rows // n)
+        for lo in range(0, ids.numel(), per_chunk):
+            chunk = ids[lo : lo + per_chunk]
+            b, a = self.entry_b.index_select(0, chunk), self.entry_a.index_select(0, chunk)
+            F_rows = obj.F.index_select(0, b)  # [E, n, u]: every expert's output on the entry's row
+            F_old = F_rows[torch.arange(b.numel(), device=device), index.index_select(0, a)].unsqueeze(1)
+            coeff = {t: w[b, a].view(-1, 1, 1) for t, w in self.weights.items()}
+            base = {t: obj.mixtures[t].index_select(0, b).unsqueeze(1) - c * F_old for t, c in coeff.items()}
+            new = obj._rows_loss_change(b.repeat_interleave(n), base, coeff, F_rows).view(-1, n)
+            targets = (a.unsqueeze(1) * n + torch.arange(n, device=device)).reshape(-1)
+            self.D.index_add_(0, targets, (new - self.delta.index_select(0, chunk)).reshape(-1))
+            self.delta.index_copy_(0, chunk, new)
+
+    def _update_triples(self, ids: torch.Tensor, index: torch.Tensor) -> None:
+        """Exact joint change on rows where both swapped slots carry weight, minus the two single terms."""
+        obj, n = self.obj, self.obj.n
+        F_flat = obj.F.reshape(obj.batch * n, -1)
+        for lo in range(0, ids.numel(), obj.max_rows):
+            chunk = ids[lo : lo + obj.max_rows]
+            b, a, c = (t.index_select(0, chunk) for t in (self.tri_b, self.tri_a, self.tri_c))
+            ea, ec = index.index_select(0, a), index.index_select(0, c)
+            F_new, F_old = F_flat.index_select(0, b * n + ec).unsqueeze(1), F_flat.index_select(0, b * n + ea).unsqueeze(1)
+            coeff = {t: (w[b, a] - w[b, c]).view(-1, 1, 1) for t, w in self.weights.items()}
+            base = {t: obj.mixtures[t].index_select(0, b).unsqueeze(1) - d * F_old for t, d in coeff.items()}
+            joint = obj._rows_loss_change(b, base, coeff, F_new)
+            single = self.delta[self.entry_id[b, a], ec] + self.delta[self.entry_id[b, c], ea]
+            new = joint - single
+            self.correction.index_add_(0, a * n + c, new - self.tri_value.index_select(0, chunk))
+            self.tri_value.index_copy_(0, chunk, new)
