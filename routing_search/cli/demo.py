@@ -7,7 +7,7 @@ Part 2 is the case local search exists for: every task's static DSelect-k gate s
 the same two experts with saturated codes, where the smooth-step has zero gradient, so first-order
 training cannot move the selection. It compares first-order training alone, first-order training
 alternated with permutation local search, and learned Sinkhorn permutations (COMET+), over several
-seeds, and saves a plot of each task's expert weights over training (the DSelect-k Fig. 2 view).
+seeds (every task gate has its own permutation in both, searched or learned), and saves a plot of each task's expert weights over training (the DSelect-k Fig. 2 view).
 """
 
 from __future__ import annotations
