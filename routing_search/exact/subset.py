@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -130,18 +131,20 @@ def _combine(a: _Solve, b: _Solve) -> _Solve:
     return _Solve(best.idx, best.w, best.value, max(a.lower, b.lower))
 
 
-class _Problem:
+class _Problem(ABC):
     """A convex loss of the mixture weights; subclasses give value and gradient on an index set."""
 
     def __init__(self, n: int, ftol: float, maxiter: int) -> None:
         self.n, self.ftol, self.maxiter = n, ftol, maxiter
         self.nfev = 0  # convex sub-problem solves (faces and relaxations)
 
-    def value(self, idx: np.ndarray, w: np.ndarray) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def value(self, idx: np.ndarray, w: np.ndarray) -> float:
+        """Objective at weights ``w`` on the experts ``idx``."""
 
-    def grad(self, idx: np.ndarray, w: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def grad(self, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Gradient of :meth:`value` with respect to ``w``."""
 
     def certified(self, idx: np.ndarray, w: np.ndarray) -> _Solve:
         """Wrap a feasible point with its value and the Frank–Wolfe lower bound (valid by convexity)."""
@@ -171,8 +174,9 @@ class _Problem:
         )
         return _combine(self.certified(idx, _clean_simplex(res.x)), self.certified(idx, start))
 
-    def solve_face(self, idx: np.ndarray) -> _Solve:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def solve_face(self, idx: np.ndarray) -> _Solve:
+        """Certified minimum over the simplex face spanned by ``idx``."""
 
     def solve_relaxation(self, idx: np.ndarray, x0: np.ndarray | None = None) -> _Solve:
         """Minimise over the whole simplex on ``idx`` (no cardinality constraint)."""

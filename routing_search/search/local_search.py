@@ -49,7 +49,7 @@ class Move:
 
 
 class _Budget(Exception):
-    pass
+    """Raised inside a search when a budget (max_iter, max_evals) or the callback stops it."""
 
 
 @dataclass
@@ -175,8 +175,10 @@ class _Search:
         return False
 
     def descend(self, move: MoveOperator, kind: str) -> None:
-        while self.improve_once(move, kind):
-            pass
+        """Improve until no move of the neighbourhood improves (or a budget stops the search)."""
+        improved = True
+        while improved:
+            improved = self.improve_once(move, kind)
 
 
 def _as_rng(rng: Any) -> np.random.Generator:

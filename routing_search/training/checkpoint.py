@@ -14,6 +14,7 @@ lists / tuples / dicts of those. :func:`to_plain` converts numpy values (e.g. a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -62,9 +63,8 @@ def _fsync_directory(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory; the rename stands
+            os.fsync(fd)
     finally:
         os.close(fd)
 
