@@ -101,6 +101,7 @@ def train_and_score(
     seed: int,
     progress: bool,
 ) -> dict:
+    """Train ``model`` with :func:`~routing_search.fit` and score it on the test split (loss, experts, recovery, time)."""
     train, val, test = _split(data)
     loss = multitask_loss(["mse"] * cfg.num_tasks)
     start = time.perf_counter()

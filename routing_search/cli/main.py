@@ -10,6 +10,7 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``routing-search`` (sub-commands ``demo`` and ``study``)."""
     parser = argparse.ArgumentParser(
         prog="routing-search",
         description="Expert selection in sparse MoE as combinatorial optimisation: demos and studies.",
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``routing-search`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo

@@ -60,6 +60,7 @@ class SyntheticMoEData:
 
     @property
     def num_tasks(self) -> int:
+        """Number of tasks T (columns of ``y``)."""
         return self.y.shape[1]
 
     def split(self, fractions: tuple[float, ...] = (0.7, 0.15, 0.15)) -> tuple["SyntheticMoEData", ...]:

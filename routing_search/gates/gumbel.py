@@ -79,6 +79,7 @@ class GumbelSoftmax(BaseGate):
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
     ) -> GateOutput:
+        """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
         self._tick()
         logits = self.compute_logits(x)

@@ -92,6 +92,7 @@ class Hash(BaseGate):
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
     ) -> GateOutput:
+        """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
         self._tick()
         key = self._check_key(key, x.shape[0])

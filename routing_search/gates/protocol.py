@@ -55,6 +55,7 @@ class GateOutput:
 
     @property
     def has_selectors(self) -> bool:
+        """True when the gate returned per-selector distributions and their mixing weights."""
         return self.selector_weights is not None and self.selector_mix is not None
 
 

@@ -52,6 +52,7 @@ class Softmax(BaseGate):
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
     ) -> GateOutput:
+        """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
         self._tick()
         weights = torch.softmax(self.compute_logits(x) / self.temperature, dim=-1)

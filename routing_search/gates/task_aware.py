@@ -192,6 +192,7 @@ class TaskAware(BaseGate):
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
     ) -> GateOutput:
+        """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
         self._tick()
         task = self._check_task(task, x.shape[0], x.device)

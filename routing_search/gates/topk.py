@@ -125,6 +125,7 @@ class TopK(BaseGate):
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
     ) -> GateOutput:
+        """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
         calls = self._tick()
         clean = self.compute_logits(x)

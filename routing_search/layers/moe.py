@@ -48,6 +48,7 @@ class MoEOutput:
 
     @property
     def usage(self) -> ExpertUsage:
+        """Per-expert usage of this batch (soft mean weight, hard fraction of rows)."""
         return expert_usage(self.weights)
 
 
@@ -62,17 +63,20 @@ class UsageMeter(nn.Module):
 
     @torch.no_grad()
     def update(self, weights: torch.Tensor) -> None:
+        """Add a batch of expert-space weights ``[batch, n]`` to the running sums."""
         w = weights.detach().to(self.soft_sum.dtype)
         self.soft_sum += w.sum(dim=0)
         self.hard_sum += (w != 0).to(w.dtype).sum(dim=0)
         self.rows += w.shape[0]
 
     def value(self) -> ExpertUsage:
+        """Average usage over the rows seen since the last reset."""
         rows = self.rows.clamp_min(1.0)
         return ExpertUsage(soft=self.soft_sum / rows, hard=self.hard_sum / rows)
 
     @torch.no_grad()
     def reset(self) -> None:
+        """Set the running sums back to zero."""
         self.soft_sum.zero_()
         self.hard_sum.zero_()
         self.rows.zero_()
@@ -126,10 +130,12 @@ class MoE(nn.Module):
 
     @property
     def num_experts(self) -> int:
+        """Number of experts n."""
         return len(self.experts)
 
     @property
     def num_tasks(self) -> int:
+        """1: a plain MoE has one gate (see :class:`~routing_search.MultiGateMoE` for several tasks)."""
         return 1
 
     @property
@@ -157,6 +163,7 @@ class MoE(nn.Module):
         return combine_sparse(self.experts, x, weights) if mode == "sparse" else combine_dense(self.experts, x, weights)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> MoEOutput:
+        """Gate, permutation, then the experts' mixture (sparse or dense dispatch); returns :class:`MoEOutput`."""
         (gate_output,) = self.gate_outputs(x, task=task, key=key)
         weights = apply_permutation(gate_output, self.permutation.index)
         (output,) = self.mix(x, [weights])
@@ -169,4 +176,5 @@ class MoE(nn.Module):
         return self.usage.value()
 
     def reset_usage(self) -> None:
+        """Forget the running usage statistics."""
         self.usage.reset()

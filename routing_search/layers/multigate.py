@@ -35,6 +35,7 @@ class MultiGateOutput:
     gate_outputs: list[GateOutput]
 
     def usage(self, task: int) -> ExpertUsage:
+        """Per-expert usage of task ``task``'s gate on this batch."""
         return expert_usage(self.weights[task])
 
 
@@ -98,10 +99,12 @@ class MultiGateMoE(nn.Module):
 
     @property
     def num_experts(self) -> int:
+        """Number of shared experts n."""
         return len(self.experts)
 
     @property
     def num_tasks(self) -> int:
+        """Number of tasks (one gate and one tower each)."""
         return len(self.gates)
 
     @property
@@ -133,6 +136,7 @@ class MultiGateMoE(nn.Module):
         return combine_sparse(self.experts, x, weights) if mode == "sparse" else combine_dense(self.experts, x, weights)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> MultiGateOutput:
+        """Every task gate, its permutation, one shared expert pass, then the towers; returns :class:`MultiGateOutput`."""
         gate_outputs = self.gate_outputs(x, task=task, key=key)
         weights = [apply_permutation(g, self.permutation_for(t).index) for t, g in enumerate(gate_outputs)]
         mixtures = self.mix(x, weights)
@@ -149,6 +153,7 @@ class MultiGateMoE(nn.Module):
         return self.usage_meters[task].value()
 
     def reset_usage(self) -> None:
+        """Forget every task's running usage statistics."""
         for meter in self.usage_meters:
             meter.reset()
 
@@ -167,9 +172,11 @@ class SharedBottom(nn.Module):
 
     @property
     def num_tasks(self) -> int:
+        """Number of tasks (towers)."""
         return len(self.towers)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> MultiGateOutput:
+        """The shared bottom, then each task's tower (no gates: ``weights`` and ``gate_outputs`` are empty)."""
         if self.validate:
             check_input(x, None)
         shared = self.bottom(x)

@@ -58,6 +58,7 @@ class Permutation(nn.Module):
 
     @property
     def is_identity(self) -> bool:
+        """True when every row is the identity permutation."""
         return bool(torch.equal(self.index, torch.arange(self.num_experts, device=self.index.device).expand_as(self.index)))
 
     def get(self) -> np.ndarray:

@@ -185,26 +185,32 @@ class SinkhornPermutation(nn.Module):
 
     @property
     def log_alpha(self) -> nn.Parameter:
+        """The learnable scores ``[n, n]`` (shared when the state is shared)."""
         return self.state.log_alpha
 
     @property
     def tau(self) -> torch.Tensor:
+        """Current Sinkhorn temperature (float64 buffer)."""
         return self.state.tau
 
     @property
     def num_iters(self) -> torch.Tensor:
+        """Current number of Sinkhorn iterations."""
         return self.state.num_iters
 
     @property
     def schedule_step(self) -> torch.Tensor:
+        """Last schedule step set by :meth:`set_progress`."""
         return self.state.schedule_step
 
     @property
     def frozen_flag(self) -> torch.Tensor:
+        """Bool buffer: True once rounded."""
         return self.state.frozen_flag
 
     @property
     def index(self) -> torch.Tensor:
+        """The rounded permutation (identity before :meth:`round_`)."""
         return self.state.index
 
     def extra_repr(self) -> str:
