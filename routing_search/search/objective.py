@@ -160,7 +160,12 @@ class RoutingObjective:
         loss: ``loss(prediction, targets)``; ``prediction`` is what the model returns (an MoE's
             ``.output``, a multi-gate MoE's list ``.outputs``). Return per-example losses ``[B]`` to get
             row-restricted (fast) candidate evaluation; a scalar is accepted and evaluated in full.
-        max_rows: cap on the rows evaluated at once when scanning candidates (bounds memory).
+        max_rows: cap on the rows evaluated at once when scanning candidates (bounds the memory of
+            every chunk; 16K rows keeps the intermediates in cache on a CPU).
+
+    Memory: the cache holds every expert's output on every row, ``B · n · u`` values (plus the gate
+    outputs); evaluating candidates adds at most ``max_rows`` rows at a time. Bound ``B`` by the size of
+    the evaluation data (``fit`` searches at most 2048 held-out rows by default).
     """
 
     def __init__(

@@ -38,8 +38,7 @@ class SwapScan:
         self.entry_b, self.entry_a = torch.nonzero(active, as_tuple=True)
         self.entry_id = torch.full((batch, n), -1, dtype=torch.long, device=device)
         self.entry_id[self.entry_b, self.entry_a] = torch.arange(self.entry_b.numel(), device=device)
-        both = active.unsqueeze(2) & active.unsqueeze(1) & torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-        self.tri_b, self.tri_a, self.tri_c = torch.nonzero(both, as_tuple=True)
+        self.tri_b, self.tri_a, self.tri_c = _active_pairs(active)
         self.delta = torch.zeros(self.entry_b.numel(), n, dtype=torch.float64, device=device)
         self.tri_value = torch.zeros(self.tri_b.numel(), dtype=torch.float64, device=device)
         self.D = torch.zeros(n * n, dtype=torch.float64, device=device)  # D[a, e] = Σ_b δ(b, a→e)
@@ -103,3 +102,16 @@ class SwapScan:
             new = joint - single
             self.correction.index_add_(0, a * n + c, new - self.tri_value.index_select(0, chunk))
             self.tri_value.index_copy_(0, chunk, new)
+
+
+def _active_pairs(active: torch.Tensor, max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(b, a, c)`` with ``a < c`` and both slots active on row ``b``; rows in chunks to bound memory."""
+    batch, n = active.shape
+    upper = torch.ones(n, n, dtype=torch.bool, device=active.device).triu(1)
+    per_chunk = max(1, max_elements // (n * n))
+    found = []
+    for lo in range(0, batch, per_chunk):
+        rows = active[lo : lo + per_chunk]
+        b, a, c = torch.nonzero(rows.unsqueeze(2) & rows.unsqueeze(1) & upper, as_tuple=True)
+        found.append((b + lo, a, c))
+    return tuple(torch.cat(parts) for parts in zip(*found))  # type: ignore[return-value]

@@ -482,3 +482,13 @@ def test_swap_scan_refreshes_rows_whose_mixture_a_tie_left_unchanged():
     obj.set_state(state)
     model.permutation.set(state[0])
     torch.testing.assert_close(obj.swap_values(0, 0), _fresh_swap_values(model, (x, y), mse_rows, 0, 0), rtol=0, atol=1e-12)
+
+
+def test_active_pairs_in_row_chunks_equal_the_whole_mask():
+    from routing_search.search.swap_scan import _active_pairs
+
+    active = torch.rand(37, 6, generator=torch.Generator().manual_seed(0)) < 0.4
+    whole = torch.nonzero(active.unsqueeze(2) & active.unsqueeze(1) & torch.ones(6, 6, dtype=torch.bool).triu(1))
+    for max_elements in (36, 5 * 36, 1 << 24):
+        b, a, c = _active_pairs(active, max_elements=max_elements)
+        assert torch.equal(torch.stack([b, a, c], dim=1), whole)
