@@ -206,7 +206,6 @@ class COMET(BaseGate):
             weights=weights, loss=self._zero_loss(weights), selector_weights=sel, selector_mix=mix
         )
 
-    hard_forward = hard
 
     def extra_repr(self) -> str:
         return (

@@ -216,7 +216,6 @@ class DSelectK(BaseGate):
             selector_mix=torch.softmax(alpha, dim=-1),
         )
 
-    hard_forward = hard
 
     def extra_repr(self) -> str:
         return (

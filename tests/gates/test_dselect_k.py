@@ -207,12 +207,6 @@ def test_binary_unreachable_code_is_folded_in_soft_and_hard_gate() -> None:
     assert gate.binary_codes().tolist() == [[1.0, 1.0]]
 
 
-def test_hard_forward_alias() -> None:
-    gate = make_gate(4, 2, False)
-    x = torch.randn(3, D)
-    assert torch.equal(gate.hard_forward(x).weights, gate.hard(x).weights)
-
-
 # ---------------------------------------------------------------- regulariser and schedule
 def test_entropy_zero_when_binary_positive_when_fractional() -> None:
     gate = make_gate(8, 3, False, entropy_weight=0.5)
