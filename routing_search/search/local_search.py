@@ -71,7 +71,6 @@ class _Search:
         self.rng = rng
         self.nit = 0
         self.moves: list[Move] = []
-        self.stopped_by_callback = False
 
     # -- budget
     def _check_budget(self) -> None:
@@ -84,7 +83,6 @@ class _Search:
         if self.s.callback is not None:
             state = OptimizeResult(x=self.obj.current(), fun=self.obj.fun, nit=self.nit, nfev=self.obj.nfev)
             if self.s.callback(state):
-                self.stopped_by_callback = True
                 raise _Budget("stopped by callback")
 
     # -- neighbourhoods
@@ -144,19 +142,24 @@ class _Search:
         if self.s.screen is not None and self.obj.row_restricted and rows * self.obj.n * (self.obj.n - 1) // 2 > self.s.screen:
             if self._improve_from(self._screened_swaps()):
                 return True
-        for p, index in enumerate(self.obj.state):
-            for s in range(index.shape[0]):
-                values = self.obj.swap_values(p, s).cpu().numpy()
-                a_idx, c_idx = np.triu_indices(self.obj.n, k=1)
-                flat = values[a_idx, c_idx]
-                for j in np.argsort(flat, kind="stable"):
-                    if not flat[j] < self.obj.fun - self.s.tol:
-                        break
-                    if self.try_accept(self._swap_candidate(p, s, int(a_idx[j]), int(c_idx[j])), float(flat[j])):
-                        self._notify()
-                        return True
-                if self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
-                    raise _Budget("max_evals reached")
+        # 'best': the best swap over every permutation row; 'first': the best swap of the first row that improves.
+        a_idx, c_idx = np.triu_indices(self.obj.n, k=1)
+        groups = [(p, s) for p, index in enumerate(self.obj.state) for s in range(index.shape[0])]
+        batches = [groups] if self.s.strategy == "best" else [[g] for g in groups]
+        for batch in batches:
+            scored = []
+            for p, s in batch:
+                flat = self.obj.swap_values(p, s).cpu().numpy()[a_idx, c_idx]
+                scored.extend((float(v), p, s, int(a), int(c)) for v, a, c in zip(flat, a_idx, c_idx))
+            scored.sort(key=lambda item: item[0])
+            for value, p, s, a, c in scored:
+                if not value < self.obj.fun - self.s.tol:
+                    break
+                if self.try_accept(self._swap_candidate(p, s, a, c), value):
+                    self._notify()
+                    return True
+            if self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
+                raise _Budget("max_evals reached")
         return False
 
     def _improve_from(self, pool: list[Candidate]) -> bool:

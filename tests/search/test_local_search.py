@@ -511,3 +511,33 @@ def test_errors_leave_the_model_unchanged(make_gate, make_extras):
     for a, b in zip(current_state(model), start):
         np.testing.assert_array_equal(a, b)
 
+
+
+def test_best_strategy_takes_the_best_swap_over_every_permutation_row():
+    """With per-task permutations the first move is the global best swap, not the first row's best."""
+    from routing_search.gates import TopK
+    from routing_search.layers import MLP, MultiGateMoE, make_experts
+    from routing_search.search import RoutingObjective
+
+    torch.manual_seed(5)
+    n = 6
+    model = MultiGateMoE(
+        make_experts(n, 4, [6], 2).double(),
+        [TopK(num_experts=n, k=2, input_dim=4).double() for _ in range(3)],
+        [MLP(2, [3], 1).double() for _ in range(3)],
+    )
+    x, y = torch.randn(80, 4, dtype=torch.float64), torch.randn(80, 3, dtype=torch.float64)
+
+    def loss(preds, t):
+        return sum(((p.squeeze(-1) - t[:, i]) ** 2) for i, p in enumerate(preds))
+
+    obj = RoutingObjective(model, (x, y), loss)
+    a_idx, c_idx = np.triu_indices(n, k=1)
+    best = min(
+        (float(obj.swap_values(p, 0)[a, c]), p, int(a), int(c)) for p in range(3) for a, c in zip(a_idx, c_idx)
+    )
+    result = local_search(model, (x, y), loss, "swap", max_iter=1, apply=False)
+    (move,) = result.moves
+    assert move.slot == best[1]
+    assert sorted(i for i in range(n) if move.before[i] != move.after[i]) == [best[2], best[3]]
+    assert move.fun_after == pytest.approx(best[0], abs=1e-12)
