@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -216,3 +217,28 @@ def test_fit_and_resume_on_cuda(task, tmp_path):
     assert all(p.device.type == "cuda" for p in resumed.model.parameters())
     for (key, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=key)
+
+
+def test_search_uses_a_fixed_seeded_subset_of_the_held_out_rows(task):
+    from routing_search.search import local_search
+    from routing_search.training.fit import _search_subset
+
+    train, val = task
+    (x_sub, y_sub) = _search_subset(val, 50, seed=4)
+    assert x_sub.shape[0] == 50 and y_sub.shape[0] == 50
+    again = _search_subset(val, 50, seed=4)
+    assert torch.equal(again[0], x_sub) and torch.equal(again[1], y_sub)
+    rows = [int(torch.nonzero((val[0] == r).all(dim=1))[0]) for r in x_sub]
+    assert rows == sorted(rows) and len(set(rows)) == 50  # distinct rows of val, in their original order
+    assert torch.equal(_search_subset(val, None, seed=4)[0], val[0])
+    assert torch.equal(_search_subset(val, 10_000, seed=4)[0], val[0])
+
+    # The search inside fit scores exactly that subset: its recorded start loss is the subset's loss.
+    model = build()
+    result = fit(model, train, mse_loss, val_data=val, epochs=1, batch_size=32, search={"rows": 50}, seed=4, progress=False)
+    (record,) = result.history.searches
+    probe = copy.deepcopy(result.model)
+    probe.permutation.set(record["moves"][0]["before"] if record["moves"] else probe.permutation.get()[0])
+    assert local_search(probe, (x_sub, y_sub), mse_loss, "swap", max_iter=0).fun0 == pytest.approx(record["fun0"], rel=1e-6)
+    with pytest.raises(ValueError, match="search rows"):
+        fit(build(), train, mse_loss, val_data=val, epochs=1, search={"rows": 0}, progress=False)
