@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_int, check_num_experts_k, check_positive_float
+from .._validation import check_choice, check_num_experts_k, check_positive_float
 from ..exact.encoding import hard_gate, hard_selector, num_bits, selector
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .smooth_step import smooth_step, smooth_step_init_
@@ -71,8 +71,6 @@ class DSelectK(BaseGate):
         validate: bool = True,
     ) -> None:
         n, k = check_num_experts_k(num_experts, k)
-        if input_dim is not None:
-            input_dim = check_int("input_dim", input_dim, minimum=1)
         super().__init__(n, input_dim, validate=validate)
         self.num_selectors = k
         self.gamma = check_positive_float("gamma", gamma)

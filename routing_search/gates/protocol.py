@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .._validation import check_input, check_positive_float
+from .._validation import check_input, check_int, check_positive_float
 
 __all__ = [
     "GateOutput",
@@ -112,8 +112,8 @@ class BaseGate(nn.Module):
 
     def __init__(self, num_experts: int, input_dim: int | None, *, validate: bool = True) -> None:
         super().__init__()
-        self.num_experts = num_experts
-        self.input_dim = input_dim
+        self.num_experts = check_int("num_experts", num_experts, minimum=2)
+        self.input_dim = None if input_dim is None else check_int("input_dim", input_dim, minimum=1)
         self.validate = bool(validate)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import check_int, check_num_experts_k, check_positive_float
+from .._validation import check_num_experts_k, check_positive_float
 from .protocol import BaseGate, GateOutput
 from .router import make_router, router_logits
 
@@ -39,8 +39,6 @@ class Softmax(BaseGate):
         validate: bool = True,
     ) -> None:
         n, _ = check_num_experts_k(num_experts)
-        if input_dim is not None:
-            input_dim = check_int("input_dim", input_dim, minimum=1)
         super().__init__(n, input_dim, validate=validate)
         self.temperature = check_positive_float("temperature", temperature)
         self.logits, self.router = make_router(input_dim, torch.zeros(n))

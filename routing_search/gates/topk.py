@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_int, check_num_experts_k, check_positive_float
+from .._validation import check_num_experts_k, check_positive_float
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
 from .router import make_router, router_logits
 
@@ -72,8 +72,6 @@ class TopK(BaseGate):
     ) -> None:
         n, k_checked = check_num_experts_k(num_experts, k)
         assert k_checked is not None
-        if input_dim is not None:
-            input_dim = check_int("input_dim", input_dim, minimum=1)
         super().__init__(n, input_dim, validate=validate)
         self.k = k_checked
         self.noisy = bool(noisy)
