@@ -20,7 +20,8 @@ import torch
 from routing_search import MultiGateMoE, TopK, fit, local_search, make_experts
 from routing_search.cli.output import new_run_dir
 from routing_search.data import make_synthetic_moe
-from routing_search.exact import landscape, permutation_objective
+from routing_search.analysis import permutation_objective
+from routing_search.exact import landscape
 from routing_search.training import multitask_loss
 
 

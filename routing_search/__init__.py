@@ -5,7 +5,7 @@ protocol; MoE layers with an explicit gate→expert permutation; discrete local 
 permutation alternated with first-order training; exact binary-encoding reformulations and solvers.
 """
 
-from . import data, exact, gates, layers, metrics, search, training
+from . import analysis, data, exact, gates, layers, metrics, search, training
 from .gates import COMET, DSelectK, GateOutput, GumbelSoftmax, Hash, Softmax, TaskAware, TopK
 from .layers import MLP, MoE, MoEOutput, MultiGateMoE, MultiGateOutput, Permutation, SharedBottom, make_experts
 from .search import SinkhornPermutation, local_search
@@ -19,6 +19,7 @@ __all__ = [
     "search",
     "data",
     "exact",
+    "analysis",
     "metrics",
     "training",
     "GateOutput",

@@ -21,6 +21,8 @@ __all__ = [
     "check_finite",
     "check_no_unknown_options",
     "as_finite_array",
+    "check_rng",
+    "resolve_method",
 ]
 
 
@@ -132,3 +134,41 @@ def as_finite_array(name: str, value: Any, *, ndim: tuple[int, ...] | None = Non
         n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{name} contains {n_bad} NaN/inf value(s); pass finite values")
     return arr
+
+
+def check_rng(rng: Any, *, name: str = "rng") -> np.random.Generator:
+    """The package's one way to turn ``rng`` into a ``numpy.random.Generator``.
+
+    Accepts ``None`` (fresh entropy), a non-negative integer seed, or a ``numpy.random.Generator``
+    (used as it is, so the caller's stream advances).
+    """
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, bool) or not isinstance(rng, (int, np.integer)):
+        raise TypeError(
+            f"{name} must be None, a non-negative integer seed or a numpy.random.Generator, "
+            f"got {rng!r} ({type(rng).__name__})"
+        )
+    if rng < 0:
+        raise ValueError(f"{name} must be a non-negative integer seed, got {rng}")
+    return np.random.default_rng(int(rng))
+
+
+def resolve_method(
+    value: Any,
+    methods: Iterable[str],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    name: str = "method",
+) -> str:
+    """Check a method name against ``methods``; a deprecated alias maps to its new name with a warning."""
+    import warnings
+
+    methods = tuple(methods)
+    if aliases and isinstance(value, str) and value in aliases:
+        new = aliases[value]
+        warnings.warn(f"{name}={value!r} is deprecated; use {name}={new!r}", DeprecationWarning, stacklevel=3)
+        return new
+    return check_choice(name, value, methods)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .._validation import check_choice, check_num_experts_k, check_positive_float
-from ..exact.encoding import hard_gate, hard_selector, num_bits, selector
+from .binary_encoding import hard_gate, hard_selector, num_bits, selector
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .smooth_step import smooth_step, smooth_step_init_
 

@@ -17,7 +17,8 @@ from .._validation import check_choice, check_int, check_no_unknown_options, che
 from ..layers.permutation import check_permutation
 from .codes import code_sites, moved_gate_output, selector_slot, set_selector_slot
 from .moves import MOVES, MoveOperator, perturb, swap_moves
-from .objective import Candidate, LossFn, RoutingObjective, eval_mode
+from ..batches import eval_mode
+from .objective import Candidate, LossFn, RoutingObjective
 
 __all__ = ["local_search", "Move", "METHODS"]
 
@@ -368,7 +369,7 @@ def _code_descent(search: _Search) -> None:
     if not code_sites(gates):
         raise ValueError(
             "method='codes' needs a static DSelectK or COMET gate whose codes are binary; "
-            "harden the gate first (routing_search.exact.harden) or use a permutation method"
+            "harden the gate first (routing_search.analysis.harden) or use a permutation method"
         )
     while True:
         search._check_budget()

@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from .._validation import check_int
+from ..batches import as_batch, call_model, eval_mode, take_rows, unwrap_prediction
 from ..gates.protocol import GateOutput
 from ..layers.moe import MoE, MoEOutput
 from ..layers.multigate import MultiGateMoE, MultiGateOutput
 from ..layers.permutation import Permutation, apply_permutation
 from .swap_scan import SwapScan
 
-__all__ = ["RoutingObjective", "Candidate", "LossFn", "find_routing_layer", "unwrap_prediction", "as_batch", "take_rows", "eval_mode"]
+__all__ = ["RoutingObjective", "Candidate", "LossFn", "find_routing_layer"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -42,15 +43,6 @@ class Candidate:
     selector: int
     row: tuple[int, ...]
     kind: str = "move"
-
-
-def unwrap_prediction(out: Any) -> Any:
-    """What the loss sees: ``.output`` of an MoE, ``.outputs`` of a multi-gate MoE, else the value itself."""
-    if isinstance(out, MoEOutput):
-        return out.output
-    if isinstance(out, MultiGateOutput):
-        return out.outputs
-    return out
 
 
 def _is_routing_layer(module: nn.Module) -> bool:
@@ -81,65 +73,6 @@ def find_routing_layer(model: nn.Module, layer: nn.Module | str | None = None) -
     if len(found) > 1:
         raise ValueError(f"model contains several MoE layers {[n for n, _ in found]}; choose one with layer=")
     return found[0][1], True
-
-
-def as_batch(data: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` from a pair or an iterable of pairs (concatenated)."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
-        return data[0], data[1]
-    if isinstance(data, Mapping):
-        raise TypeError("data must be (inputs, targets) or an iterable of such pairs, got a mapping")
-    try:
-        batches = list(data)
-    except TypeError:
-        raise TypeError(f"data must be (inputs, targets) or an iterable of such pairs, got {type(data).__name__}") from None
-    if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
-        raise TypeError("data must be (inputs, targets) or a non-empty iterable of (inputs, targets) pairs")
-    return _concat([b[0] for b in batches]), _concat([b[1] for b in batches])
-
-
-def _concat(items: Sequence[Any]) -> Any:
-    first = items[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(items), dim=0)
-    if isinstance(first, Mapping):
-        return {key: _concat([it[key] for it in items]) if first[key] is not None and not isinstance(first[key], int) else first[key] for key in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([it[i] for it in items]) for i in range(len(first)))
-    raise TypeError(f"cannot concatenate batches of type {type(first).__name__}")
-
-
-def take_rows(obj: Any, rows: torch.Tensor) -> Any:
-    """Select rows of a tensor, or of every tensor in a list/tuple/dict (other values pass through)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.index_select(0, rows.to(obj.device)) if obj.dim() > 0 else obj
-    if isinstance(obj, Mapping):
-        return {key: take_rows(value, rows) for key, value in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(take_rows(v, rows) for v in obj)
-    return obj
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
-    """Put every submodule in eval mode (dropout off, no noisy gating) and restore each one's mode after.
-
-    ``modules`` may pass ``list(model.modules())`` computed once, for callers on a hot path.
-    """
-    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
-    if not any(mode for _, mode in modes):
-        yield  # already in eval mode: nothing to toggle (this runs once per candidate chunk)
-        return
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _selector_contributions(gate_output: GateOutput, num_rows: int) -> torch.Tensor:
@@ -203,7 +136,7 @@ class RoutingObjective:
 
                 handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
                 try:
-                    _call(self.model, self.inputs)
+                    call_model(self.model, self.inputs)
                 finally:
                     handle.remove()
                 if "args" not in captured:
@@ -299,7 +232,7 @@ class RoutingObjective:
             replaced = MoEOutput(shaped[0], loss0, weights[0], self.gate_outs[0])
         layer.forward = lambda *args, **kwargs: replaced  # instance attribute shadows the method
         try:
-            value = self.loss_fn(unwrap_prediction(_call(self.model, self.inputs)), self.targets)
+            value = self.loss_fn(unwrap_prediction(call_model(self.model, self.inputs)), self.targets)
         finally:
             del layer.forward
         return self._split_loss(value, self.batch)[1]

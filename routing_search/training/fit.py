@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .._validation import check_int, check_positive_float
 from ..layers.moe import MoE
 from ..layers.multigate import MultiGateMoE
-from ..search.objective import as_batch, take_rows, unwrap_prediction
+from ..batches import as_batch, call_model, num_rows, take_rows, tensors_of, to_device, unwrap_prediction
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, to_plain
 from .searcher import LocalSearcher
 
@@ -131,8 +131,8 @@ def _check_pair(name: str, data: Any) -> tuple[Any, Any]:
     inputs, targets = data
     if not isinstance(inputs, (torch.Tensor, Mapping)):
         raise TypeError(f"{name}: inputs must be a tensor or a dict of tensors (e.g. {{'x', 'task', 'key'}}), got {type(inputs).__name__}")
-    rows = {t.shape[0] for t in _tensors(inputs) if t.dim() > 0} | {t.shape[0] for t in _tensors(targets) if t.dim() > 0}
-    if not _tensors(targets):
+    rows = {t.shape[0] for t in tensors_of(inputs) if t.dim() > 0} | {t.shape[0] for t in tensors_of(targets) if t.dim() > 0}
+    if not tensors_of(targets):
         raise TypeError(f"{name}: targets must be a tensor or a list/dict of tensors, got {type(targets).__name__}")
     if len(rows) != 1:
         raise ValueError(f"{name}: inputs and targets must have the same number of rows, got {sorted(rows)}")
@@ -141,51 +141,12 @@ def _check_pair(name: str, data: Any) -> tuple[Any, Any]:
     return inputs, targets
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
-def _num_rows(data: tuple[Any, Any]) -> int:
-    return next(t.shape[0] for t in _tensors(data[0]) + _tensors(data[1]) if t.dim() > 0)
-
-
-def _rows(obj: Any, index: torch.Tensor) -> Any:
-    """Rows ``index`` of every tensor with a batch dimension (other values pass through)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.index_select(0, index.to(obj.device)) if obj.dim() > 0 else obj
-    if isinstance(obj, Mapping):
-        return {k: _rows(v, index) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_rows(v, index) for v in obj)
-    return obj
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
 def _batches(data: tuple[Any, Any], batch_size: int, device: torch.device, order: torch.Tensor | None = None) -> Iterable[tuple[Any, Any, int]]:
-    n = _num_rows(data)
+    n = num_rows(data)
     order = torch.arange(n) if order is None else order
     for start in range(0, n, batch_size):
         index = order[start : start + batch_size]
-        yield _to_device(_rows(data[0], index), device), _to_device(_rows(data[1], index), device), int(index.numel())
+        yield to_device(take_rows(data[0], index), device), to_device(take_rows(data[1], index), device), int(index.numel())
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -310,7 +271,7 @@ def _evaluate(model: nn.Module, data: tuple[Any, Any], loss: LossFn, batch_size:
     total, rows = 0.0, 0
     try:
         for inputs, targets, count in _batches(data, batch_size, device):
-            value = loss(unwrap_prediction(_call(model, inputs)), targets)
+            value = loss(unwrap_prediction(call_model(model, inputs)), targets)
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"loss must return a tensor (per-example [B] or a scalar), got {type(value).__name__}")
             value = value.detach().to(torch.float64)
@@ -462,7 +423,7 @@ def fit(
         search_data = val_data if search_data is None else search_data
         if search_data is None:
             raise ValueError("search needs held-out data: pass search_data= or val_data=")
-        search_data = _to_device(_search_subset(search_data, search_rows, seed), device)
+        search_data = to_device(_search_subset(search_data, search_rows, seed), device)
     shuffle = torch.Generator().manual_seed(seed)
     generators = _module_generators(model)
 
@@ -497,7 +458,7 @@ def fit(
                 f"{str(path)!r} already exists; pass resume=True to continue that run or overwrite=True to replace it"
             )
 
-    n_rows = _num_rows(train_data)
+    n_rows = num_rows(train_data)
     steps_per_epoch = math.ceil(n_rows / batch_size)
     planned = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
     bar = tqdm(total=planned, initial=min(step, planned), disable=not progress, desc="fit", unit="step")
@@ -521,7 +482,7 @@ def fit(
                     break
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                value = _objective(loss, _call(model, inputs), targets, gate_loss_weight)
+                value = _objective(loss, call_model(model, inputs), targets, gate_loss_weight)
                 value.backward()
                 optimizer.step()
                 step += 1

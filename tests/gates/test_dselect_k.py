@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from routing_search.exact import num_bits, selector
+from routing_search.gates.binary_encoding import num_bits, selector
 from routing_search.gates.dselect_k import DSelectK
 from routing_search.gates.protocol import GateOutput
 from routing_search.gates.smooth_step import smooth_step

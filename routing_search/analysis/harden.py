@@ -24,16 +24,16 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..gates.comet import COMET
+from ..gates.dselect_k import DSelectK
 from ..gates.protocol import GateOutput
-
-if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time (gates import this package)
-    from ..gates.comet import COMET
-    from ..gates.dselect_k import DSelectK
+from ..gates.task_aware import TaskAware
+from ..layers.moe import MoE
+from ..layers.multigate import MultiGateMoE
 
 __all__ = ["HardenCertificate", "HardGate", "certify", "harden", "snap_codes_"]
 
@@ -44,22 +44,12 @@ _HARDEN_ACCEPTS = (
 )
 
 
-# --------------------------------------------------------------------------- lazy type look-ups
-# ``routing_search.gates.dselect_k`` imports ``routing_search.exact`` (the encoding helpers), so the
-# gate and layer classes are looked up when first needed rather than at import time.
-def _selector_gate_types() -> tuple[type, type]:
-    from ..gates.comet import COMET
-    from ..gates.dselect_k import DSelectK
-
-    return DSelectK, COMET
-
-
 def _is_dselect(obj: object) -> bool:
-    return isinstance(obj, _selector_gate_types()[0])
+    return isinstance(obj, DSelectK)
 
 
 def _is_selector_gate(obj: object) -> bool:
-    return isinstance(obj, _selector_gate_types())
+    return isinstance(obj, (DSelectK, COMET))
 
 
 # --------------------------------------------------------------------------- certificate
@@ -375,9 +365,6 @@ def _find(
     replace: Callable[[nn.Module], None],
 ) -> list[_Site] | None:
     """Hardenable gates inside ``module``; ``None`` when ``module`` is of no supported kind."""
-    from ..gates.task_aware import TaskAware
-    from ..layers.moe import MoE
-    from ..layers.multigate import MultiGateMoE
 
     if isinstance(module, HardGate) or _is_selector_gate(module):
         return [_Site(module, x, name, replace)]

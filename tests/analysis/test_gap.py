@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from routing_search.exact import solve_subset, subset_objective
-from routing_search.exact.gap import frozen_arrays, optimality_gap
+from routing_search.analysis.gap import frozen_arrays, optimality_gap
 from routing_search.gates import DSelectK, Softmax, TopK
 from routing_search.layers import MoE, MultiGateMoE, make_experts
 from routing_search.search.codes import set_selector_slot
@@ -337,7 +337,8 @@ def test_frozen_arrays_multigate_task():
 
 def test_permutation_objective_feeds_the_landscape() -> None:
     """The landscape of a real model: its global optimum is the exhaustive search's optimum."""
-    from routing_search.exact import landscape, permutation_objective
+    from routing_search.analysis import permutation_objective
+    from routing_search.exact import landscape
     from routing_search.search import local_search
 
     torch.manual_seed(3)
@@ -358,7 +359,7 @@ def test_permutation_objective_feeds_the_landscape() -> None:
 
 
 def test_permutation_objective_needs_one_row() -> None:
-    from routing_search.exact import permutation_objective
+    from routing_search.analysis import permutation_objective
     from routing_search.gates import DSelectK
 
     moe = MoE(make_experts(4, 3, [4], 1), DSelectK(num_experts=4, k=2))

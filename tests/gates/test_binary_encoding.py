@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routing_search.exact import code_matrix, hard_gate, hard_selector, num_bits, reachable_mass, selector
+from routing_search.gates.binary_encoding import code_matrix, hard_gate, hard_selector, num_bits, reachable_mass, selector
 
 
 def bits_of(code: int, m: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from routing_search.exact import HardenCertificate, HardGate, certify, harden, snap_codes_
+from routing_search.analysis import HardenCertificate, HardGate, certify, harden, snap_codes_
 from routing_search.gates import COMET, DSelectK, Softmax, TaskAware
 from routing_search.layers import MLP, MoE, MultiGateMoE
 from routing_search.layers.dispatch import choose_dispatch

@@ -12,7 +12,11 @@ from scipy.optimize import OptimizeResult
 from torch import nn
 
 from .._validation import check_choice, check_int, check_no_unknown_options
-from .subset import solve_subset, subset_objective
+from ..exact.subset import solve_subset, subset_objective
+from ..layers.multigate import MultiGateMoE
+from ..layers.permutation import apply_permutation
+from ..search.local_search import local_search
+from ..search.objective import RoutingObjective
 
 __all__ = ["optimality_gap", "frozen_arrays", "permutation_objective"]
 
@@ -24,8 +28,6 @@ def frozen_arrays(model: nn.Module, data: Any, *, layer: nn.Module | str | None 
     expert-space weights (after it) and ``F`` ``[B, n, u]`` the frozen experts' outputs. Feed them to
     :func:`~routing_search.exact.solve_permutation` / :func:`~routing_search.exact.solve_subset`.
     """
-    from ..layers.permutation import apply_permutation
-    from ..search.objective import RoutingObjective
 
     objective = RoutingObjective(model, data, lambda p, t: torch.zeros(()), layer=layer)
     _check_task(task, len(objective.gate_outs))
@@ -44,7 +46,6 @@ def permutation_objective(
     permutation (``perm[i]`` = expert of gate slot ``i``) and returns the exact loss without re-running
     the experts; pass it to :func:`~routing_search.exact.landscape`. The model itself is not changed.
     """
-    from ..search.objective import RoutingObjective
 
     objective = RoutingObjective(model, data, loss, layer=layer)
     rows = [s.shape[0] for s in objective.state]
@@ -102,8 +103,6 @@ def optimality_gap(
 
 
 def _permutation_gap(model: nn.Module, data: Any, loss: Any, method: str, rng: Any, options: dict) -> OptimizeResult:
-    from ..search.local_search import local_search
-    from ..search.objective import RoutingObjective
 
     method = check_choice("method", method, ("auto", "exhaustive", "ils"))
     max_states = check_int("max_states", options.get("max_states", 50_000), minimum=1)
@@ -137,9 +136,6 @@ def _permutation_gap(model: nn.Module, data: Any, loss: Any, method: str, rng: A
 
 
 def _subset_gap(model: nn.Module, data: Any, loss: Any, method: str, options: dict) -> OptimizeResult:
-    from ..layers.multigate import MultiGateMoE
-    from ..layers.permutation import apply_permutation
-    from ..search.objective import RoutingObjective
 
     loss = check_choice("loss", loss, ("squared", "logistic"))
     method = check_choice("method", method, ("auto", "enumerate", "branch_and_bound"))

@@ -1,0 +1,17 @@
+"""Model-level analysis: hardening selector gates to their exact binary form (with a certificate),
+optimality gaps of a trained model against the exact solvers, and the permutation objective of a
+model with its experts frozen (for landscapes)."""
+
+from .gap import frozen_arrays, optimality_gap, permutation_objective
+from .harden import HardenCertificate, HardGate, certify, harden, snap_codes_
+
+__all__ = [
+    "HardenCertificate",
+    "HardGate",
+    "certify",
+    "harden",
+    "snap_codes_",
+    "optimality_gap",
+    "frozen_arrays",
+    "permutation_objective",
+]
