@@ -23,6 +23,7 @@ __all__ = [
     "as_finite_array",
     "check_rng",
     "resolve_method",
+    "check_permutation",
 ]
 
 
@@ -172,3 +173,17 @@ def resolve_method(
         warnings.warn(f"{name}={value!r} is deprecated; use {name}={new!r}", DeprecationWarning, stacklevel=3)
         return new
     return check_choice(name, value, methods)
+
+
+def check_permutation(perm: Any, n: int, *, name: str = "permutation") -> np.ndarray:
+    """Return ``perm`` as an int64 numpy array after checking it is a permutation of ``range(n)``."""
+    arr = perm.detach().cpu().numpy() if isinstance(perm, torch.Tensor) else np.asarray(perm)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must be a 1-D permutation of range({n}), got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"{name} must hold integers 0..{n - 1}, got {arr.tolist()}")
+        arr = arr.astype(np.int64)
+    if not np.array_equal(np.sort(arr), np.arange(n)):
+        raise ValueError(f"{name} must be a permutation of range({n}) (each index once), got {arr.tolist()}")
+    return arr.astype(np.int64)

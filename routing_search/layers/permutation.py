@@ -13,24 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import check_int
+from .._validation import check_int, check_permutation
 from ..gates.protocol import GateOutput
 
 __all__ = ["Permutation", "check_permutation", "invert_permutation"]
-
-
-def check_permutation(perm: Sequence[int] | np.ndarray | torch.Tensor, n: int, *, name: str = "permutation") -> np.ndarray:
-    """Return ``perm`` as an int64 numpy array after checking it is a permutation of ``range(n)``."""
-    arr = perm.detach().cpu().numpy() if isinstance(perm, torch.Tensor) else np.asarray(perm)
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"{name} must be a 1-D permutation of range({n}), got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise ValueError(f"{name} must hold integers 0..{n - 1}, got {arr.tolist()}")
-        arr = arr.astype(np.int64)
-    if not np.array_equal(np.sort(arr), np.arange(n)):
-        raise ValueError(f"{name} must be a permutation of range({n}) (each index once), got {arr.tolist()}")
-    return arr.astype(np.int64)
 
 
 def invert_permutation(perm: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Training: the alternating trainer :func:`fit`, a searcher for your own loop, losses and checkpoints."""
 
-from . import losses
+from .. import losses
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .fit import FitResult, History, fit
-from .losses import bce_with_logits_loss, cross_entropy_loss, mse_loss, multitask_loss
+from ..losses import bce_with_logits_loss, cross_entropy_loss, mse_loss, multitask_loss
 from .searcher import LocalSearcher
 
 __all__ = [

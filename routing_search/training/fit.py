@@ -364,7 +364,7 @@ def fit(
             private ``torch.Generator`` seeded by ``seed``; batches are moved to ``device``.
         loss: ``loss(prediction, targets)`` → per-example ``[B]`` (needed for fast search) or a scalar;
             the prediction is ``MoE.output`` / ``MultiGateMoE.outputs`` / whatever the model returns.
-            See :mod:`routing_search.training.losses`.
+            See :mod:`routing_search.losses`.
         val_data: held-out ``(inputs, targets)`` for the validation loss, usage and early stopping.
         search_data: held-out data for the search (default ``val_data``): a pair or a list of pairs.
         epochs: total number of epochs (a resumed run continues up to this count).

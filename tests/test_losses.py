@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from routing_search.training.losses import bce_with_logits_loss, cross_entropy_loss, mse_loss, multitask_loss
+from routing_search.losses import bce_with_logits_loss, cross_entropy_loss, mse_loss, multitask_loss
 
 
 @pytest.fixture
