@@ -1,0 +1,83 @@
+"""Process-group helpers: the few collectives the search and the trainer need, and nothing else.
+
+Every function takes ``group``, the value a user passes as ``process_group=``:
+
+- ``None`` (the default): the world group when ``torch.distributed`` is initialised, else single-process;
+- ``False``: single-process even inside an initialised job (each rank on its own, at the caller's risk);
+- a ``ProcessGroup``: that group.
+
+:func:`resolve_group` turns it into a ``ProcessGroup`` or ``None`` (single process); the collectives are
+no-ops for ``None`` so that callers need no branches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "resolve_group",
+    "world_size",
+    "rank",
+    "is_main_process",
+    "all_reduce_sum",
+    "broadcast_object",
+    "all_gather_objects",
+]
+
+
+def resolve_group(group: Any = None) -> Any:
+    """The process group to use (``None`` when running as a single process); see the module docstring."""
+    if group is False:
+        return None
+    if group is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.group.WORLD
+        return None
+    if group is True:
+        raise TypeError("process_group must be None (world group when initialised), False or a ProcessGroup, got True")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group was given but torch.distributed is not initialised (call init_process_group first)")
+    return group
+
+
+def world_size(group: Any) -> int:
+    """Number of processes in ``group`` (1 for ``None``)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def rank(group: Any) -> int:
+    """This process's rank in ``group`` (0 for ``None``)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def is_main_process(group: Any) -> bool:
+    """True on rank 0 of ``group`` (always for ``None``)."""
+    return rank(group) == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks of ``group`` in place and return it (unchanged for ``None``)."""
+    if group is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def broadcast_object(obj: Any, group: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank of ``group`` (``obj`` itself for ``None``)."""
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not dist.group.WORLD else src, group=group)
+    return box[0]
+
+
+def all_gather_objects(obj: Any, group: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for ``None``)."""
+    if group is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
