@@ -6,6 +6,18 @@ A gate is a ``torch.nn.Module`` with an integer attribute ``num_experts`` whose 
 
 Gates built from ``k`` selectors or trees (DSelect-k, COMET) also set ``num_selectors = k`` and fill
 ``selector_weights`` / ``selector_mix`` so that a permutation can act on each selector separately.
+
+Optional attributes a gate may set (read through the helpers here, which supply the defaults):
+
+``num_selectors`` (int, default 1)
+    See above; read with :func:`num_selectors_of`.
+``zeros_carry_gradient`` (bool, default False)
+    True when an exact zero in ``weights`` can still carry gradient to the gate's parameters (e.g. a
+    straight-through estimator such as ``GumbelSoftmax(hard=True)``). Sparse dispatch never runs an
+    expert on a row whose weight is exactly zero, so it would drop that gradient: layers with
+    ``dispatch='auto'`` use dense dispatch for such gates while gradients are recorded. Read with
+    :func:`zeros_carry_gradient`; a gate may make it a property (e.g. depending on ``hard``). A gate
+    that wraps other gates carries gradient through zeros when any gate inside it does.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ __all__ = [
     "check_gate",
     "check_weight_schedule",
     "num_selectors_of",
+    "zeros_carry_gradient",
     "entropy",
 ]
 
@@ -75,6 +88,18 @@ def num_selectors_of(gate: nn.Module) -> int:
     return int(getattr(gate, "num_selectors", 1))
 
 
+def zeros_carry_gradient(gate: nn.Module) -> bool:
+    """True when ``gate`` (or a gate inside it) declares ``zeros_carry_gradient = True``.
+
+    Such a gate's exact zeros still carry gradient, so sparse dispatch would drop part of its gradient.
+
+    >>> from torch import nn
+    >>> zeros_carry_gradient(nn.Linear(2, 2))
+    False
+    """
+    return any(bool(getattr(m, "zeros_carry_gradient", False)) for m in gate.modules())
+
+
 def check_gate(gate: Any, *, name: str = "gate") -> nn.Module:
     """Check that ``gate`` follows the protocol well enough to be used by layers and searches."""
     if not isinstance(gate, nn.Module):
@@ -109,6 +134,8 @@ class BaseGate(nn.Module):
 
     num_experts: int
     num_selectors: int = 1
+    #: See the module docstring; subclasses with straight-through zeros set it (or a property) to True.
+    zeros_carry_gradient: bool = False
 
     def __init__(self, num_experts: int, input_dim: int | None, *, validate: bool = True) -> None:
         super().__init__()
