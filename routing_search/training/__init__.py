@@ -5,12 +5,16 @@ from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save
 from .fit import FitResult, History, fit
 from ..losses import bce_with_logits_loss, cross_entropy_loss, mse_loss, multitask_loss
 from .searcher import LocalSearcher
+from . import task_metrics
+from .task_metrics import TaskMetric
 
 __all__ = [
     "fit",
     "FitResult",
     "History",
     "LocalSearcher",
+    "task_metrics",
+    "TaskMetric",
     "save_checkpoint",
     "load_checkpoint",
     "check_compatible",
