@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from routing_search.analysis.harden import harden
+from routing_search.analysis import harden
 from routing_search.gates import COMET, DSelectK, GumbelSoftmax, Hash, Softmax, TaskAware, TopK
 from routing_search.layers import MoE, make_experts
 

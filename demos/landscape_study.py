@@ -22,7 +22,7 @@ from routing_search.cli.output import new_run_dir
 from routing_search.data import make_synthetic_moe
 from routing_search.analysis import permutation_objective
 from routing_search.exact import landscape
-from routing_search.training import multitask_loss
+from routing_search.losses import multitask_loss
 
 
 def main() -> None:

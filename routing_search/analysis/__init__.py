@@ -3,7 +3,7 @@ optimality gaps of a trained model against the exact solvers, and the permutatio
 model with its experts frozen (for landscapes)."""
 
 from .gap import frozen_arrays, optimality_gap, permutation_objective
-from .harden import HardenCertificate, HardGate, certify, harden, snap_codes_
+from .hardening import HardenCertificate, HardGate, certify, harden, snap_codes_
 
 __all__ = [
     "HardenCertificate",

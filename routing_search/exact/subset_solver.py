@@ -6,11 +6,13 @@ With the experts frozen, their outputs ``F`` ([B, n, u]) on a data set and targe
 
 By Prop. 1 of the paper this is the problem a static DSelect-k gate with binary codes solves.
 
-Losses (one convention throughout the ``exact`` package):
+Losses: a NAME, one convention throughout the ``exact`` package (:mod:`routing_search.exact.arrays`):
 
-* ``"squared"``: ℓ(ŷ, y) = ½‖ŷ − y‖², averaged over the B examples.
+* ``"squared"``: ℓ(ŷ, y) = (1/u)‖ŷ − y‖² (mean over the u output units), averaged over the B
+  examples — exactly what :func:`routing_search.losses.mse_loss` gives;
 * ``"logistic"``: u = 1, y ∈ {0, 1}, the mixture is a logit: ℓ(ŷ, y) = log(1 + e^ŷ) − y·ŷ
-  (binary cross-entropy with logits), averaged over the B examples.
+  (binary cross-entropy with logits, :func:`routing_search.losses.bce_with_logits_loss`), averaged
+  over the B examples.
 
 Both are convex in ``w``, so for a fixed support the problem is convex over a face of the simplex.
 
@@ -33,72 +35,27 @@ import numpy as np
 from scipy.optimize import OptimizeResult, minimize
 from scipy.special import expit
 
-from .._validation import as_finite_array, check_choice, check_int, check_no_unknown_options, check_positive_float
+from .._validation import (
+    as_finite_array,
+    check_int,
+    check_no_unknown_options,
+    check_positive_float,
+    check_rng,
+    resolve_method,
+)
+from ..result import STATUS_BUDGET, STATUS_CONVERGED, make_result
+from .arrays import LOSSES, check_loss_name, mixture_loss, prepare_outputs_targets
 
-__all__ = ["solve_subset", "subset_objective", "LOSSES", "METHODS"]
+__all__ = ["solve_subset", "subset_objective", "LOSSES", "METHODS", "METHOD_ALIASES"]
 
-LOSSES = ("squared", "logistic")
-METHODS = ("enumerate", "branch_and_bound")
+METHODS = ("exhaustive", "branch_and_bound")
+METHOD_ALIASES = {"enumerate": "exhaustive"}
+"""Deprecated method names and their replacements (a ``DeprecationWarning`` is issued)."""
 
 # Weights below this are set to exactly zero after a numerical solve (weights live in [0, 1]).
 _ZERO_WEIGHT = 1e-10
 # Faces with at most this many experts are solved exactly by enumerating their sub-faces (squared loss).
 _MAX_EXACT_FACE = 10
-
-
-# ---------------------------------------------------------------------------------------------------
-# Input handling (shared with permutation.py)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _as_float_array(name: str, value: Any) -> np.ndarray:
-    """Convert numpy / torch / nested sequences to a finite float64 array, naming ``name`` on failure."""
-    return as_finite_array(name, value)
-
-
-def _prepare_outputs_targets(F: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``F`` as [B, n, u] and ``y`` as [B, u] float64 arrays after checking their shapes."""
-    F = _as_float_array("F", F)
-    y = _as_float_array("y", y)
-    if F.ndim == 2:
-        F = F[:, :, None]
-    elif F.ndim != 3:
-        raise ValueError(f"F must have shape [B, n, u] or [B, n] (expert outputs), got shape {F.shape}")
-    B, n, u = F.shape
-    if B == 0 or n == 0 or u == 0:
-        raise ValueError(f"F must have B >= 1 examples, n >= 1 experts, u >= 1 outputs; got shape {F.shape}")
-    if y.ndim == 1:
-        y = y[:, None]
-    elif y.ndim != 2:
-        raise ValueError(f"y must have shape [B, u] or [B] (targets), got shape {y.shape}")
-    if y.shape != (B, u):
-        raise ValueError(
-            f"y must have shape [B={B}, u={u}] (or [B={B}] when u=1) to match F of shape {F.shape}, "
-            f"got shape {y.shape}"
-        )
-    return F, y
-
-
-def _check_loss_name(loss: Any, F: np.ndarray, y: np.ndarray) -> str:
-    """Check a named loss and its data requirements (logistic: u = 1 and y in {0, 1})."""
-    if not isinstance(loss, str):
-        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}; got {loss!r}")
-    check_choice("loss", loss, LOSSES)
-    if loss == "logistic":
-        if F.shape[2] != 1:
-            raise ValueError(f"loss='logistic' needs a single output (u=1); F has u={F.shape[2]}")
-        if not np.all((y == 0.0) | (y == 1.0)):
-            raise ValueError("loss='logistic' needs binary targets: y must contain only 0 and 1")
-    return loss
-
-
-def _make_rng(rng: Any) -> np.random.Generator:
-    try:
-        return np.random.default_rng(rng)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"rng must be None, an int seed, a SeedSequence or a numpy Generator; got {rng!r} ({exc})"
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,14 +142,18 @@ class _Problem(ABC):
 
 
 class _Squared(_Problem):
-    """½‖Fw − y‖² averaged over examples = ½ wᵀQw − cᵀw + const."""
+    """(1/(B·u)) Σ_b ‖F_b w − y_b‖² (the mean squared error) = ½ wᵀQw − cᵀw + const.
+
+    With s = 2/(B·u): Q = s Σ_b F_bᵀF_b, c = s Σ_b F_bᵀy_b, const = ½ s Σ_b ‖y_b‖².
+    """
 
     def __init__(self, F: np.ndarray, y: np.ndarray, ftol: float, maxiter: int) -> None:
         super().__init__(F.shape[1], ftol, maxiter)
-        B = F.shape[0]
-        self.Q = np.einsum("biu,bju->ij", F, F) / B
-        self.c = np.einsum("biu,bu->i", F, y) / B
-        self.const = 0.5 * float(np.sum(y * y)) / B
+        B, _, u = F.shape
+        scale = 2.0 / (B * u)
+        self.Q = scale * np.einsum("biu,bju->ij", F, F)
+        self.c = scale * np.einsum("biu,bu->i", F, y)
+        self.const = float(np.sum(y * y)) / (B * u)
         self._kkt_cache: dict[tuple[int, ...], tuple[float, np.ndarray] | None] = {}
 
     def value(self, idx: np.ndarray, w: np.ndarray) -> float:
@@ -389,18 +350,28 @@ def _make_problem(loss: str, F: np.ndarray, y: np.ndarray, ftol: float, maxiter:
 def subset_objective(w: Any, F: Any, y: Any, loss: str = "squared") -> float:
     """Evaluate (1/B) Σ_b ℓ(Σ_i w_i F_bi, y_b) for weights ``w`` (length n) directly from the data.
 
-    No constraint on ``w`` is checked beyond its shape; see the module docstring for the losses.
+    Args:
+        w: mixture weights, length n (no constraint is checked beyond the shape).
+        F: expert outputs ``[B, n, u]`` or ``[B, n]``.
+        y: targets ``[B, u]`` or ``[B]``.
+        loss: ``"squared"`` (mean squared error over examples and output units, as
+            :func:`routing_search.losses.mse_loss`) or ``"logistic"`` (u = 1, y ∈ {0, 1}, the mixture
+            is a logit, as :func:`routing_search.losses.bce_with_logits_loss`).
+
+    Example:
+        >>> F = np.array([[1.0, 3.0], [2.0, 0.0]])   # B = 2 examples, n = 2 experts, u = 1
+        >>> y = np.array([2.0, 1.0])
+        >>> subset_objective([0.5, 0.5], F, y)      # predictions 2 and 1: no error
+        0.0
+        >>> subset_objective([1.0, 0.0], F, y)      # ((1-2)^2 + (2-1)^2) / 2
+        1.0
     """
-    F, y = _prepare_outputs_targets(F, y)
-    loss = _check_loss_name(loss, F, y)
-    w = _as_float_array("w", w)
+    F, y = prepare_outputs_targets(F, y)
+    loss = check_loss_name(loss, F, y)
+    w = as_finite_array("w", w)
     if w.shape != (F.shape[1],):
         raise ValueError(f"w must have shape [n={F.shape[1]}], got shape {w.shape}")
-    pred = np.einsum("i,biu->bu", w, F)
-    if loss == "squared":
-        return float(0.5 * np.mean(np.sum((pred - y) ** 2, axis=1)))
-    z, t = pred[:, 0], y[:, 0]
-    return float(np.mean(np.logaddexp(0.0, z) - t * z))
+    return mixture_loss(np.einsum("i,biu->bu", w, F), y, loss)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,11 +379,11 @@ def subset_objective(w: Any, F: Any, y: Any, loss: str = "squared") -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _enumerate(problem: _Problem, n: int, k: int, max_supports: int) -> dict[str, Any]:
+def _exhaustive(problem: _Problem, n: int, k: int, max_supports: int) -> dict[str, Any]:
     total = math.comb(n, k)
     if total > max_supports:
         raise ValueError(
-            f"method='enumerate' would solve C(n={n}, k={k}) = {total} faces, more than "
+            f"method='exhaustive' would solve C(n={n}, k={k}) = {total} faces, more than "
             f"max_supports={max_supports}; raise max_supports=... or use method='branch_and_bound'"
         )
     best: _Solve | None = None
@@ -546,7 +517,7 @@ def _branch_and_bound(problem: _Problem, n: int, k: int, tol: float, max_nodes: 
 # ---------------------------------------------------------------------------------------------------
 
 _OPTIONS: dict[str, dict[str, Any]] = {
-    "enumerate": {"ftol": 1e-12, "maxiter": 500, "max_supports": 1_000_000},
+    "exhaustive": {"ftol": 1e-12, "maxiter": 500, "max_supports": 1_000_000},
     "branch_and_bound": {"ftol": 1e-12, "maxiter": 500, "tol": 1e-9, "max_nodes": 100_000},
 }
 
@@ -557,7 +528,7 @@ def solve_subset(
     k: int,
     *,
     loss: str = "squared",
-    method: str = "enumerate",
+    method: str = "exhaustive",
     rng: Any = None,
     **options: Any,
 ) -> OptimizeResult:
@@ -567,18 +538,20 @@ def solve_subset(
         F: expert outputs, [B, n, u] or [B, n] (u = 1); numpy array or torch tensor.
         y: targets, [B, u] or [B].
         k: maximum number of experts, 1 <= k <= n.
-        loss: ``"squared"`` (½‖ŷ − y‖², mean over examples) or ``"logistic"`` (u = 1, y ∈ {0, 1},
-            BCE with the mixture as logit, mean over examples).
-        method: ``"enumerate"`` — solve the face of every size-k support (a support of size < k is a
-            face of some size-k support, so when k <= n enumerating size exactly k covers ‖w‖₀ ≤ k);
+        loss: a loss NAME: ``"squared"`` (mean over examples and output units of (ŷ − y)², exactly
+            :func:`routing_search.losses.mse_loss`) or ``"logistic"`` (u = 1, y ∈ {0, 1}, binary
+            cross-entropy with the mixture as logit, mean over examples).
+        method: ``"exhaustive"`` — solve the face of every size-k support (a support of size < k is
+            a face of some size-k support, so when k <= n enumerating size exactly k covers ‖w‖₀ ≤ k);
             ``"branch_and_bound"`` — best-first search over nodes (forced-in I, forced-out O) with the
             convex relaxation (no cardinality constraint, experts in O removed) as lower bound: every
             w feasible for the node is feasible for that relaxation, so its certified minimum bounds the
-            node from below. The incumbent starts from greedy forward selection.
-        rng: accepted for API uniformity (anything ``numpy.random.default_rng`` takes); both methods are
-            deterministic.
+            node from below. The incumbent starts from greedy forward selection. ``"enumerate"`` is a
+            deprecated alias of ``"exhaustive"``.
+        rng: accepted for a uniform signature and checked (None, a seed or a ``numpy.random.Generator``)
+            but unused: both methods are deterministic.
         **options: ``ftol`` (SLSQP tolerance, default 1e-12), ``maxiter`` (SLSQP iterations, 500);
-            enumerate: ``max_supports`` (refuse more faces, default 1e6);
+            exhaustive: ``max_supports`` (refuse more faces, default 1e6);
             branch_and_bound: ``tol`` (prune when bound >= incumbent − tol·max(1, |incumbent|), default
             1e-9), ``max_nodes`` (default 1e5).
 
@@ -591,39 +564,47 @@ def solve_subset(
     up to tolerance by convexity. Every solve carries a certified Frank–Wolfe lower bound.
 
     Returns:
-        ``OptimizeResult`` with ``x`` (weights, length n, exact zeros off the support), ``fun``,
-        ``support`` (sorted indices of the nonzeros), ``nit`` and ``nodes_explored`` (faces for
-        enumerate, nodes for branch and bound), ``nfev`` (convex sub-problem solves), ``success``,
-        ``message``, ``bound`` (proven global lower bound) and ``gap`` (= fun − bound >= 0; 0 for
-        enumeration with squared loss, whose faces are solved exactly).
+        ``OptimizeResult`` (built by :func:`routing_search.result.make_result`) with ``x`` (weights,
+        length n, exact zeros off the support), ``fun`` (loss of ``x``, recomputed from the data),
+        ``nit`` (faces for exhaustive, nodes for branch and bound), ``nfev`` (convex sub-problem
+        solves), ``status`` (0: finished — the optimum within ``tol``; 1: stopped at ``max_nodes``),
+        ``success`` (``status == 0``), ``message``, ``support`` (sorted indices of the nonzeros),
+        ``bound`` (proven global lower bound, also after a ``max_nodes`` stop), ``gap``
+        (= fun − bound >= 0; 0 for exhaustive squared loss with k <= 10, whose faces are solved
+        exactly), ``nodes_explored`` (= nit), ``method`` and ``loss``.
 
     Example:
+        Recover a planted 2-sparse mixture; with k = 1 the optimum is the best single expert, which a
+        brute force over the n vertices of the simplex confirms:
+
         >>> rng = np.random.default_rng(0)
         >>> F = rng.normal(size=(50, 6, 2)); y = 0.3 * F[:, 1] + 0.7 * F[:, 4]
         >>> res = solve_subset(F, y, 2)
-        >>> res.support.tolist(), round(res.fun, 12)
-        ([1, 4], 0.0)
+        >>> res.support.tolist(), round(res.fun, 12), res.success, res.status
+        ([1, 4], 0.0, True, 0)
+        >>> one = solve_subset(F, y, 1, method="branch_and_bound")
+        >>> brute = min(subset_objective(np.eye(6)[i], F, y) for i in range(6))
+        >>> bool(np.isclose(one.fun, brute)), one.support.tolist(), one.gap <= 1e-9
+        (True, [4], True)
     """
-    F, y = _prepare_outputs_targets(F, y)
+    F, y = prepare_outputs_targets(F, y)
     n = F.shape[1]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an integer in [1, n={n}], got {k!r}")
     if not 1 <= int(k) <= n:
         raise ValueError(f"k must be in [1, n={n}] (n = number of experts in F), got k={k}")
     k = int(k)
-    loss = _check_loss_name(loss, F, y)
-    if not isinstance(method, str):
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    check_choice("method", method, METHODS)
+    loss = check_loss_name(loss, F, y)
+    method = resolve_method(method, METHODS, aliases=METHOD_ALIASES)
     check_no_unknown_options(f"solve_subset(method={method!r})", options, _OPTIONS[method])
-    _make_rng(rng)
+    check_rng(rng)
     opts = {**_OPTIONS[method], **options}
     ftol = check_positive_float("ftol", opts["ftol"])
     maxiter = check_int("maxiter", opts["maxiter"], minimum=1)
 
     problem = _make_problem(loss, F, y, ftol, maxiter)
-    if method == "enumerate":
-        out = _enumerate(problem, n, k, check_int("max_supports", opts["max_supports"], minimum=1))
+    if method == "exhaustive":
+        out = _exhaustive(problem, n, k, check_int("max_supports", opts["max_supports"], minimum=1))
     else:
         tol = check_positive_float("tol", opts["tol"], allow_zero=True)
         out = _branch_and_bound(problem, n, k, tol, check_int("max_nodes", opts["max_nodes"], minimum=1))
@@ -632,22 +613,21 @@ def solve_subset(
     x = _full(best, n)
     x[x < 0] = 0.0
     fun = subset_objective(x, F, y, loss)  # recomputed from the data (no Gram-matrix cancellation)
-    if method == "enumerate" and loss == "squared":
-        bound = fun
+    if method == "exhaustive" and loss == "squared" and k <= _MAX_EXACT_FACE:
+        bound = fun  # every face solved exactly (see solve_face)
     else:
         bound = min(float(out["bound"]), fun)
-    return OptimizeResult(
+    return make_result(
         x=x,
         fun=fun,
-        support=np.flatnonzero(x),
         nit=int(out["nodes"]),
         nfev=int(problem.nfev),
-        success=bool(out["complete"]),
+        status=STATUS_CONVERGED if out["complete"] else STATUS_BUDGET,
         message=out["message"],
+        support=np.flatnonzero(x),
         bound=bound,
         gap=fun - bound,
         nodes_explored=int(out["nodes"]),
         method=method,
         loss=loss,
     )
-

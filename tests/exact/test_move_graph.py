@@ -1,4 +1,4 @@
-"""Tests for routing_search.exact.landscape: hand-checked counts, independent loops, plot, errors."""
+"""Tests for routing_search.exact.move_graph (landscape): hand-checked counts, independent loops, plot, errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from routing_search.exact.landscape import landscape
-from routing_search.exact.permutation import permutation_loss, solve_permutation
+from routing_search.exact.move_graph import landscape
+from routing_search.exact.permutation_solver import permutation_loss, solve_permutation
 
 
 def _table_objective(nodes, seed: int):
@@ -135,7 +135,7 @@ def test_landscape_of_a_routing_instance() -> None:
     F = rng.normal(size=(20, 5, 2))
     y = rng.normal(size=(20, 2))
     s = landscape(lambda p: permutation_loss(np.array(p), g, F, y), 5)
-    best = solve_permutation(g, F, y, method="brute_force")
+    best = solve_permutation(g, F, y, method="exhaustive")
     assert s.global_loss == pytest.approx(best.fun, rel=1e-12)
     assert 0.0 < s.success_probability <= 1.0
 
@@ -175,3 +175,8 @@ def test_errors_name_the_argument() -> None:
         landscape(3.0, 3)
     with pytest.raises(ValueError, match="exceeds the limit"):
         landscape(lambda p: 0.0, 40, space="subsets", k=20)
+    # rng is normalised by the package's one helper (check_rng), with its message
+    with pytest.raises(TypeError, match="rng must be None, a non-negative integer seed or a numpy.random.Generator"):
+        landscape(lambda p: 0.0, 3, starts=5, rng="seed")
+    with pytest.raises(ValueError, match="rng must be a non-negative integer seed"):
+        landscape(lambda p: 0.0, 3, starts=5, rng=-2)

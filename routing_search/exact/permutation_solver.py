@@ -5,17 +5,17 @@ permutation ``perm`` (``perm[i]`` = expert that receives slot ``i``'s weight) gi
 
     ŷ_b = Σ_i G_bi F_b,perm[i]
 
-and the objective (1/B) Σ_b ℓ(ŷ_b, y_b), with the losses of :mod:`routing_search.exact.subset`
-(``"squared"`` = ½‖ŷ − y‖², ``"logistic"`` = BCE with the mixture as logit) or a callable
-``loss(pred [B, u], y [B, u]) -> float``.
+and the objective (1/B) Σ_b ℓ(ŷ_b, y_b) with a loss NAME (:mod:`routing_search.exact.arrays`):
+``"squared"`` = mean squared error over examples and the u output units (exactly
+:func:`routing_search.losses.mse_loss`), ``"logistic"`` = binary cross-entropy with the mixture as logit.
 
 Squared loss as a quadratic assignment problem (QAP). With
-``T[i, l, j, j'] = Σ_b G_bi G_bl ⟨F_bj, F_bj'⟩ / (2B)``, ``C[i, j] = Σ_b G_bi ⟨y_b, F_bj⟩ / B`` and
-``const = Σ_b ‖y_b‖² / (2B)``:
+``T[i, l, j, j'] = Σ_b G_bi G_bl ⟨F_bj, F_bj'⟩ / (B·u)``, ``C[i, j] = 2 Σ_b G_bi ⟨y_b, F_bj⟩ / (B·u)``
+and ``const = Σ_b ‖y_b‖² / (B·u)``:
 
     L(perm) = Σ_{i,l} T[i, l, perm[i], perm[l]] − Σ_i C[i, perm[i]] + const        (Lawler QAP)
 
-For a static gate (every row of G equal to g) ``T = g gᵀ ⊗ K / (2B)`` with
+For a static gate (every row of G equal to g) ``T = g gᵀ ⊗ K / (B·u)`` with
 ``K_jj' = Σ_b ⟨F_bj, F_bj'⟩``, a Koopmans–Beckmann QAP; :func:`qap_matrices` folds its linear term
 into the quadratic one (see there), which is what ``scipy.optimize.quadratic_assignment`` needs.
 """
@@ -24,20 +24,30 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.optimize import OptimizeResult, linear_sum_assignment, quadratic_assignment
 
-from .._validation import check_choice, check_int, check_no_unknown_options, check_positive_float
-from .subset import _as_float_array, _check_loss_name, _make_rng, _prepare_outputs_targets
+from .._validation import (
+    as_finite_array,
+    check_int,
+    check_no_unknown_options,
+    check_permutation,
+    check_positive_float,
+    check_rng,
+    resolve_method,
+)
+from ..result import STATUS_BUDGET, STATUS_CONVERGED, make_result
+from .arrays import check_loss_name, mixture_loss, mixture_losses, prepare_outputs_targets
 
-__all__ = ["solve_permutation", "permutation_loss", "qap_matrices", "QAPMatrices", "METHODS"]
+__all__ = ["solve_permutation", "permutation_loss", "qap_matrices", "QAPMatrices", "METHODS", "METHOD_ALIASES"]
 
-METHODS = ("brute_force", "branch_and_bound", "faq", "2opt")
-_NAMED_LOSSES = ("squared", "logistic")
-# Brute force builds arrays of about this many floats per block.
+METHODS = ("exhaustive", "branch_and_bound", "faq", "2opt")
+METHOD_ALIASES = {"brute_force": "exhaustive"}
+"""Deprecated method names and their replacements (a ``DeprecationWarning`` is issued)."""
+# Exhaustive enumeration builds arrays of about this many floats per block.
 _BLOCK_ELEMENTS = 1 << 22
 
 
@@ -59,9 +69,9 @@ class QAPMatrices(NamedTuple):
 
 def _prepare(G: Any, F: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return G [B, n], F [B, n, u], y [B, u]; a 1-D G of length n is a static gate (broadcast)."""
-    F, y = _prepare_outputs_targets(F, y)
+    F, y = prepare_outputs_targets(F, y)
     B, n, _ = F.shape
-    G = _as_float_array("G", G)
+    G = as_finite_array("G", G)
     if G.ndim == 1:
         if G.shape != (n,):
             raise ValueError(f"G must have shape [B={B}, n={n}] or [n={n}] (static gate); got {G.shape}")
@@ -71,53 +81,13 @@ def _prepare(G: Any, F: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return G, F, y
 
 
-def _check_loss(loss: Any, F: np.ndarray, y: np.ndarray) -> str | Callable[..., Any]:
-    if callable(loss) and not isinstance(loss, str):
-        return loss
-    if not isinstance(loss, str) or loss not in _NAMED_LOSSES:
-        named = ", ".join(map(repr, _NAMED_LOSSES))
-        raise ValueError(f"loss must be one of {named} or a callable; got {loss!r}")
-    return _check_loss_name(loss, F, y)
-
-
-def _check_perm(name: str, perm: Any, n: int) -> np.ndarray:
-    if hasattr(perm, "detach") and hasattr(perm, "cpu"):
-        perm = perm.detach().cpu().numpy()
-    arr = np.asarray(perm)
-    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer permutation of 0..{n - 1}, shape [{n}]; got {perm!r}")
-    arr = arr.astype(np.intp)
-    if not np.array_equal(np.sort(arr), np.arange(n)):
-        raise ValueError(f"{name} must be a permutation of 0..{n - 1} (each expert once); got {arr.tolist()}")
-    return arr
-
-
 def _is_static(G: np.ndarray) -> bool:
     scale = max(1.0, float(np.abs(G).max()))
     return bool(np.all(np.abs(G - G[0]) <= 1e-12 * scale))
 
 
-def _call_loss(loss: Callable[..., Any], pred: np.ndarray, y: np.ndarray) -> float:
-    value = loss(pred, y)
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().item()
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"a callable loss must return a scalar, got {type(value).__name__}") from None
-    if not math.isfinite(out):
-        raise ValueError(f"the callable loss returned a non-finite value ({out})")
-    return out
-
-
-def _loss_value(perm: np.ndarray, G: np.ndarray, F: np.ndarray, y: np.ndarray, loss: Any) -> float:
-    pred = np.einsum("bi,biu->bu", G, F[:, perm, :])
-    if loss == "squared":
-        return float(0.5 * np.mean(np.sum((pred - y) ** 2, axis=1)))
-    if loss == "logistic":
-        z, t = pred[:, 0], y[:, 0]
-        return float(np.mean(np.logaddexp(0.0, z) - t * z))
-    return _call_loss(loss, pred, y)
+def _loss_value(perm: np.ndarray, G: np.ndarray, F: np.ndarray, y: np.ndarray, loss: str) -> float:
+    return mixture_loss(np.einsum("bi,biu->bu", G, F[:, perm, :]), y, loss)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,14 +95,27 @@ def _loss_value(perm: np.ndarray, G: np.ndarray, F: np.ndarray, y: np.ndarray, l
 # ---------------------------------------------------------------------------------------------------
 
 
-def permutation_loss(perm: Any, G: Any, F: Any, y: Any, loss: str | Callable[..., Any] = "squared") -> float:
+def permutation_loss(perm: Any, G: Any, F: Any, y: Any, loss: str = "squared") -> float:
     """Exact objective (1/B) Σ_b ℓ(Σ_i G_bi F_b,perm[i], y_b) of one permutation, evaluated from the data.
 
-    ``G`` is [B, n] or [n] (static gate); ``F`` [B, n, u] or [B, n]; ``y`` [B, u] or [B].
+    Args:
+        perm: a permutation of ``range(n)``; ``perm[i]`` is the expert that receives slot ``i``'s weight.
+        G: gate weights ``[B, n]``, or ``[n]`` for a static gate.
+        F: expert outputs ``[B, n, u]`` or ``[B, n]``.
+        y: targets ``[B, u]`` or ``[B]``.
+        loss: ``"squared"`` (mean squared error, as :func:`routing_search.losses.mse_loss`) or
+            ``"logistic"`` (u = 1, y ∈ {0, 1}; as :func:`routing_search.losses.bce_with_logits_loss`).
+
+    Example:
+        >>> F = np.array([[1.0, 5.0]]); y = np.array([5.0])    # one example, two experts
+        >>> permutation_loss([0, 1], [1.0, 0.0], F, y)         # slot 0 -> expert 0: (1 - 5)^2
+        16.0
+        >>> permutation_loss([1, 0], [1.0, 0.0], F, y)         # slot 0 -> expert 1
+        0.0
     """
     G, F, y = _prepare(G, F, y)
-    loss = _check_loss(loss, F, y)
-    return _loss_value(_check_perm("perm", perm, F.shape[1]), G, F, y, loss)
+    loss = check_loss_name(loss, F, y)
+    return _loss_value(check_permutation(perm, F.shape[1], name="perm"), G, F, y, loss)
 
 
 def qap_matrices(g: Any, F: Any, y: Any) -> QAPMatrices:
@@ -141,25 +124,26 @@ def qap_matrices(g: Any, F: Any, y: Any) -> QAPMatrices:
     With s = Σ_i g_i ≠ 0 and any permutation, Σ_l g_l = s, so the linear term can be written as a
     quadratic one: Σ_i g_i c_perm[i] = (1/2s) Σ_il g_i g_l (c_perm[i] + c_perm[l]). Hence
 
-        A = g gᵀ,   B = (K − (c 1ᵀ + 1 cᵀ)/s) / (2B_ex),   const = Σ_b ‖y_b‖² / (2B_ex),
+        A = g gᵀ,   B = (K − (c 1ᵀ + 1 cᵀ)/s) / (B_ex·u),   const = Σ_b ‖y_b‖² / (B_ex·u),
 
-    with K_jj' = Σ_b ⟨F_bj, F_bj'⟩, c_j = Σ_b ⟨y_b, F_bj⟩, B_ex the number of examples. The identity
+    with K_jj' = Σ_b ⟨F_bj, F_bj'⟩, c_j = Σ_b ⟨y_b, F_bj⟩, B_ex the number of examples and u the
+    number of output units (the units of ``loss="squared"``: the mean squared error). The identity
     also holds on doubly stochastic matrices (rows and columns sum to one), i.e. for FAQ's relaxation.
     ``scipy.optimize.quadratic_assignment(A, B)`` minimises Σ_il A_il B_col[i]col[l]: col = perm.
     """
-    g = _as_float_array("g", g)
-    F, y = _prepare_outputs_targets(F, y)
+    g = as_finite_array("g", g)
+    F, y = prepare_outputs_targets(F, y)
     n = F.shape[1]
     if g.shape != (n,):
         raise ValueError(f"g must have shape [n={n}] (static gate weights), got shape {g.shape}")
     s = float(g.sum())
     if abs(s) <= 1e-12 * max(1.0, float(np.abs(g).max())):
         raise ValueError("g must have a nonzero sum to fold the linear term (simplex weights sum to 1)")
-    n_ex = F.shape[0]
+    n_ex, _, u = F.shape
     K = np.einsum("bju,bku->jk", F, F)
     c = np.einsum("bu,bju->j", y, F)
-    Bmat = (K - (c[:, None] + c[None, :]) / s) / (2.0 * n_ex)
-    return QAPMatrices(A=np.outer(g, g), B=Bmat, const=0.5 * float(np.sum(y * y)) / n_ex)
+    Bmat = (K - (c[:, None] + c[None, :]) / s) / (n_ex * u)
+    return QAPMatrices(A=np.outer(g, g), B=Bmat, const=float(np.sum(y * y)) / (n_ex * u))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,14 +152,14 @@ def qap_matrices(g: Any, F: Any, y: Any) -> QAPMatrices:
 
 
 class _Lawler:
-    """L(perm) = Σ_il T[i,l,perm[i],perm[l]] − Σ_i C[i,perm[i]] + const (squared loss, loss units)."""
+    """L(perm) = Σ_il T[i,l,perm[i],perm[l]] − Σ_i C[i,perm[i]] + const (mean squared error units)."""
 
     def __init__(self, G: np.ndarray, F: np.ndarray, y: np.ndarray) -> None:
-        B, n, _ = F.shape
+        B, n, u = F.shape
         Kb = np.einsum("bju,bku->bjk", F, F)
-        self.T = np.einsum("bi,bl,bjk->iljk", G, G, Kb, optimize=True) / (2.0 * B)
-        self.C = np.einsum("bi,bu,bju->ij", G, y, F, optimize=True) / B
-        self.const = 0.5 * float(np.sum(y * y)) / B
+        self.T = np.einsum("bi,bl,bjk->iljk", G, G, Kb, optimize=True) / (B * u)
+        self.C = 2.0 * np.einsum("bi,bu,bju->ij", G, y, F, optimize=True) / (B * u)
+        self.const = float(np.sum(y * y)) / (B * u)
         self.n = n
         self._ar = np.arange(n)
 
@@ -236,7 +220,7 @@ class _Lawler:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Brute force
+# Exhaustive enumeration
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -252,16 +236,16 @@ def _permutation_blocks(n: int, tail: int = 8) -> Iterator[np.ndarray]:
         yield block
 
 
-def _brute_force(G: np.ndarray, F: np.ndarray, y: np.ndarray, loss: Any) -> tuple[np.ndarray, int]:
+def _exhaustive(G: np.ndarray, F: np.ndarray, y: np.ndarray, loss: str) -> tuple[np.ndarray, int]:
     """Best permutation (first in lexicographic order among exact ties) and number evaluated."""
     B, n, u = F.shape
     best_val, best_perm, count = math.inf, np.arange(n), 0
     ar = np.arange(n)
     if loss == "squared" and _is_static(G):
         g = G[0]
-        K = np.einsum("bju,bku->jk", F, F) / (2.0 * B)
-        c = np.einsum("bu,bju->j", y, F) / B
-        const = 0.5 * float(np.sum(y * y)) / B
+        K = np.einsum("bju,bku->jk", F, F) / (B * u)
+        c = 2.0 * np.einsum("bu,bju->j", y, F) / (B * u)
+        const = float(np.sum(y * y)) / (B * u)
 
         def block_values(P: np.ndarray) -> np.ndarray:
             inv = np.empty_like(P)
@@ -272,22 +256,17 @@ def _brute_force(G: np.ndarray, F: np.ndarray, y: np.ndarray, loss: Any) -> tupl
     elif loss == "squared":
         lawler = _Lawler(G, F, y)
         block_values = lawler.values
-    elif loss == "logistic":
-        X, t = F[:, :, 0], y[:, 0]
+    else:
+        X = F[:, :, :1]
         rows_per = max(1, _BLOCK_ELEMENTS // (B * n))
 
         def block_values(P: np.ndarray) -> np.ndarray:
             out = np.empty(P.shape[0])
             for s in range(0, P.shape[0], rows_per):
                 sub = P[s : s + rows_per]
-                z = np.einsum("bi,bmi->mb", G, X[:, sub])
-                out[s : s + rows_per] = np.mean(np.logaddexp(0.0, z) - t * z, axis=1)
+                z = np.einsum("bi,bmi->mb", G, X[:, sub, 0])[..., None]  # [m, B, 1]
+                out[s : s + rows_per] = np.mean(mixture_losses(z, y, loss), axis=1)
             return out
-
-    else:
-
-        def block_values(P: np.ndarray) -> np.ndarray:
-            return np.array([_loss_value(p, G, F, y, loss) for p in P])
 
     for P in _permutation_blocks(n):
         vals = block_values(P)
@@ -431,7 +410,7 @@ def _qap_heuristic(
 # ---------------------------------------------------------------------------------------------------
 
 _OPTIONS: dict[str, dict[str, Any]] = {
-    "brute_force": {"max_n": 10},
+    "exhaustive": {"max_n": 10},
     "branch_and_bound": {"tol": 1e-9, "max_nodes": 1_000_000, "max_n": 16},
     "faq": {"n_init": 1, "maxiter": 30, "tol": 0.03},
     "2opt": {"n_init": 1},
@@ -443,7 +422,7 @@ def solve_permutation(
     F: Any,
     y: Any,
     *,
-    loss: str | Callable[..., Any] = "squared",
+    loss: str = "squared",
     method: str = "branch_and_bound",
     x0: Any = None,
     rng: Any = None,
@@ -455,63 +434,79 @@ def solve_permutation(
         G: gate weights in gate-index space, [B, n], or [n] for a static gate.
         F: expert outputs, [B, n, u] or [B, n].
         y: targets, [B, u] or [B].
-        loss: ``"squared"``, ``"logistic"`` or a callable ``loss(pred [B, u], y [B, u]) -> float``.
+        loss: a loss NAME: ``"squared"`` (mean over examples and output units of (ŷ − y)², exactly
+            :func:`routing_search.losses.mse_loss`) or ``"logistic"`` (u = 1, y ∈ {0, 1}, binary
+            cross-entropy with the mixture as logit). For any other loss use
+            :func:`routing_search.analysis.optimality_gap` on the model with a torch per-example loss.
         method:
-            ``"brute_force"`` — every permutation (vectorised in blocks); any loss; refuses n > max_n.
+            ``"exhaustive"`` — every permutation (vectorised in blocks); both losses; refuses
+            n > max_n. ``"brute_force"`` is a deprecated alias.
             ``"branch_and_bound"`` — exact, squared loss only: depth-first, slots assigned in order of
             decreasing gate mass, Gilmore–Lawler-type bound (see ``_Lawler.gilmore_lawler``), incumbent
             from swap local search on the root's assignment completion (or ``x0`` if better).
             ``"faq"``, ``"2opt"`` — ``scipy.optimize.quadratic_assignment`` on :func:`qap_matrices`;
             heuristics for a static gate and squared loss (no certificate).
-        x0: starting permutation (B&B incumbent candidate; first start of faq/2opt); ignored by brute force.
-        rng: seed / Generator for faq and 2opt restarts (anything ``numpy.random.default_rng`` takes).
-        **options: brute_force: ``max_n`` (default 10); branch_and_bound: ``tol`` (prune when bound >=
+        x0: starting permutation (B&B incumbent candidate; first start of faq/2opt); ignored by
+            exhaustive enumeration.
+        rng: None, a seed or a ``numpy.random.Generator`` (checked by
+            :func:`routing_search._validation.check_rng`); used by ``faq`` and ``2opt`` for their random
+            starts, unused by the exact (deterministic) methods.
+        **options: exhaustive: ``max_n`` (default 10); branch_and_bound: ``tol`` (prune when bound >=
             incumbent − tol·max(1, |incumbent|), default 1e-9), ``max_nodes`` (default 1e6), ``max_n``
-            (default 16);
-            faq: ``n_init`` (starts, default 1), ``maxiter``, ``tol`` (passed to scipy); 2opt: ``n_init``.
+            (default 16); faq: ``n_init`` (starts, default 1), ``maxiter``, ``tol`` (passed to scipy);
+            2opt: ``n_init``.
 
     Returns:
-        ``OptimizeResult`` with ``x`` (best permutation, int array), ``fun`` (exact loss of x, recomputed
-        from the data), ``nit``, ``nfev`` (objective evaluations), ``success``, ``message``,
-        ``bound`` (proven lower bound; NaN for heuristics), ``gap`` (fun − bound; NaN for heuristics),
-        ``nodes_explored``.
+        ``OptimizeResult`` (built by :func:`routing_search.result.make_result`) with ``x`` (best
+        permutation, int array), ``fun`` (exact loss of x, recomputed from the data), ``nit``,
+        ``nfev`` (objective evaluations), ``status`` (0: finished by its own criterion — proven
+        optimal for the exact methods, converged for the heuristics; 1: branch and bound stopped at
+        ``max_nodes``), ``success`` (``status == 0``), ``message``, ``bound`` (proven lower bound; NaN
+        for heuristics), ``gap`` (fun − bound; NaN for heuristics), ``nodes_explored`` and ``method``.
 
     Example:
+        A planted static-gate instance, then branch and bound against exhaustive enumeration of all
+        4! = 24 permutations with :func:`permutation_loss`:
+
+        >>> import itertools
         >>> rng = np.random.default_rng(0)
         >>> g = np.array([0.6, 0.3, 0.1, 0.0]); F = rng.normal(size=(40, 4, 2))
         >>> y = np.einsum("i,biu->bu", g, F[:, [2, 0, 3, 1]])
         >>> solve_permutation(g, F, y).x.tolist()
         [2, 0, 3, 1]
+        >>> y = rng.normal(size=(40, 2))
+        >>> res = solve_permutation(g, F, y)
+        >>> brute = min(permutation_loss(p, g, F, y) for p in itertools.permutations(range(4)))
+        >>> bool(np.isclose(res.fun, brute)), res.success, res.gap <= 1e-9
+        (True, True, True)
     """
     G, F, y = _prepare(G, F, y)
     n = F.shape[1]
-    loss = _check_loss(loss, F, y)
-    if not isinstance(method, str):
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    check_choice("method", method, METHODS)
+    loss = check_loss_name(loss, F, y)
+    method = resolve_method(method, METHODS, aliases=METHOD_ALIASES)
     check_no_unknown_options(f"solve_permutation(method={method!r})", options, _OPTIONS[method])
     opts = {**_OPTIONS[method], **options}
-    generator = _make_rng(rng)
-    perm0 = None if x0 is None else _check_perm("x0", x0, n)
-    if method != "brute_force" and loss != "squared":
-        what = "a callable loss" if callable(loss) else f"loss={loss!r}"
+    generator = check_rng(rng)
+    perm0 = None if x0 is None else check_permutation(x0, n, name="x0")
+    if method != "exhaustive" and loss != "squared":
         raise ValueError(
             f"method={method!r} needs loss='squared' (its bound / QAP form is derived for the squared loss); "
-            f"with {what} use method='brute_force'"
+            f"with loss={loss!r} use method='exhaustive'"
         )
 
-    if method == "brute_force":
+    if method == "exhaustive":
         max_n = check_int("max_n", opts["max_n"], minimum=1)
         if n > max_n:
             raise ValueError(
-                f"method='brute_force' would evaluate n! = {math.factorial(n)} permutations for n={n} > "
+                f"method='exhaustive' would evaluate n! = {math.factorial(n)} permutations for n={n} > "
                 f"max_n={max_n}; pass max_n=... to allow it or use method='branch_and_bound'"
             )
-        perm, count = _brute_force(G, F, y, loss)
+        perm, count = _exhaustive(G, F, y, loss)
         fun = _loss_value(perm, G, F, y, loss)
-        return OptimizeResult(
-            x=perm, fun=fun, nit=count, nfev=count, success=True,
+        return make_result(
+            x=perm, fun=fun, nit=count, nfev=count, status=STATUS_CONVERGED,
             message=f"evaluated all {count} permutations", bound=fun, gap=0.0, nodes_explored=count,
+            method=method,
         )
 
     if method == "branch_and_bound":
@@ -525,23 +520,24 @@ def solve_permutation(
         out = _branch_and_bound(G, F, y, perm0, tol, check_int("max_nodes", opts["max_nodes"], minimum=1))
         fun = _loss_value(out["perm"], G, F, y, loss)
         bound = min(float(out["bound"]), fun)
-        return OptimizeResult(
-            x=out["perm"], fun=fun, nit=out["nodes"], nfev=out["nfev"], success=out["complete"],
-            message=out["message"], bound=bound, gap=fun - bound, nodes_explored=out["nodes"],
+        return make_result(
+            x=out["perm"], fun=fun, nit=out["nodes"], nfev=out["nfev"],
+            status=STATUS_CONVERGED if out["complete"] else STATUS_BUDGET,
+            message=out["message"], bound=bound, gap=fun - bound, nodes_explored=out["nodes"], method=method,
         )
 
     if not _is_static(G):
         raise ValueError(
             f"method={method!r} solves the static-gate QAP: every row of G must be equal (or pass G as [n]); "
-            "for per-example gates use method='branch_and_bound' or 'brute_force'"
+            "for per-example gates use method='branch_and_bound' or 'exhaustive'"
         )
     out = _qap_heuristic(method, G, F, y, perm0, generator, opts)
     fun = _loss_value(out["perm"], G, F, y, loss)
-    return OptimizeResult(
-        x=out["perm"], fun=fun, nit=out["nit"], nfev=out["nfev"], success=True,
+    return make_result(
+        x=out["perm"], fun=fun, nit=out["nit"], nfev=out["nfev"], status=STATUS_CONVERGED,
         message=(
             f"heuristic: scipy.optimize.quadratic_assignment(method={method!r}), best of {opts['n_init']} "
             "start(s); no optimality certificate"
         ),
-        bound=float("nan"), gap=float("nan"), nodes_explored=0,
+        bound=float("nan"), gap=float("nan"), nodes_explored=0, method=method,
     )

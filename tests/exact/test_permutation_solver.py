@@ -1,4 +1,4 @@
-"""Tests for routing_search.exact.permutation: brute force, branch and bound, QAP form, heuristics, errors."""
+"""Tests for routing_search.exact.permutation_solver: exhaustive enumeration, branch and bound, QAP form, heuristics, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.optimize import quadratic_assignment
 
-from routing_search.exact.permutation import (
+from routing_search.exact.permutation_solver import (
     _Lawler,
     _permutation_blocks,
     permutation_loss,
@@ -47,7 +47,7 @@ def _direct_loss(perm, G, F, y, loss="squared") -> float:
         for i in range(n):
             pred += G[b, i] * F[b, perm[i]]
         if loss == "squared":
-            total += 0.5 * np.sum((pred - y[b]) ** 2)
+            total += np.mean((pred - y[b]) ** 2)  # mean over output units, as mse_loss
         else:
             z = pred[0]
             total += np.log1p(np.exp(z)) - y[b, 0] * z
@@ -74,28 +74,28 @@ def test_permutation_loss_matches_loop() -> None:
 
 @pytest.mark.parametrize("n", [3, 5, 6])
 @pytest.mark.parametrize("gate", ["per_example", "static"])
-def test_brute_force_matches_independent_loop(n: int, gate: str) -> None:
+def test_exhaustive_matches_independent_loop(n: int, gate: str) -> None:
     G, F, y = _instance(n, n, gate=gate)
-    res = solve_permutation(G, F, y, method="brute_force")
+    res = solve_permutation(G, F, y, method="exhaustive")
     assert res.fun == pytest.approx(_reference_best(G, F, y), rel=1e-12)
     assert res.nfev == res.nit == len(list(itertools.permutations(range(n))))
     assert res.gap == 0.0 and res.bound == res.fun and res.success
 
 
-def test_brute_force_logistic_and_callable() -> None:
+def test_exhaustive_logistic_and_callable_refused() -> None:
     G, F, y = _instance(3, 5, u=1)
     yb = (y[:, 0] > 0).astype(float)
-    res = solve_permutation(G, F, yb, loss="logistic", method="brute_force")
+    res = solve_permutation(G, F, yb, loss="logistic", method="exhaustive")
     assert res.fun == pytest.approx(_reference_best(G, F, yb, "logistic"), rel=1e-12)
 
     def l1(pred, target):
         return np.abs(pred - target).mean()
 
-    res_c = solve_permutation(G, F, y, loss=l1, method="brute_force")
-    best = min(
-        l1(np.einsum("bi,biu->bu", G, F[:, list(p)]), y) for p in itertools.permutations(range(5))
-    )
-    assert res_c.fun == pytest.approx(best, rel=1e-12)
+    # The array solvers take a loss NAME; the error names the model-level alternative.
+    with pytest.raises(TypeError, match="loss NAME.*optimality_gap"):
+        solve_permutation(G, F, y, loss=l1, method="exhaustive")
+    with pytest.raises(TypeError, match="loss NAME"):
+        permutation_loss(np.arange(5), G, F, y, l1)
 
 
 @pytest.mark.parametrize("n", [4, 5, 6, 7])
@@ -103,7 +103,7 @@ def test_brute_force_logistic_and_callable() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_branch_and_bound_equals_brute_force(n: int, gate: str, seed: int) -> None:
     G, F, y = _instance(100 * seed + n, n, gate=gate, planted=seed == 1)
-    brute = solve_permutation(G, F, y, method="brute_force")
+    brute = solve_permutation(G, F, y, method="exhaustive")
     bnb = solve_permutation(G, F, y, method="branch_and_bound")
     assert bnb.success
     assert bnb.fun == pytest.approx(brute.fun, rel=1e-9)
@@ -142,7 +142,7 @@ def test_gilmore_lawler_bound_is_valid_for_every_partial_assignment(gate: str) -
 
 def test_branch_and_bound_respects_x0_and_max_nodes() -> None:
     G, F, y = _instance(11, 7, gate="per_example")
-    brute = solve_permutation(G, F, y, method="brute_force")
+    brute = solve_permutation(G, F, y, method="exhaustive")
     warm = solve_permutation(G, F, y, method="branch_and_bound", x0=brute.x)
     assert warm.fun == pytest.approx(brute.fun, rel=1e-12)
     capped = solve_permutation(G, F, y, method="branch_and_bound", max_nodes=1)
@@ -169,7 +169,7 @@ def test_exact_never_worse_than_scipy_qap(seed: int) -> None:
     G, F, y = _instance(50 + seed, 7, gate="static", planted=seed % 2 == 0)
     A, Bm, const = qap_matrices(G[0], F, y)
     exact = solve_permutation(G[0], F, y, method="branch_and_bound")
-    brute = solve_permutation(G[0], F, y, method="brute_force")
+    brute = solve_permutation(G[0], F, y, method="exhaustive")
     assert exact.fun == pytest.approx(brute.fun, rel=1e-9)
     for method in ("faq", "2opt"):
         res = quadratic_assignment(A, Bm, method=method, options={"rng": np.random.default_rng(seed)})
@@ -186,7 +186,7 @@ def test_heuristic_methods(method: str) -> None:
     assert np.isnan(res.bound) and np.isnan(res.gap)
     again = solve_permutation(G, F, y, method=method, rng=0, n_init=3)
     np.testing.assert_array_equal(res.x, again.x)  # seeded → reproducible
-    best = solve_permutation(G, F, y, method="brute_force")
+    best = solve_permutation(G, F, y, method="exhaustive")
     started = solve_permutation(G, F, y, method=method, x0=best.x)
     assert started.fun <= best.fun + 1e-9 * max(1.0, best.fun) or method == "faq"
 
@@ -204,12 +204,12 @@ def test_permutation_blocks_are_lexicographic_and_complete() -> None:
         np.testing.assert_array_equal(got, np.array(list(itertools.permutations(range(n)))))
 
 
-def test_brute_force_n9_uses_several_blocks() -> None:
+def test_exhaustive_n9_uses_several_blocks() -> None:
     rng = np.random.default_rng(0)
     g = rng.dirichlet(np.ones(9))
     F = rng.normal(size=(16, 9, 1))
     y = rng.normal(size=(16, 1))
-    brute = solve_permutation(g, F, y, method="brute_force")
+    brute = solve_permutation(g, F, y, method="exhaustive")
     bnb = solve_permutation(g, F, y, method="branch_and_bound")
     assert brute.nit == 362880
     assert bnb.fun == pytest.approx(brute.fun, rel=1e-9)
@@ -229,26 +229,63 @@ def test_errors_name_the_argument() -> None:
         solve_permutation(G, F, y, method="anneal")
     with pytest.raises(ValueError, match="loss must be one of"):
         solve_permutation(G, F, y, loss="hinge")
-    with pytest.raises(ValueError, match="use method='brute_force'"):
-        solve_permutation(G, F, y, loss=lambda p, t: 0.0, method="branch_and_bound")
-    with pytest.raises(ValueError, match="use method='brute_force'"):
+    with pytest.raises(ValueError, match="use method='exhaustive'"):
         solve_permutation(G, F[:, :, :1], (y[:, 0] > 0).astype(float), loss="logistic", method="faq")
     with pytest.raises(ValueError, match="static-gate"):
         solve_permutation(G, F, y, method="faq")
     with pytest.raises(ValueError, match="x0 must be a permutation"):
         solve_permutation(G, F, y, x0=[0, 0, 1, 2])
-    with pytest.raises(ValueError, match="x0 must be an integer permutation"):
+    with pytest.raises(ValueError, match="x0 must be a 1-D permutation"):
         solve_permutation(G, F, y, x0=[0, 1, 2])
     with pytest.raises(TypeError, match="accepted options are: max_n"):
-        solve_permutation(G, F, y, method="brute_force", tol=1.0)
+        solve_permutation(G, F, y, method="exhaustive", tol=1.0)
     with pytest.raises(TypeError, match="accepted options are: maxiter, n_init, tol"):
         solve_permutation(G[0], F, y, method="faq", P0="barycenter")
     big_G, big_F, big_y = _instance(0, 11, B=4)
     with pytest.raises(ValueError, match="max_n=10"):
-        solve_permutation(big_G, big_F, big_y, method="brute_force")
+        solve_permutation(big_G, big_F, big_y, method="exhaustive")
     with pytest.raises(ValueError, match="max_n=16"):
         solve_permutation(np.ones(17) / 17, np.ones((2, 17)), np.ones(2), method="branch_and_bound")
     with pytest.raises(ValueError, match="perm must be a permutation"):
         permutation_loss([0, 1, 1, 3], G, F, y)
     with pytest.raises(ValueError, match="g must have shape"):
         qap_matrices(G[0, :3], F, y)
+
+
+# ----------------------------------------------------------------------------- one vocabulary
+def test_brute_force_is_a_deprecated_alias_of_exhaustive() -> None:
+    G, F, y = _instance(4, 5)
+    new = solve_permutation(G, F, y, method="exhaustive")
+    with pytest.warns(DeprecationWarning, match="method='brute_force' is deprecated; use method='exhaustive'"):
+        old = solve_permutation(G, F, y, method="brute_force")
+    assert old.fun == new.fun and old.method == "exhaustive"
+    np.testing.assert_array_equal(old.x, new.x)
+
+
+@pytest.mark.parametrize("gate", ["per_example", "static"])
+def test_squared_is_exactly_mse_loss(gate: str) -> None:
+    """Every reported fun / bound is in mse_loss units: mean over examples and output units of (ŷ − y)²."""
+    from routing_search.losses import mse_loss
+
+    G, F, y = _instance(9, 5, u=3, gate=gate)
+    for method in ("exhaustive", "branch_and_bound"):
+        res = solve_permutation(G, F, y, method=method)
+        pred = torch.tensor(np.einsum("bi,biu->bu", G, F[:, res.x]))
+        assert res.fun == pytest.approx(float(mse_loss(pred, torch.tensor(y)).mean()), rel=1e-12)
+        assert res.bound <= res.fun + 1e-12
+    A, Bm, const = qap_matrices(G[0], F, y)
+    p = np.array([4, 2, 0, 1, 3])
+    pred = torch.tensor(np.einsum("i,biu->bu", G[0], F[:, p]))
+    qap_value = float(np.sum(A * Bm[np.ix_(p, p)])) + const
+    if gate == "static":
+        assert qap_value == pytest.approx(float(mse_loss(pred, torch.tensor(y)).mean()), rel=1e-10)
+
+
+def test_budget_stop_is_not_a_success_and_rng_is_checked() -> None:
+    G, F, y = _instance(11, 7, gate="per_example")
+    capped = solve_permutation(G, F, y, method="branch_and_bound", max_nodes=1)
+    assert capped.status == 1 and capped.success is False and "max_nodes" in capped.message
+    full = solve_permutation(G, F, y, method="branch_and_bound")
+    assert full.status == 0 and full.success is True
+    with pytest.raises(TypeError, match="rng must be None, a non-negative integer seed"):
+        solve_permutation(G[0], F, y, method="faq", rng="seed")

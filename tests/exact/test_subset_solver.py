@@ -1,4 +1,4 @@
-"""Tests for routing_search.exact.subset: exactness against independent brute force, certificates, errors."""
+"""Tests for routing_search.exact.subset_solver: exactness against independent brute force, certificates, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from routing_search.exact.subset import _Squared, solve_subset, subset_objective
+from routing_search.exact.subset_solver import _Squared, solve_subset, subset_objective
+from routing_search.losses import bce_with_logits_loss, mse_loss
 
 
 def _instance(seed: int, B: int, n: int, u: int, *, loss: str = "squared"):
@@ -49,13 +50,13 @@ def _slsqp_face(F: np.ndarray, y: np.ndarray, support: tuple[int, ...], loss: st
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_enumerate_matches_independent_brute_force_squared(seed: int, k: int) -> None:
+def test_exhaustive_matches_independent_brute_force_squared(seed: int, k: int) -> None:
     n = 6
     F, y = _instance(seed, 40, n, 2)
-    res = solve_subset(F, y, k, method="enumerate")
+    res = solve_subset(F, y, k, method="exhaustive")
     face_values = {}
     for support in itertools.combinations(range(n), k):
-        exact = solve_subset(F[:, list(support)], y, k, method="enumerate")  # the face problem alone
+        exact = solve_subset(F[:, list(support)], y, k, method="exhaustive")  # the face problem alone
         ref = _slsqp_face(F, y, support, "squared")
         assert exact.fun <= ref + 1e-9
         assert exact.fun == pytest.approx(ref, abs=1e-6)
@@ -66,10 +67,10 @@ def test_enumerate_matches_independent_brute_force_squared(seed: int, k: int) ->
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_enumerate_matches_independent_brute_force_logistic(k: int) -> None:
+def test_exhaustive_matches_independent_brute_force_logistic(k: int) -> None:
     n = 6
     F, y = _instance(3, 60, n, 1, loss="logistic")
-    res = solve_subset(F, y, k, loss="logistic", method="enumerate")
+    res = solve_subset(F, y, k, loss="logistic", method="exhaustive")
     ref = min(_slsqp_face(F, y, s, "logistic") for s in itertools.combinations(range(n), k))
     assert res.fun <= ref + 1e-9
     assert res.fun == pytest.approx(ref, abs=1e-6)
@@ -79,9 +80,9 @@ def test_enumerate_matches_independent_brute_force_logistic(k: int) -> None:
 @pytest.mark.parametrize("loss", ["squared", "logistic"])
 @pytest.mark.parametrize("seed, n", [(0, 5), (1, 8), (2, 10)])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_branch_and_bound_equals_enumeration(loss: str, seed: int, n: int, k: int) -> None:
+def test_branch_and_bound_equals_exhaustive(loss: str, seed: int, n: int, k: int) -> None:
     F, y = _instance(10 + seed, 60, n, 2 if loss == "squared" else 1, loss=loss)
-    enum = solve_subset(F, y, k, loss=loss, method="enumerate")
+    enum = solve_subset(F, y, k, loss=loss, method="exhaustive")
     bnb = solve_subset(F, y, k, loss=loss, method="branch_and_bound")
     assert bnb.success
     assert bnb.fun == pytest.approx(enum.fun, rel=1e-8, abs=1e-10)
@@ -101,7 +102,7 @@ def test_branch_and_bound_random_targets_several_seeds() -> None:
         assert np.array_equal(bnb.support, enum.support)
 
 
-@pytest.mark.parametrize("method", ["enumerate", "branch_and_bound"])
+@pytest.mark.parametrize("method", ["exhaustive", "branch_and_bound"])
 def test_planted_sparse_instance_is_recovered(method: str) -> None:
     rng = np.random.default_rng(7)
     n, k = 12, 3
@@ -115,7 +116,7 @@ def test_planted_sparse_instance_is_recovered(method: str) -> None:
     np.testing.assert_allclose(res.x, w_star, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["enumerate", "branch_and_bound"])
+@pytest.mark.parametrize("method", ["exhaustive", "branch_and_bound"])
 @pytest.mark.parametrize("loss", ["squared", "logistic"])
 def test_result_fields(method: str, loss: str) -> None:
     F, y = _instance(5, 50, 7, 1, loss=loss)
@@ -227,5 +228,49 @@ def test_max_nodes_returns_valid_bound() -> None:
     capped = solve_subset(F, y, 3, method="branch_and_bound", max_nodes=1)
     assert capped.nit == 1
     assert capped.bound <= enum.fun + 1e-12 <= capped.fun + 1e-12
-    if not capped.success:
-        assert "max_nodes" in capped.message
+    assert capped.status == 1 and capped.success is False  # a budget stop is not a success
+    assert "max_nodes" in capped.message
+
+
+# ----------------------------------------------------------------------------- one vocabulary
+def test_enumerate_is_a_deprecated_alias_of_exhaustive() -> None:
+    F, y = _instance(0, 30, 5, 2)
+    new = solve_subset(F, y, 2, method="exhaustive")
+    with pytest.warns(DeprecationWarning, match="method='enumerate' is deprecated; use method='exhaustive'"):
+        old = solve_subset(F, y, 2, method="enumerate")
+    assert old.fun == new.fun and old.method == "exhaustive"
+    np.testing.assert_array_equal(old.x, new.x)
+
+
+@pytest.mark.parametrize("u", [1, 3])
+def test_squared_is_exactly_mse_loss(u: int) -> None:
+    """'squared' is the mean over examples of the mean over output units of (ŷ − y)² (not ½‖·‖²)."""
+    F, y = _instance(6, 40, 5, u)
+    w = np.array([0.1, 0.0, 0.6, 0.3, 0.0])
+    pred = torch.tensor(np.einsum("i,biu->bu", w, F))
+    expected = float(mse_loss(pred, torch.tensor(y)).mean())
+    assert subset_objective(w, F, y) == pytest.approx(expected, rel=1e-12)
+    for method in ("exhaustive", "branch_and_bound"):
+        res = solve_subset(F, y, 2, method=method)
+        best_pred = torch.tensor(np.einsum("i,biu->bu", res.x, F))
+        assert res.fun == pytest.approx(float(mse_loss(best_pred, torch.tensor(y)).mean()), rel=1e-12)
+        assert res.bound <= res.fun + 1e-15
+    # ... and 'logistic' is bce_with_logits_loss
+    Fb, yb = _instance(7, 40, 5, 1, loss="logistic")
+    z = torch.tensor(np.einsum("i,bi->b", w, Fb[:, :, 0]))
+    assert subset_objective(w, Fb, yb, "logistic") == pytest.approx(float(bce_with_logits_loss(z, torch.tensor(yb)).mean()), rel=1e-12)
+
+
+def test_result_status_and_rng_checked() -> None:
+    F, y = _instance(1, 30, 6, 2)
+    res = solve_subset(F, y, 2, rng=np.random.default_rng(0))
+    assert res.status == 0 and res.success is True
+    assert solve_subset(F, y, 2, rng=3).fun == res.fun  # rng is unused: deterministic
+    with pytest.raises(ValueError, match="rng must be a non-negative integer seed"):
+        solve_subset(F, y, 2, rng=-1)
+
+
+def test_callable_loss_is_refused_with_the_alternative() -> None:
+    F, y = _instance(1, 30, 6, 2)
+    with pytest.raises(TypeError, match="loss NAME.*optimality_gap"):
+        solve_subset(F, y, 2, loss=lambda p, t: ((p - t) ** 2).mean())

@@ -1,0 +1,473 @@
+"""Hardening binary-encoded gates: from the smooth relaxation to the exact form of Prop. 1.
+
+DSelect-k (paper §3.1.3) trains ``q(alpha, S(Z))``; once ``S(Z)`` is binary this *is* the
+combinatorial gate ``q(alpha, Z)`` of Prop. 1 and selects at most ``k`` experts. COMET's trees behave
+the same way once every node output is 0 or 1. This module
+
+* measures how far a trained gate is from that binary form on some data (:func:`certify`,
+  :class:`HardenCertificate`);
+* wraps a gate so it always runs its rounded (hard) form (:class:`HardGate`);
+* hardens a gate, an :class:`~routing_search.layers.MoE` or a
+  :class:`~routing_search.layers.MultiGateMoE` in one call (:func:`harden`): static gates get their
+  code parameters saturated to ``±gamma`` (the soft gate then *equals* the hard one exactly),
+  per-example gates are replaced by :class:`HardGate`.
+
+"Rounded" always means ``S > 0.5 -> 1`` (ties go to 0), the convention of ``DSelectK.hard`` and
+``COMET.hard``; DSelect-k codes that name no expert (``n`` not a power of two) are folded as in
+``DSelectK._fold_codes``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..gates.comet import COMET
+from ..gates.dselect_k import DSelectK
+from ..gates.protocol import GateOutput
+from ..gates.task_aware import TaskAware
+from ..layers.moe import MoE
+from ..layers.multigate import MultiGateMoE
+
+__all__ = ["HardenCertificate", "HardGate", "certify", "harden", "snap_codes_"]
+
+_CERTIFY_ACCEPTS = "a DSelectK or COMET gate (static or per-example) or a HardGate"
+_HARDEN_ACCEPTS = (
+    "a DSelectK or COMET gate (static or per-example), a HardGate, a TaskAware wrapper, "
+    "an MoE or a MultiGateMoE"
+)
+
+
+def _is_dselect(obj: object) -> bool:
+    return isinstance(obj, DSelectK)
+
+
+def _is_selector_gate(obj: object) -> bool:
+    return isinstance(obj, (DSelectK, COMET))
+
+
+# --------------------------------------------------------------------------- certificate
+@dataclass(frozen=True)
+class HardenCertificate:
+    """How far a DSelectK/COMET gate is from its binary (Prop. 1) form on some data.
+
+    The *codes* are ``S(Z)`` for DSelect-k and the node outputs for COMET. For a static gate they
+    are counted once (``k*m`` resp. ``k*(n-1)`` entries); for a per-example gate once per example.
+    An entry is *fractional* when ``min(s, 1 - s) > atol``.
+
+    Attributes:
+        max_fractional_distance: max over code entries of ``min(s, 1 - s)`` (0 when binary).
+        num_fractional_entries: number of fractional code entries.
+        fraction_fractional: ``num_fractional_entries / num_entries`` (0 when there are no entries).
+        examples_over_k: examples whose *soft* weights have more than ``k`` non-zeros.
+        max_support_size: the largest number of non-zeros in a soft weight row.
+        hard_soft_max_abs_diff: ``max |q_hard - q_soft|`` over the data.
+        agree: ``hard_soft_max_abs_diff <= atol``, i.e. the soft gate is its exact binary form on
+            the data (Prop. 1 applies).
+        num_examples: rows the weights were evaluated on (1 for a static gate certified without data).
+        num_entries: code entries inspected.
+        name: where the gate sits in the hardened module (``"gate"``, ``"gates.1"``, ...; ``""`` for a
+            bare gate or an aggregate).
+        num_gates: gates covered (1 for one gate; aggregates sum their parts).
+        parts: per-gate certificates of an aggregate (from :func:`harden` on a container), else ``()``.
+        after: set by :func:`harden` on the certificate it returns: the same measurements on the
+            hardened result (``None`` otherwise).
+
+    Aggregates take the max of the max-type fields, sum the counts (``num_examples`` counts
+    gate-example evaluations), and ``agree`` is the conjunction.
+    """
+
+    max_fractional_distance: float
+    num_fractional_entries: int
+    fraction_fractional: float
+    examples_over_k: int
+    max_support_size: int
+    hard_soft_max_abs_diff: float
+    agree: bool
+    num_examples: int
+    num_entries: int = 0
+    name: str = ""
+    num_gates: int = 1
+    parts: tuple[HardenCertificate, ...] = ()
+    after: HardenCertificate | None = None
+
+    @property
+    def is_binary(self) -> bool:
+        """True when no code entry is fractional."""
+        return self.num_fractional_entries == 0
+
+    @classmethod
+    def aggregate(cls, parts: list[HardenCertificate] | tuple[HardenCertificate, ...]) -> HardenCertificate:
+        """Combine per-gate certificates (empty input: a vacuous certificate with ``num_gates=0``)."""
+        parts = tuple(parts)
+        entries = sum(p.num_entries for p in parts)
+        fractional = sum(p.num_fractional_entries for p in parts)
+        return cls(
+            max_fractional_distance=max((p.max_fractional_distance for p in parts), default=0.0),
+            num_fractional_entries=fractional,
+            fraction_fractional=fractional / entries if entries else 0.0,
+            examples_over_k=sum(p.examples_over_k for p in parts),
+            max_support_size=max((p.max_support_size for p in parts), default=0),
+            hard_soft_max_abs_diff=max((p.hard_soft_max_abs_diff for p in parts), default=0.0),
+            agree=all(p.agree for p in parts),
+            num_examples=sum(p.num_examples for p in parts),
+            num_entries=entries,
+            num_gates=sum(p.num_gates for p in parts),
+            parts=parts,
+        )
+
+    def _line(self) -> str:
+        where = f"{self.name}: " if self.name else ""
+        verdict = "binary, soft == hard (Prop. 1 applies)" if self.agree and self.is_binary else (
+            "soft == hard" if self.agree else "soft != hard"
+        )
+        return (
+            f"{where}{verdict}; fractional entries {self.num_fractional_entries}/{self.num_entries} "
+            f"({100 * self.fraction_fractional:.1f}%), max min(s, 1-s) = {self.max_fractional_distance:.3g}; "
+            f"examples over k: {self.examples_over_k}/{self.num_examples}, max support {self.max_support_size}; "
+            f"max |hard - soft| = {self.hard_soft_max_abs_diff:.3g}"
+        )
+
+    def summary(self) -> str:
+        """A few human-readable lines (per gate for aggregates, then the hardened result if known)."""
+        if self.num_gates == 0:
+            lines = ["no DSelectK/COMET gate found: nothing to harden"]
+        else:
+            lines = [self._line()]
+            if self.parts:
+                lines[0] = f"{self.num_gates} gate(s): " + lines[0]
+                lines += ["  " + p._line() for p in self.parts]
+        if self.after is not None:
+            lines.append("after hardening: " + self.after.summary().replace("\n", "\n  "))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@contextmanager
+def _frozen_counters(module: nn.Module) -> Iterator[None]:
+    """Evaluate without advancing training-call counters: every submodule in eval mode, restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _dummy_input(gate: nn.Module) -> torch.Tensor:
+    param = next(gate.parameters(), None)
+    if param is None:
+        return torch.zeros(1, 1)
+    return torch.zeros(1, 1, dtype=param.dtype, device=param.device)
+
+
+def _codes(gate: nn.Module, x: torch.Tensor | None) -> torch.Tensor:
+    """``S(Z)`` (DSelect-k) or node outputs (COMET); ``x=None`` only for static gates."""
+    return gate.smooth_codes(x) if _is_dselect(gate) else gate.node_outputs(x)
+
+
+def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0, name: str = "") -> HardenCertificate:
+    """Certificate of how far ``gate`` is from its binary form on ``x``.
+
+    Args:
+        gate: a :class:`~routing_search.gates.DSelectK`, :class:`~routing_search.gates.COMET` or
+            :class:`HardGate` (whose codes are binary by construction).
+        x: the data ``[B, input_dim]``. Optional for static gates (a one-row dummy is used), required
+            for per-example gates.
+        atol: tolerance for both "entry is binary" (``min(s, 1 - s) <= atol``) and
+            "hard equals soft" (``max |q_hard - q_soft| <= atol``). The default 0 asks for exactness.
+        name: label stored in the certificate.
+
+    The gate is evaluated without gradients and without advancing its training-call counter.
+    """
+    if atol < 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
+    hard_wrapper = isinstance(gate, HardGate)
+    inner = gate.gate if hard_wrapper else gate
+    if not _is_selector_gate(inner):
+        raise TypeError(f"certify() accepts {_CERTIFY_ACCEPTS}; got {type(gate).__name__}")
+    static = inner.is_static
+    if x is None and not static:
+        raise ValueError(
+            f"x is required to certify a per-example {type(inner).__name__} gate (input_dim={inner.input_dim}): "
+            "its codes depend on the input, so the certificate is computed on data"
+        )
+    k = inner.num_selectors
+    with torch.no_grad(), _frozen_counters(inner):
+        data = _dummy_input(inner) if x is None else x
+        hard = inner.hard(data).weights
+        if hard_wrapper:
+            soft = hard
+            s = _hard_codes(inner, None if static else data)
+        else:
+            soft = inner(data).weights
+            s = _codes(inner, None if static else data)
+    dist = torch.minimum(s, 1 - s)
+    fractional = dist > atol
+    support = (soft != 0).sum(dim=-1)
+    diff = float((hard - soft).abs().max()) if hard.numel() else 0.0
+    num_entries = int(s.numel())
+    num_fractional = int(fractional.sum())
+    return HardenCertificate(
+        max_fractional_distance=float(dist.max()) if dist.numel() else 0.0,
+        num_fractional_entries=num_fractional,
+        fraction_fractional=num_fractional / num_entries if num_entries else 0.0,
+        examples_over_k=int((support > k).sum()),
+        max_support_size=int(support.max()) if support.numel() else 0,
+        hard_soft_max_abs_diff=diff,
+        agree=diff <= atol,
+        num_examples=int(soft.shape[0]),
+        num_entries=num_entries,
+        name=name,
+    )
+
+
+def _hard_codes(gate: nn.Module, x: torch.Tensor | None) -> torch.Tensor:
+    """The rounded codes the hard gate uses (folded for DSelect-k), as 0/1 floats."""
+    if _is_dselect(gate):
+        return gate._fold_codes(gate.binary_codes(x))
+    s = gate.node_outputs(x)
+    return (s > 0.5).to(s.dtype)
+
+
+# --------------------------------------------------------------------------- hard gate
+class HardGate(nn.Module):
+    """A DSelectK/COMET gate that always runs its hard form ``gate.hard(x)``.
+
+    Output rows have at most ``k`` non-zeros (exact zeros), the selectors are one-hot and the loss
+    is 0, so MoE layers can use sparse dispatch. For DSelect-k this is
+    ``q(alpha(x), round(S(Z(x))))``, the combinatorial gate of Prop. 1. Gradients still reach the
+    selector weights (``alpha``; COMET's leaf logits); the rounded codes carry none.
+
+    Args:
+        gate: the DSelectK or COMET gate to wrap (static or per-example).
+        copy: wrap a deep copy instead of sharing the gate (and its parameters).
+    """
+
+    def __init__(self, gate: nn.Module, *, copy: bool = False) -> None:
+        super().__init__()
+        if not _is_selector_gate(gate):
+            raise TypeError(f"HardGate wraps a DSelectK or COMET gate; got {type(gate).__name__}")
+        self.gate = _deepcopy(gate) if copy else gate
+        self.num_experts: int = gate.num_experts
+        self.num_selectors: int = gate.num_selectors
+        self.input_dim: int | None = gate.input_dim
+
+    @property
+    def is_static(self) -> bool:
+        """True when the wrapped gate ignores the input."""
+        return self.input_dim is None
+
+    def forward(
+        self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
+    ) -> GateOutput:
+        """The wrapped gate's hard output on ``x`` (``task`` and ``key`` are ignored)."""
+        return self.gate.hard(x)
+
+    def hard(self, x: torch.Tensor) -> GateOutput:
+        """Same as :meth:`forward` (already hard)."""
+        return self.gate.hard(x)
+
+    def codes(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The 0/1 codes in use: folded ``round(S(Z))`` for DSelect-k, rounded node outputs for COMET."""
+        return _hard_codes(self.gate, x)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, k={self.num_selectors}, input_dim={self.input_dim}"
+
+
+def _deepcopy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module)
+
+
+# --------------------------------------------------------------------------- snapping
+def snap_codes_(gate: DSelectK | COMET) -> DSelectK | COMET:
+    """Saturate a *static* gate's code logits to ``±gamma`` in place, so its soft output is exact.
+
+    DSelect-k: ``z_logits <- +gamma`` where the rounded, folded code bit is 1, else ``-gamma``
+    (unreachable rounded codes are folded first, as :meth:`DSelectK.hard` does, so every selector
+    names a real expert and no mass is lost). COMET: ``node_logits <- +gamma`` where
+    ``S(node) > 0.5``, else ``-gamma``. The hard output is unchanged; afterwards the soft gate equals
+    it exactly and the codes get zero gradient (frozen). Returns ``gate``.
+    """
+    if not _is_selector_gate(gate):
+        raise TypeError(f"snap_codes_() accepts a static DSelectK or COMET gate; got {type(gate).__name__}")
+    if not gate.is_static:
+        raise ValueError(
+            f"snap_codes_() needs a static gate; this {type(gate).__name__} is per-example "
+            f"(input_dim={gate.input_dim}): wrap it in HardGate instead"
+        )
+    with torch.no_grad():
+        param = gate.z_logits if _is_dselect(gate) else gate.node_logits
+        bits = _hard_codes(gate, None)
+        gamma = torch.full_like(param, gate.gamma)
+        param.copy_(torch.where(bits > 0.5, gamma, -gamma))
+    return gate
+
+
+# --------------------------------------------------------------------------- finding gates
+@dataclass
+class _Site:
+    """A hardenable gate found in a module, the input it sees, and how to replace it."""
+
+    gate: nn.Module
+    x: torch.Tensor | None
+    name: str
+    replace: Callable[[nn.Module], None]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _task_rows(x: torch.Tensor | None, task: torch.Tensor | int | None, t: int) -> torch.Tensor | None:
+    """Rows of ``x`` routed by task ``t`` (all rows when ``task`` is None)."""
+    if x is None or task is None:
+        return x
+    if isinstance(task, torch.Tensor) and task.dim() > 0:
+        return x[(task.to(x.device) == t).nonzero(as_tuple=True)[0]]
+    return x if int(task) == t else x[:0]
+
+
+def _embedded_input(wrapper: nn.Module, x: torch.Tensor | None, task: torch.Tensor | int | None) -> torch.Tensor | None:
+    """What a task-embedding TaskAware feeds its inner gate; every task for every row if task is None."""
+    if x is None:
+        return None
+    emb = wrapper.task_embedding
+    batch = x.shape[0]
+    if task is None:
+        tasks = torch.arange(wrapper.num_tasks).repeat_interleave(batch)
+        x = x.repeat(wrapper.num_tasks, 1)
+    elif isinstance(task, torch.Tensor) and task.dim() > 0:
+        tasks = task
+    else:
+        tasks = torch.full((batch,), int(task), dtype=torch.long)
+    with torch.no_grad():
+        e = emb(tasks.to(device=emb.weight.device, dtype=torch.long)).to(device=x.device, dtype=x.dtype)
+    return torch.cat([x, e], dim=1)
+
+
+def _find(
+    module: nn.Module,
+    x: torch.Tensor | None,
+    task: torch.Tensor | int | None,
+    name: str,
+    replace: Callable[[nn.Module], None],
+) -> list[_Site] | None:
+    """Hardenable gates inside ``module``; ``None`` when ``module`` is of no supported kind."""
+
+    if isinstance(module, HardGate) or _is_selector_gate(module):
+        return [_Site(module, x, name, replace)]
+    if isinstance(module, TaskAware):
+        if module.mode == "per_task":
+            sites: list[_Site] = []
+            for t, g in enumerate(module.gates):
+                setter = (lambda new, gates=module.gates, t=t: gates.__setitem__(t, new))
+                sites += _find(g, _task_rows(x, task, t), None, _join(name, f"gates.{t}"), setter) or []
+            return sites
+        setter = (lambda new, owner=module: setattr(owner, "gate", new))
+        return _find(module.gate, _embedded_input(module, x, task), None, _join(name, "gate"), setter) or []
+    if isinstance(module, MoE):
+        setter = (lambda new, owner=module: setattr(owner, "gate", new))
+        return _find(module.gate, x, task, _join(name, "gate"), setter) or []
+    if isinstance(module, MultiGateMoE):
+        sites = []
+        for t, g in enumerate(module.gates):
+            setter = (lambda new, gates=module.gates, t=t: gates.__setitem__(t, new))
+            sites += _find(g, x, task, _join(name, f"gates.{t}"), setter) or []
+        return sites
+    return None  # another gate (Softmax, TopK, a user's gate ...): left unchanged
+
+
+def _harden_gate(gate: nn.Module, *, snap: bool) -> nn.Module:
+    if isinstance(gate, HardGate):
+        return gate
+    if snap and gate.is_static:
+        return snap_codes_(gate)
+    return HardGate(gate)
+
+
+def _certify_sites(sites: list[_Site], atol: float) -> list[HardenCertificate]:
+    return [certify(s.gate, s.x, atol=atol, name=s.name) for s in sites]
+
+
+def harden(
+    obj: nn.Module,
+    x: torch.Tensor | None = None,
+    *,
+    snap: bool = True,
+    atol: float = 0.0,
+    inplace: bool = False,
+    task: torch.Tensor | int | None = None,
+) -> tuple[nn.Module, HardenCertificate]:
+    """Turn every DSelectK/COMET gate in ``obj`` into its exact binary form (Prop. 1).
+
+    Args:
+        obj: a DSelectK/COMET gate, a :class:`HardGate`, a TaskAware wrapper, an MoE or a
+            MultiGateMoE. Inside containers every DSelectK/COMET gate is hardened, including those
+            inside TaskAware wrappers; other gates are left unchanged.
+        x: data the certificates are computed on (the layer's input; TaskAware inner gates see what
+            the wrapper would feed them). Required when a per-example gate is hardened.
+        snap: static gates get their code logits saturated to ``±gamma`` in place
+            (:func:`snap_codes_`), so the module keeps its type and its soft output equals the hard
+            one exactly. With ``snap=False``, and always for per-example gates, the gate is replaced
+            by :class:`HardGate` (sharing its parameters).
+        atol: tolerance of the certificates (see :func:`certify`).
+        inplace: modify ``obj`` itself (a bare gate that must be wrapped is still returned as a new
+            :class:`HardGate` around ``obj``); by default a deep copy is hardened and ``obj`` is left
+            untouched.
+        task: the task of each row of ``x`` for TaskAware wrappers (an int or a ``[B]`` tensor). By
+            default every per-task gate is certified on all rows and a task-embedding gate on every
+            row paired with every task.
+
+    Returns:
+        ``(hardened, certificate)``. ``certificate`` describes ``obj`` *before* hardening (how far
+        the trained gate was from binary on the data); ``certificate.after`` holds the same
+        measurements on ``hardened``. For a bare gate both are single-gate certificates; for a
+        container they are aggregates whose ``parts`` list one certificate per gate found.
+    """
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"harden() accepts {_HARDEN_ACCEPTS}; got {type(obj).__name__}")
+    if atol < 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
+    single = isinstance(obj, HardGate) or _is_selector_gate(obj)
+    module = obj if inplace else _deepcopy(obj)
+    root: list[nn.Module] = [module]
+
+    def set_root(new: nn.Module) -> None:
+        root[0] = new
+
+    sites = _find(module, x, task, "", set_root)
+    if sites is None:
+        raise TypeError(f"harden() accepts {_HARDEN_ACCEPTS}; got {type(obj).__name__}")
+    for s in sites:  # check every input before changing anything (matters for inplace=True)
+        inner = s.gate.gate if isinstance(s.gate, HardGate) else s.gate
+        if s.x is None and not inner.is_static:
+            where = f" at {s.name!r}" if s.name else ""
+            raise ValueError(
+                f"x is required to harden the per-example {type(inner).__name__} gate{where} "
+                f"(input_dim={inner.input_dim}): the certificate is computed on data"
+            )
+    before = _certify_sites(sites, atol)
+    for s in sites:
+        new = _harden_gate(s.gate, snap=snap)
+        if new is not s.gate:
+            s.replace(new)
+    hardened = root[0]
+    after_sites = _find(hardened, x, task, "", lambda new: None) or []
+    after = _certify_sites(after_sites, atol)
+    if single:
+        cert_before, cert_after = before[0], after[0]
+    else:
+        cert_before, cert_after = HardenCertificate.aggregate(before), HardenCertificate.aggregate(after)
+    return hardened, dataclasses.replace(cert_before, after=cert_after)
