@@ -7,10 +7,10 @@ the same way once every node output is 0 or 1. This module
 * measures how far a trained gate is from that binary form on some data (:func:`certify`,
   :class:`HardenCertificate`);
 * wraps a gate so it always runs its rounded (hard) form (:class:`HardGate`);
-* hardens a gate, an :class:`~routing_search.layers.MoE` or a
-  :class:`~routing_search.layers.MultiGateMoE` in one call (:func:`harden`): static gates get their
-  code parameters saturated to ``±gamma`` (the soft gate then *equals* the hard one exactly),
-  per-example gates are replaced by :class:`HardGate`.
+* hardens a gate, an :class:`~routing_search.layers.MoE`, a
+  :class:`~routing_search.layers.MultiGateMoE` or any model containing them in one call
+  (:func:`harden`): static gates get their code parameters saturated to ``±gamma`` (the soft gate
+  then *equals* the hard one exactly), per-example gates are replaced by :class:`HardGate`.
 
 "Rounded" always means ``S > 0.5 -> 1`` (ties go to 0), the convention of ``DSelectK.hard`` and
 ``COMET.hard``; DSelect-k codes that name no expert (``n`` not a power of two) are folded as in
@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..batches import call_model
 from ..gates.comet import COMET
 from ..gates.dselect_k import DSelectK
 from ..gates.protocol import GateOutput
@@ -40,7 +42,7 @@ __all__ = ["HardenCertificate", "HardGate", "certify", "harden", "snap_codes_"]
 _CERTIFY_ACCEPTS = "a DSelectK or COMET gate (static or per-example) or a HardGate"
 _HARDEN_ACCEPTS = (
     "a DSelectK or COMET gate (static or per-example), a HardGate, a TaskAware wrapper, "
-    "an MoE or a MultiGateMoE"
+    "an MoE, a MultiGateMoE, or a model containing any of them"
 )
 
 
@@ -389,6 +391,95 @@ def _find(
     return None  # another gate (Softmax, TopK, a user's gate ...): left unchanged
 
 
+def _is_site_root(module: nn.Module) -> bool:
+    """A module :func:`_find` handles directly (a selector gate, HardGate, TaskAware, MoE, MultiGateMoE)."""
+    return isinstance(module, (HardGate, TaskAware, MoE, MultiGateMoE)) or _is_selector_gate(module)
+
+
+def _concat_tasks(tasks: list[Any], rows: list[int], where: str) -> torch.Tensor | None:
+    """The ``task`` arguments of several calls as one ``[rows]`` tensor (None when no call passed one)."""
+    if all(t is None for t in tasks):
+        return None
+    if any(t is None for t in tasks):
+        raise ValueError(
+            f"the model calls {where!r} several times, with and without task=; harden it directly "
+            "(pass the layer and its input) so that each gate is certified on the rows it routes"
+        )
+    parts = []
+    for t, r in zip(tasks, rows):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            parts.append(t.reshape(-1).to(torch.long).cpu())
+        else:
+            parts.append(torch.full((r,), int(t), dtype=torch.long))
+    return torch.cat(parts)
+
+
+def _captured_inputs(
+    model: nn.Module, roots: list[tuple[str, nn.Module]], inputs: Any
+) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | int | None]]:
+    """Run ``model`` once on ``inputs`` and record what each root module is called with (``x``, ``task``).
+
+    Rows of repeated calls are concatenated, so every gate is certified on all the rows it routes.
+    Runs without gradients, every submodule in eval mode (restored afterwards).
+    """
+    calls: dict[str, list[tuple[Any, Any]]] = {name: [] for name, _ in roots}
+    handles = []
+    for name, sub in roots:
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            x = args[0] if args else kwargs.get("x")
+            task = args[1] if len(args) > 1 else kwargs.get("task")
+            calls[name].append((x, task))
+
+        handles.append(sub.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        with torch.no_grad(), _frozen_counters(model):
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, tuple[torch.Tensor | None, torch.Tensor | int | None]] = {}
+    for name, seen in calls.items():
+        xs = [x for x, _ in seen if isinstance(x, torch.Tensor)]
+        if not xs:
+            continue
+        if len(xs) == 1:
+            out[name] = (xs[0], seen[0][1])
+        else:
+            out[name] = (torch.cat(xs), _concat_tasks([t for _, t in seen], [x.shape[0] for x in xs], name))
+    return out
+
+
+def _find_in_model(model: nn.Module, inputs: Any, task: torch.Tensor | int | None) -> list[_Site] | None:
+    """Hardenable gates anywhere inside a user's model; ``None`` when it contains no routing module.
+
+    The outermost MoE / MultiGateMoE / TaskAware / selector-gate submodules are found by name; their
+    inputs are recorded by running the model once on ``inputs`` (when given). A module the forward
+    does not call gets no data (fine for static gates; a per-example gate then asks for ``x``).
+    """
+    roots: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        if name and _is_site_root(sub) and not any(name.startswith(r + ".") for r, _ in roots):
+            roots.append((name, sub))
+    if not roots:
+        return None
+    seen = _captured_inputs(model, roots, inputs) if inputs is not None else {}
+    sites: list[_Site] = []
+    for name, sub in roots:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setter = (lambda new, parent=parent, child=child: setattr(parent, child, new))
+        x_sub, task_sub = seen.get(name, (None, None))
+        sites += _find(sub, x_sub, task_sub if task is None else task, name, setter) or []
+    return sites
+
+
+def _sites(module: nn.Module, x: Any, task: torch.Tensor | int | None, replace: Callable[[nn.Module], None]) -> list[_Site] | None:
+    if _is_site_root(module):
+        return _find(module, x, task, "", replace)
+    return _find_in_model(module, x, task)
+
+
 def _harden_gate(gate: nn.Module, *, snap: bool) -> nn.Module:
     if isinstance(gate, HardGate):
         return gate
@@ -403,7 +494,7 @@ def _certify_sites(sites: list[_Site], atol: float) -> list[HardenCertificate]:
 
 def harden(
     obj: nn.Module,
-    x: torch.Tensor | None = None,
+    x: torch.Tensor | Mapping[str, Any] | None = None,
     *,
     snap: bool = True,
     atol: float = 0.0,
@@ -413,11 +504,16 @@ def harden(
     """Turn every DSelectK/COMET gate in ``obj`` into its exact binary form (Prop. 1).
 
     Args:
-        obj: a DSelectK/COMET gate, a :class:`HardGate`, a TaskAware wrapper, an MoE or a
-            MultiGateMoE. Inside containers every DSelectK/COMET gate is hardened, including those
-            inside TaskAware wrappers; other gates are left unchanged.
-        x: data the certificates are computed on (the layer's input; TaskAware inner gates see what
-            the wrapper would feed them). Required when a per-example gate is hardened.
+        obj: a DSelectK/COMET gate, a :class:`HardGate`, a TaskAware wrapper, an MoE, a
+            MultiGateMoE, or any model containing them (as ``local_search`` accepts). Inside
+            containers every DSelectK/COMET gate is hardened, including those inside TaskAware
+            wrappers; other gates are left unchanged.
+        x: data the certificates are computed on: the input of ``obj`` (a tensor, or a dict of
+            keyword arguments for a model that takes them). For a model containing routing layers
+            the model is run once on ``x`` (no gradients, eval mode) and each layer's gates are
+            certified on the input that layer receives (all its calls, concatenated). TaskAware
+            inner gates see what the wrapper would feed them. Required when a per-example gate is
+            hardened.
         snap: static gates get their code logits saturated to ``±gamma`` in place
             (:func:`snap_codes_`), so the module keeps its type and its soft output equals the hard
             one exactly. With ``snap=False``, and always for per-example gates, the gate is replaced
@@ -434,7 +530,23 @@ def harden(
         ``(hardened, certificate)``. ``certificate`` describes ``obj`` *before* hardening (how far
         the trained gate was from binary on the data); ``certificate.after`` holds the same
         measurements on ``hardened``. For a bare gate both are single-gate certificates; for a
-        container they are aggregates whose ``parts`` list one certificate per gate found.
+        container they are aggregates whose ``parts`` list one certificate per gate found, named by
+        its path in the model (``"gate"``, ``"gates.1"``, ``"block.moe.gate"``, ...).
+
+    Example:
+        A static DSelect-k gate whose codes are already decided: hardening snaps them to ``±gamma``,
+        after which the soft gate equals its hard (binary, at most k experts) form exactly:
+
+        >>> from routing_search.gates import DSelectK
+        >>> from routing_search.layers import MoE, make_experts
+        >>> _ = torch.manual_seed(0)
+        >>> moe = MoE(make_experts(4, 3, [8], 1), DSelectK(num_experts=4, k=2))
+        >>> model = nn.Sequential(nn.Linear(3, 3), moe)          # a model containing an MoE
+        >>> hard, cert = harden(model, torch.randn(16, 3))
+        >>> cert.num_gates, [p.name for p in cert.parts], cert.after.agree, cert.after.is_binary
+        (1, ['1.gate'], True, True)
+        >>> isinstance(hard[1].gate, DSelectK), hard is not model   # snapped in a copy, same type
+        (True, True)
     """
     if not isinstance(obj, nn.Module):
         raise TypeError(f"harden() accepts {_HARDEN_ACCEPTS}; got {type(obj).__name__}")
@@ -447,7 +559,7 @@ def harden(
     def set_root(new: nn.Module) -> None:
         root[0] = new
 
-    sites = _find(module, x, task, "", set_root)
+    sites = _sites(module, x, task, set_root)
     if sites is None:
         raise TypeError(f"harden() accepts {_HARDEN_ACCEPTS}; got {type(obj).__name__}")
     for s in sites:  # check every input before changing anything (matters for inplace=True)
@@ -464,7 +576,7 @@ def harden(
         if new is not s.gate:
             s.replace(new)
     hardened = root[0]
-    after_sites = _find(hardened, x, task, "", lambda new: None) or []
+    after_sites = _sites(hardened, x, task, lambda new: None) or []
     after = _certify_sites(after_sites, atol)
     if single:
         cert_before, cert_after = before[0], after[0]

@@ -288,7 +288,7 @@ def test_per_example_gate_needs_x(kind: str) -> None:
 
 
 def test_unsupported_types_are_rejected_with_accepted_types() -> None:
-    with pytest.raises(TypeError, match="DSelectK or COMET.*MoE or a MultiGateMoE; got Softmax"):
+    with pytest.raises(TypeError, match="DSelectK or COMET.*MultiGateMoE, or a model containing any of them; got Softmax"):
         harden(Softmax(4, D))
     with pytest.raises(TypeError, match="got Linear"):
         harden(torch.nn.Linear(2, 2))
@@ -303,3 +303,76 @@ def test_unsupported_types_are_rejected_with_accepted_types() -> None:
 def test_aggregate_of_nothing_is_vacuous() -> None:
     empty = HardenCertificate.aggregate([])
     assert empty.num_gates == 0 and empty.agree and empty.fraction_fractional == 0.0
+
+
+# --------------------------------------------------------------------------- models containing MoE layers
+class TwoLayerModel(torch.nn.Module):
+    """A user's model: a linear stem, an MoE, and a multi-gate MoE on top (the MoE is called twice)."""
+
+    def __init__(self, stem_out: int = D) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = torch.nn.Linear(D, D)
+        self.block = torch.nn.ModuleDict({"moe": MoE(experts(5, out=D), make_gate("dselect", 5, 2, False, seed=4))})
+        static = make_gate("comet", 5, 2, True, seed=5)
+        self.head = MultiGateMoE(experts(5, seed=6), [static, Softmax(5, D)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = self.stem(x)
+        h = self.block["moe"](h).output + self.block["moe"](h.flip(0)).output
+        return self.head(h).outputs
+
+
+def test_harden_model_containing_moe_layers() -> None:
+    """harden accepts what local_search accepts: every selector gate of every MoE layer, one certificate each."""
+    model = TwoLayerModel().eval()
+    x = sign_inputs(24, seed=1)
+    hard, cert = harden(model, x)
+    assert [p.name for p in cert.parts] == ["block.moe.gate", "head.gates.0"]
+    assert cert.num_gates == 2
+    # The MoE's gate is certified on what the MoE receives (the stem's output, both calls concatenated).
+    with torch.no_grad():
+        h = model.stem(x)
+        seen = torch.cat([h, h.flip(0)])
+    expected = certify(model.block["moe"].gate, seen, name="block.moe.gate")
+    assert cert.parts[0] == expected and cert.parts[0].num_examples == 48
+    # A static gate ignores its input: certified once per row the head sees.
+    assert cert.parts[1] == certify(model.head.gates[0], torch.zeros(24, D), name="head.gates.0")
+    # The hardened copy: per-example gate wrapped, static gate snapped in place of the copy; original untouched.
+    assert isinstance(hard.block["moe"].gate, HardGate) and isinstance(hard.head.gates[0], COMET)
+    assert isinstance(model.block["moe"].gate, DSelectK)
+    assert isinstance(hard.head.gates[1], Softmax)  # other gates unchanged
+    assert cert.after is not None and cert.after.agree and cert.after.is_binary
+    with torch.no_grad():  # the hardened model runs its gates' hard forms
+        moe_hard = copy.deepcopy(model.block["moe"])
+        moe_hard.gate = HardGate(moe_hard.gate)
+        h = hard.stem(x)
+        ref = moe_hard(h).output + moe_hard(h.flip(0)).output
+        got = hard.block["moe"](h).output + hard.block["moe"](h.flip(0)).output
+    torch.testing.assert_close(got, ref)
+
+
+def test_harden_model_inplace_and_errors() -> None:
+    model = TwoLayerModel().eval()
+    with pytest.raises(ValueError, match="x is required.*'block.moe.gate'"):
+        harden(model)  # a per-example gate inside: certificates need data
+    hard, cert = harden(model, sign_inputs(8), inplace=True)
+    assert hard is model and isinstance(model.block["moe"].gate, HardGate)
+    with pytest.raises(TypeError, match="or a model containing any of them; got Sequential"):
+        harden(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+
+
+def test_harden_model_with_dict_inputs_and_a_static_gate_only() -> None:
+    class KeywordModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = MoE(experts(4), make_gate("dselect", 4, 2, True, seed=2))
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.moe(features).output
+
+    model = KeywordModel()
+    hard, cert = harden(model, {"features": sign_inputs(6)})
+    assert [p.name for p in cert.parts] == ["moe.gate"] and cert.after.agree
+    hard_static, _ = harden(model)  # static gates need no data
+    torch.testing.assert_close(hard_static.moe.gate.z_logits, hard.moe.gate.z_logits)
