@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from routing_search.gates import TopK
 from routing_search.layers import MLP, MultiGateMoE, make_experts
 from routing_search.search import RoutingObjective, swap_moves
-from routing_search.search.objective import Candidate
+from routing_search.search import Candidate
 from routing_search.training import fit
 
 
@@ -69,7 +69,7 @@ def scan_benchmark(device: torch.device, batch: int, n: int = 16, k: int = 2, d:
     t_cache, objective = timed(lambda: RoutingObjective(model, (x, y), bce), device)
 
     def full_scan():
-        objective._swap_scans.clear()  # score every row, as the first scan of a search does
+        objective.reset_swap_scans()  # score every row, as the first scan of a search does
         return objective.swap_values(0, 0)
 
     t_scan, values = timed(full_scan, device, repeats=5)

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,7 +88,12 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
 
 
 def as_batch(data: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` from a pair or an iterable of pairs (concatenated along the rows)."""
+    """``(inputs, targets)`` from a pair or an iterable of pairs (concatenated along the rows).
+
+    Tensors are concatenated. A plain value (an ``int`` task index, a 0-dim tensor) that is the same in
+    every batch is kept as it is; integers or 0-dim tensors that differ between batches become one entry
+    per row (e.g. ``task=0`` for a batch of 3 rows and ``task=1`` for 2 rows: ``tensor([0, 0, 0, 1, 1])``).
+    """
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
         return data[0], data[1]
     if isinstance(data, Mapping):
@@ -98,18 +104,49 @@ def as_batch(data: Any) -> tuple[Any, Any]:
         raise TypeError(f"data must be (inputs, targets) or an iterable of such pairs, got {type(data).__name__}") from None
     if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
         raise TypeError("data must be (inputs, targets) or a non-empty iterable of (inputs, targets) pairs")
-    return _concat([b[0] for b in batches]), _concat([b[1] for b in batches])
+    if len(batches) == 1:
+        return batches[0][0], batches[0][1]
+    rows = [num_rows((b[0], b[1])) for b in batches]
+    devices = [next(iter(tensors_of(b[0]) + tensors_of(b[1]))).device for b in batches]
+    return _concat([b[0] for b in batches], rows, devices, "inputs"), _concat([b[1] for b in batches], rows, devices, "targets")
 
 
-def _concat(items: Sequence[Any]) -> Any:
+def _concat(items: Sequence[Any], rows: Sequence[int], devices: Sequence[torch.device], where: str) -> Any:
     first = items[0]
-    if isinstance(first, torch.Tensor):
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        if not all(isinstance(it, torch.Tensor) and it.dim() > 0 for it in items):
+            raise TypeError(f"{where}: a tensor with rows in one batch but not in another; batches must have the same structure")
         return torch.cat(list(items), dim=0)
     if isinstance(first, Mapping):
-        return {key: _concat([it[key] for it in items]) if first[key] is not None and not isinstance(first[key], int) else first[key] for key in first}
+        keys = list(first)
+        if not all(isinstance(it, Mapping) and list(it) == keys for it in items):
+            raise TypeError(f"{where}: the batches' dicts have different keys; every batch must have keys {keys}")
+        return {key: _concat([it[key] for it in items], rows, devices, f"{where}[{key!r}]") for key in keys}
     if isinstance(first, (tuple, list)):
-        return type(first)(_concat([it[i] for it in items]) for i in range(len(first)))
-    raise TypeError(f"cannot concatenate batches of type {type(first).__name__}")
+        if not all(type(it) is type(first) and len(it) == len(first) for it in items):
+            raise TypeError(f"{where}: the batches' sequences differ in type or length; batches must have the same structure")
+        return type(first)(_concat([it[i] for it in items], rows, devices, f"{where}[{i}]") for i in range(len(first)))
+    return _concat_plain(items, rows, devices, where)
+
+
+def _concat_plain(items: Sequence[Any], rows: Sequence[int], devices: Sequence[torch.device], where: str) -> Any:
+    """Values without rows: kept when equal in every batch, else integers / 0-dim tensors become per-row tensors."""
+    first = items[0]
+    if first is None or isinstance(first, (str, bytes)):
+        if all(it == first if not isinstance(it, torch.Tensor) else False for it in items):
+            return first
+        raise TypeError(f"{where}: {first!r} in one batch but {next(it for it in items if it != first)!r} in another; batches must agree")
+    scalars = []
+    for it in items:
+        if isinstance(it, torch.Tensor) and it.dim() == 0:
+            scalars.append(it)
+        elif isinstance(it, (bool, int, float, np.integer, np.floating)):
+            scalars.append(torch.as_tensor(it))
+        else:
+            raise TypeError(f"{where}: cannot concatenate batches holding {type(it).__name__}")
+    if all(bool(s == scalars[0]) and s.dtype == scalars[0].dtype for s in scalars):
+        return first
+    return torch.cat([s.to(device).reshape(1).expand(r) for s, r, device in zip(scalars, rows, devices)])
 
 
 @contextlib.contextmanager

@@ -11,11 +11,11 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
-from .._validation import check_choice, check_int, check_no_unknown_options
-from ..exact.subset import solve_subset, subset_objective
+from .._validation import check_choice, check_int, check_no_unknown_options, check_permutation
+from ..exact import solve_subset, subset_objective
 from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
-from ..search.local_search import local_search
+from ..search.descent import local_search
 from ..search.objective import RoutingObjective
 
 __all__ = ["optimality_gap", "frozen_arrays", "permutation_objective"]
@@ -37,17 +37,20 @@ def frozen_arrays(model: nn.Module, data: Any, *, layer: nn.Module | str | None 
 
 
 def permutation_objective(
-    model: nn.Module, data: Any, loss: Any, *, layer: nn.Module | str | None = None
+    model: nn.Module, data: Any, loss: Any, *, layer: nn.Module | str | None = None, process_group: Any = False
 ) -> Callable[[Sequence[int]], float]:
     """The model's loss on ``data`` as a function of its permutation, experts and gates frozen.
 
     For a layer with a single permutation row (one module, one row: ``per_selector=False`` or a gate
     without selectors; ``share_permutation=True`` in a multi-gate MoE). The returned callable takes a
-    permutation (``perm[i]`` = expert of gate slot ``i``) and returns the exact loss without re-running
-    the experts; pass it to :func:`~routing_search.exact.landscape`. The model itself is not changed.
+    permutation (``perm[i]`` = expert of gate slot ``i``; anything else raises ``ValueError``) and returns
+    the exact loss without re-running the experts; pass it to :func:`~routing_search.exact.landscape`.
+    The model itself is not changed. ``process_group`` (default ``False``: this process alone) may name
+    a group whose ranks hold shards of ``data``; every rank must then call the returned function with
+    the same permutations (see :class:`~routing_search.search.RoutingObjective`).
     """
 
-    objective = RoutingObjective(model, data, loss, layer=layer)
+    objective = RoutingObjective(model, data, loss, layer=layer, process_group=process_group)
     rows = [s.shape[0] for s in objective.state]
     if rows != [1]:
         raise ValueError(
@@ -55,7 +58,11 @@ def permutation_objective(
             "build it with per_selector=False (and share_permutation=True for a MultiGateMoE), "
             "or use RoutingObjective.value_of for several rows"
         )
-    return lambda perm: objective.value_of([np.asarray(perm, dtype=np.int64).reshape(1, -1)])
+
+    def value(perm: Sequence[int]) -> float:
+        return objective.value_of([check_permutation(perm, objective.n, name="perm").reshape(1, -1)])
+
+    return value
 
 
 def _check_task(task: int, num_tasks: int) -> None:

@@ -8,6 +8,7 @@ gate weights ``g``: ``w[:, index[i]] = g[:, i]``, i.e. ``w = g[:, inverse]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,27 @@ class Permutation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, num_selectors={self.num_selectors}"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Refuse a saved ``index`` that is not a permutation in every row (before anything is copied)."""
+        key = prefix + "index"
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(self.index.shape):
+            for s, row in enumerate(value):
+                try:
+                    check_permutation(row, self.num_experts, name=f"{key} row {s}")
+                except ValueError as exc:
+                    raise ValueError(f"cannot load {key!r}: {exc} (the saved permutation buffer is corrupt)") from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @property
     def is_identity(self) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..gates.comet import COMET, _leaf_paths
+from ..gates.comet import COMET
 from ..gates.dselect_k import DSelectK
 from ..gates.protocol import GateOutput
 
@@ -71,6 +71,15 @@ def set_selector_slot(gate: nn.Module, selector: int, slot: int) -> None:
         bits = torch.tensor([(slot >> j) & 1 for j in range(gate.z_logits.shape[1])], dtype=gate.z_logits.dtype)
         gate.z_logits[selector] = torch.where(bits > 0, gamma, -gamma).to(gate.z_logits.device)
         return
-    _, path = _leaf_paths(gate.num_experts)[slot]
-    for node, went_left in path:
+    for node, went_left in _root_path(gate.leaf_order[slot]):
         gate.node_logits[selector, node] = gamma if went_left else -gamma
+
+
+def _root_path(leaf: int) -> list[tuple[int, bool]]:
+    """``(node, went_left)`` from the root down to heap node ``leaf`` (children of q: 2q+1 left, 2q+2 right)."""
+    path = []
+    while leaf > 0:
+        parent = (leaf - 1) // 2
+        path.append((parent, leaf == 2 * parent + 1))
+        leaf = parent
+    return path[::-1]

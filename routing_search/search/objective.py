@@ -9,12 +9,18 @@ only the gate slots whose expert changes matter, and only on the rows where thos
 (for a swap of slots a, b this is the closed form ``(c_a − c_b)(F_{π(b)} − F_{π(a)})``). The task heads
 (towers) and the user's per-example loss are then evaluated on those rows only, and the loss change is
 added to the cached total. Everything downstream of the mixture is the user's.
+
+Under a process group (``process_group=``, default the world group when ``torch.distributed`` is
+initialised) every rank holds its own shard of the data. The objective is the mean loss over the union
+of the shards: each rank computes sums of per-example losses (or of their changes) on its rows, and these
+sums are all-reduced before any value is used, so every rank sees the same numbers and makes the same
+decisions. See :class:`RoutingObjective` for what is reduced when.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,15 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import check_int
-from ..batches import as_batch, call_model, eval_mode, take_rows, unwrap_prediction
+from .._validation import check_int, check_permutation
+from ..batches import as_batch, call_model, eval_mode, num_rows, take_rows, unwrap_prediction
+from ..distributed import all_gather_objects, all_reduce_sum, rank, resolve_group
 from ..gates.protocol import GateOutput
 from ..layers.moe import MoE, MoEOutput
 from ..layers.multigate import MultiGateMoE, MultiGateOutput
 from ..layers.permutation import Permutation, apply_permutation
 from .swap_scan import SwapScan
 
-__all__ = ["RoutingObjective", "Candidate", "LossFn", "find_routing_layer"]
+__all__ = ["RoutingObjective", "Candidate", "LossFn", "find_routing_layer", "DistributedSearchError"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -43,6 +50,10 @@ class Candidate:
     selector: int
     row: tuple[int, ...]
     kind: str = "move"
+
+
+class DistributedSearchError(RuntimeError):
+    """Another rank of the process group failed while preparing the search (its error is in the message)."""
 
 
 def _is_routing_layer(module: nn.Module) -> bool:
@@ -87,18 +98,38 @@ class RoutingObjective:
 
     Args:
         model: an ``MoE``, a ``MultiGateMoE``, or any module containing one (then ``layer`` picks it
-            when there are several). The model is evaluated in eval mode; its modes are restored.
+            when there are several). The model is evaluated in eval mode; its modes are restored. A
+            wrapping model must call the layer exactly once per forward.
         data: ``(inputs, targets)`` or an iterable of such pairs. ``inputs`` is the model's input
-            tensor, or a dict of its keyword arguments (e.g. ``{'x': x, 'task': t, 'key': k}``).
+            tensor, or a dict of its keyword arguments (e.g. ``{'x': x, 'task': t, 'key': k}``, or any
+            names a wrapping model takes).
         loss: ``loss(prediction, targets)``; ``prediction`` is what the model returns (an MoE's
             ``.output``, a multi-gate MoE's list ``.outputs``). Return per-example losses ``[B]`` to get
-            row-restricted (fast) candidate evaluation; a scalar is accepted and evaluated in full.
+            row-restricted (fast) candidate evaluation; a scalar is accepted (single process only) and
+            evaluated in full.
         max_rows: cap on the rows evaluated at once when scanning candidates (bounds the memory of
             every chunk; 16K rows keeps the intermediates in cache on a CPU).
+        process_group: ``None`` (default): the world group when ``torch.distributed`` is initialised,
+            else a single process; ``False``: this process alone; or a ``ProcessGroup``. With a group,
+            ``data`` is this rank's shard (it may be empty), and every value is the mean loss over the
+            union of the shards.
 
     Memory: the cache holds every expert's output on every row, ``B · n · u`` values (plus the gate
     outputs); evaluating candidates adds at most ``max_rows`` rows at a time. Bound ``B`` by the size of
     the evaluation data (``fit`` searches at most 2048 held-out rows by default).
+
+    Communication under a process group: at construction one ``all_gather_object`` (row counts, the
+    starting permutations and any error, so that a failure on one rank is raised on every rank); then
+    one float64 all-reduce per value that the search reads: a scalar per exact evaluation of a state,
+    one vector per :meth:`evaluate` call (one entry per candidate), one ``[n, n]`` table per
+    :meth:`swap_values` or :meth:`swap_screen` call. Every rank must make the same calls in the same
+    order (``local_search`` does).
+
+    Attributes:
+        fun: the current loss (the mean over all rows of all ranks for a per-example loss).
+        fun0: the loss at construction.
+        nfev: evaluations so far (identical on every rank).
+        batch: this rank's number of rows; ``total_rows``: the rows of all ranks together.
     """
 
     def __init__(
@@ -109,18 +140,34 @@ class RoutingObjective:
         *,
         layer: nn.Module | str | None = None,
         max_rows: int = 1 << 14,
+        process_group: Any = None,
     ) -> None:
         if not callable(loss):
             raise TypeError(f"loss must be a callable loss(prediction, targets), got {type(loss).__name__}")
+        self.group = resolve_group(process_group)
         self.model = model
         self.loss_fn = loss
-        self.layer, self.nested = find_routing_layer(model, layer)
-        self._modules = list(model.modules())
-        self.max_rows = check_int("max_rows", max_rows, minimum=1)
-        self.inputs, self.targets = as_batch(data)
         self.nfev = 0
         self._swap_scans: dict[tuple[int, int], SwapScan] = {}
-        self._build_cache()
+        error: BaseException | None = None
+        piece = 0.0
+        try:
+            self.layer, self.nested = find_routing_layer(model, layer)
+            self._modules = list(model.modules())
+            self.max_rows = check_int("max_rows", max_rows, minimum=1)
+            self.inputs, self.targets = as_batch(data)
+            self.batch = num_rows((self.inputs, self.targets))
+            if self.group is None and self.batch == 0:
+                raise ValueError("data holds 0 rows; pass at least one (inputs, targets) row to evaluate the routing on")
+            self._build_cache()
+            piece = self._refresh_local()
+        except Exception as exc:  # reported to every rank below, then re-raised here
+            if self.group is None:
+                raise
+            error = exc
+        self._agree(error)
+        self.fun = self._total(piece)
+        self.fun0 = self.fun
 
     # ----------------------------------------------------------------- cache
     @torch.no_grad()
@@ -128,37 +175,20 @@ class RoutingObjective:
         layer = self.layer
         with eval_mode(self.model, self._modules):
             if self.nested:
-                captured: dict[str, Any] = {}
-
-                def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                    captured.setdefault("args", args)
-                    captured.setdefault("kwargs", kwargs)
-
-                handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-                try:
-                    call_model(self.model, self.inputs)
-                finally:
-                    handle.remove()
-                if "args" not in captured:
-                    raise ValueError("the model's forward did not call the chosen MoE layer")
-                args, kwargs = captured["args"], dict(captured["kwargs"])
-                x = args[0] if args else kwargs.pop("x")
-                task = args[1] if len(args) > 1 else kwargs.get("task")
-                key = args[2] if len(args) > 2 else kwargs.get("key")
+                x, task, key = self._capture_layer_call()
             else:
                 if isinstance(self.inputs, Mapping):
                     unknown = set(self.inputs) - {"x", "task", "key"}
-                    if unknown:
-                        raise ValueError(f"inputs for an MoE layer accept keys 'x', 'task', 'key'; got {sorted(unknown)}")
+                    if unknown or "x" not in self.inputs:
+                        raise ValueError(f"inputs for an MoE layer are a tensor or a dict with keys 'x' and optionally 'task', 'key'; got keys {sorted(self.inputs)}")
                     x, task, key = self.inputs["x"], self.inputs.get("task"), self.inputs.get("key")
                 else:
                     x, task, key = self.inputs, None, None
             self.x, self.task, self.key = x, task, key
             self.gate_outs = [_detach_gate_output(g) for g in layer.gate_outputs(x, task=task, key=key)]
             outputs = layer.expert_outputs(x)
-        self.batch = outputs.shape[0]
         self.out_shape = tuple(outputs.shape[2:])
-        self.F = outputs.reshape(self.batch, outputs.shape[1], -1)  # [B, n, u]
+        self.F = outputs.reshape(outputs.shape[0], outputs.shape[1], int(np.prod(self.out_shape, dtype=np.int64)))  # [B, n, u]
         self.n = self.F.shape[1]
         self.slots: list[Permutation] = list(layer.permutations)
         self.task_slot = [self._slot_of_task(t) for t in range(layer.num_tasks)]
@@ -167,8 +197,72 @@ class RoutingObjective:
             _selector_contributions(g, self.slots[self.task_slot[t]].num_selectors) for t, g in enumerate(self.gate_outs)
         ]
         self.state = [slot.index.detach().clone().to(self.F.device) for slot in self.slots]
-        self._refresh()
-        self.fun0 = self.fun
+        self.per_example: bool | None = None  # decided by the first evaluation of the loss
+        self.row_losses: torch.Tensor | None = None
+        self.task_preds: list[torch.Tensor] | None = None
+
+    def _capture_layer_call(self) -> tuple[Any, Any, Any]:
+        """Run the wrapping model once and record the arguments of its (single) call of the layer."""
+        calls: list[inspect.BoundArguments] = []
+        signature = inspect.signature(self.layer.forward)
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append(signature.bind(*args, **kwargs))
+
+        handle = self.layer.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            call_model(self.model, self.inputs)
+        finally:
+            handle.remove()
+        if not calls:
+            raise ValueError("the model's forward did not call the chosen MoE layer")
+        if len(calls) > 1:
+            raise ValueError(
+                f"the model calls the chosen MoE layer {len(calls)} times in one forward; the search evaluates a "
+                "permutation through a single call of the layer and would optimise a wrong objective. Search a "
+                "model that calls the layer once (e.g. one layer per call site, chosen with layer=)"
+            )
+        bound = calls[0]
+        bound.apply_defaults()
+        arguments = bound.arguments
+        return arguments["x"], arguments.get("task"), arguments.get("key")
+
+    def _agree(self, error: BaseException | None) -> None:
+        """Under a process group: exchange row counts, starting permutations and errors; raise on all ranks."""
+        if self.group is None:
+            self.total_rows = self.batch
+            return
+        report = (
+            None if error is None else f"{type(error).__name__}: {error}",
+            getattr(self, "batch", 0),
+            getattr(self, "per_example", None),
+            None if error is not None else [s.cpu().tolist() for s in self.state],
+        )
+        reports = all_gather_objects(report, self.group)
+        failed = [(r, rep[0]) for r, rep in enumerate(reports) if rep[0] is not None]
+        if error is not None:
+            raise error
+        if failed:
+            text = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+            raise DistributedSearchError(f"the search was not started because another rank failed while preparing it ({text})")
+        self.total_rows = sum(rep[1] for rep in reports)
+        if self.total_rows == 0:
+            raise ValueError("data holds 0 rows on every rank of the process group; pass at least one (inputs, targets) row")
+        kinds = {rep[2] for rep in reports if rep[1] > 0}
+        if kinds != {True}:
+            raise ValueError(
+                "under a process group the loss must return per-example losses [B] (a scalar cannot be combined "
+                "across shards exactly); use reduction='none'"
+            )
+        self.per_example = True
+        if self.batch == 0 and not self.nested:
+            self.row_losses = torch.zeros(0, dtype=torch.float64, device=self.F.device)
+        states = [rep[3] for rep in reports]
+        if any(s != states[0] for s in states[1:]):
+            raise ValueError(
+                "the ranks hold different permutations at the start of the search; give every rank the same model "
+                "(e.g. broadcast rank 0's state, as DistributedDataParallel does at construction)"
+            )
 
     def _slot_of_task(self, task: int) -> int:
         if isinstance(self.layer, MultiGateMoE):
@@ -176,36 +270,97 @@ class RoutingObjective:
             return next(p for p, slot in enumerate(self.layer.permutations) if slot is perm)
         return 0
 
+    # ------------------------------------------------------------ reductions
+    def _total(self, pieces: float | np.ndarray | torch.Tensor) -> Any:
+        """The objective from local pieces (sums of per-example losses, or scalar losses); reduced over ranks.
+
+        Returns a float for a float, an array for an array. Collective under a process group.
+        """
+        scalar = isinstance(pieces, float)
+        t = torch.as_tensor(np.atleast_1d(np.asarray(pieces, dtype=np.float64)) if not isinstance(pieces, torch.Tensor) else pieces, dtype=torch.float64)
+        if self.group is not None:
+            t = all_reduce_sum(t.to(self.F.device if hasattr(self, "F") else "cpu").clone(), self.group).cpu() / self.total_rows
+        elif self.per_example:
+            t = t / self.batch
+        out = t.numpy()
+        return float(out[0]) if scalar else out
+
+    def _changes(self, local: torch.Tensor) -> torch.Tensor:
+        """``fun`` + (sum over ranks of local loss-change sums) / rows, for a tensor of any shape (collective)."""
+        local = local.to(torch.float64)
+        if self.group is not None:
+            local = all_reduce_sum(local.clone(), self.group)
+        return self.fun + local / self.total_rows
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks of the process group (a copy; itself for a single process)."""
+        return tensor if self.group is None else all_reduce_sum(tensor.clone(), self.group)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is True on at least one rank (collective; ``flag`` itself for a single process)."""
+        if self.group is None:
+            return bool(flag)
+        return bool(self.reduce_sum(torch.tensor([1.0 if flag else 0.0], device=self.F.device)).item() > 0)
+
+    @property
+    def process_group(self) -> Any:
+        """The process group the objective reduces over (``None``: a single process)."""
+        return self.group
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group (0 for a single process)."""
+        return rank(self.group)
+
+    # ------------------------------------------------------------- evaluation
     @torch.no_grad()
     def _refresh(self) -> None:
         """Recompute mixtures, predictions, per-example losses and the total from the current state."""
-        old_mixtures, old_losses = getattr(self, "mixtures", None), getattr(self, "row_losses", None)
+        self.fun = self._total(self._refresh_local())
+
+    @torch.no_grad()
+    def _refresh_local(self) -> float:
+        """Local part of :meth:`_refresh`: this rank's loss piece (sum of row losses, or the scalar loss)."""
+        old_mixtures, old_losses = getattr(self, "mixtures", None), self.row_losses
         self.mixtures = [self._mixture(t, self.state[self.task_slot[t]]) for t in range(len(self.gate_outs))]
+        self.nfev += 1
         with eval_mode(self.model, self._modules):
             if self.nested:
                 self.task_preds = None
-                self.row_losses = None
-                self.fun = self._nested_loss(self.mixtures)
+                piece = self._nested_piece(self.mixtures, self.state)
             else:
                 self.task_preds = [self._head_task(t, m) for t, m in enumerate(self.mixtures)]
+                if self.batch == 0:
+                    self.row_losses = torch.zeros(0, dtype=torch.float64, device=self.F.device) if self.per_example else None
+                    return 0.0
                 value = self.loss_fn(self._assemble(self.task_preds), self.targets)
-                self.row_losses, self.fun = self._split_loss(value, self.batch)
-        self.nfev += 1
+                self.row_losses, piece = self._split_loss(value, self.batch)
         if self._swap_scans and old_mixtures is not None and old_losses is not None and self.row_losses is not None:
             changed = self.row_losses != old_losses
             for new, old in zip(self.mixtures, old_mixtures):
                 changed |= (new != old).any(dim=1)
             for scan in self._swap_scans.values():
                 scan.mark_dirty(changed)
+        return piece
 
-    def _split_loss(self, value: torch.Tensor, rows: int) -> tuple[torch.Tensor | None, float]:
+    def _split_loss(self, value: Any, rows: int) -> tuple[torch.Tensor | None, float]:
+        """``(per-example losses or None, local piece)``; fixes whether the loss is per-example at first use."""
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"loss must return a tensor, got {type(value).__name__}")
         if value.dim() == 0:
-            return None, float(value)
-        if value.shape != (rows,):
+            per_example = False
+        elif value.shape == (rows,):
+            per_example = True
+        else:
             raise ValueError(f"loss must return per-example losses of shape [{rows}] or a scalar, got {tuple(value.shape)}")
-        return value.detach().to(torch.float64), float(value.detach().to(torch.float64).mean())
+        if self.per_example is None:
+            self.per_example = per_example
+        elif self.per_example != per_example:
+            raise ValueError("loss returned per-example losses for some calls and a scalar for others; return one kind")
+        if not per_example:
+            return None, float(value)
+        losses = value.detach().to(torch.float64)
+        return losses, float(losses.sum())
 
     def _mixture(self, task: int, index: torch.Tensor) -> torch.Tensor:
         weights = apply_permutation(self.gate_outs[task], index)
@@ -220,28 +375,42 @@ class RoutingObjective:
     def _assemble(self, task_preds: list[torch.Tensor]) -> Any:
         return task_preds if isinstance(self.layer, MultiGateMoE) else task_preds[0]
 
-    def _nested_loss(self, mixtures: list[torch.Tensor]) -> float:
-        """Run the wrapping model with the layer's output replaced by the given mixtures."""
+    def _nested_piece(self, mixtures: list[torch.Tensor], state: Sequence[torch.Tensor]) -> float:
+        """Run the wrapping model with the layer's output replaced by the given mixtures (a forward hook).
+
+        The hook runs before any hook the user registered on the layer, so those see the replaced output
+        as they would see the layer's own; nothing on the layer instance is replaced.
+        """
+        if self.batch == 0:
+            return 0.0
         layer = self.layer
         shaped = [m.reshape((m.shape[0],) + self.out_shape) for m in mixtures]
-        weights = [apply_permutation(g, self.state[self.task_slot[t]]) for t, g in enumerate(self.gate_outs)]
+        weights = [apply_permutation(g, state[self.task_slot[t]]) for t, g in enumerate(self.gate_outs)]
         loss0 = torch.stack([g.loss for g in self.gate_outs]).sum()
         if isinstance(layer, MultiGateMoE):
             replaced: Any = MultiGateOutput(layer.head(shaped), loss0, weights, self.gate_outs)
         else:
             replaced = MoEOutput(shaped[0], loss0, weights[0], self.gate_outs[0])
-        layer.forward = lambda *args, **kwargs: replaced  # instance attribute shadows the method
+        calls = [0]
+
+        def replace(module: nn.Module, args: tuple, output: Any) -> Any:
+            calls[0] += 1
+            return replaced
+
+        handle = layer.register_forward_hook(replace, prepend=True)
         try:
             value = self.loss_fn(unwrap_prediction(call_model(self.model, self.inputs)), self.targets)
         finally:
-            del layer.forward
+            handle.remove()
+        if calls[0] != 1:
+            raise ValueError(f"the model called the chosen MoE layer {calls[0]} times in one forward; the search needs exactly one call")
         return self._split_loss(value, self.batch)[1]
 
     # ------------------------------------------------------------- candidates
     @property
     def row_restricted(self) -> bool:
         """True when candidates are evaluated on the changed rows only (per-example loss, direct layer)."""
-        return self.row_losses is not None
+        return bool(self.per_example) and not self.nested
 
     def current(self) -> list[np.ndarray]:
         """The current permutation of every slot, ``[S, n]`` int64 arrays."""
@@ -249,27 +418,27 @@ class RoutingObjective:
 
     @torch.no_grad()
     def evaluate(self, candidates: Sequence[Candidate]) -> np.ndarray:
-        """Exact evaluation loss of each candidate applied alone to the current state."""
-        out = np.empty(len(candidates), dtype=np.float64)
+        """Exact evaluation loss of each candidate applied alone to the current state (collective)."""
         if not self.row_restricted:
-            for i, cand in enumerate(candidates):
-                out[i] = self._full_value({cand.slot: self._with_row(cand)})
-            return out
+            pieces = np.array([self._full_piece({cand.slot: self._with_row(cand)}) for cand in candidates], dtype=np.float64)
+            return self._total(pieces)
+        local = torch.zeros(len(candidates), dtype=torch.float64, device=self.F.device)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, cand in enumerate(candidates):
             groups.setdefault((cand.slot, cand.selector), []).append(i)
         for (slot, selector), members in groups.items():
             rows = torch.as_tensor([candidates[i].row for i in members], device=self.F.device)
             # Bound the [candidates, changed slots, batch] mask built per chunk.
-            per_chunk = max(1, (1 << 24) // (self.batch * self.n))
+            per_chunk = max(1, (1 << 24) // max(1, self.batch * self.n))
             for start in range(0, len(members), per_chunk):
                 chunk = members[start : start + per_chunk]
-                self._group_changes(slot, selector, rows[start : start + per_chunk], out, chunk)
+                index = torch.as_tensor(chunk, device=self.F.device)
+                local.index_copy_(0, index, self._group_changes(slot, selector, rows[start : start + per_chunk]))
                 self.nfev += len(chunk)
-        return out
+        return self._changes(local).cpu().numpy()
 
-    def _group_changes(self, slot: int, selector: int, rows: torch.Tensor, out: np.ndarray, members: list[int]) -> None:
-        """Evaluate candidates that all change selector ``selector`` of module ``slot`` (vectorised).
+    def _group_changes(self, slot: int, selector: int, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's summed loss change of candidates that all change selector ``selector`` of module ``slot``.
 
         Every (candidate, row, changed slot) entry with non-zero weight contributes
         ``c · (F[row, new expert] − F[row, old expert])`` to that row's mixture under that candidate.
@@ -287,8 +456,7 @@ class RoutingObjective:
         for lo in range(0, pair_g.numel(), self.max_rows):
             g, b = pair_g[lo : lo + self.max_rows], pair_b[lo : lo + self.max_rows]
             result.index_add_(0, g, self._pair_loss_change(slot, selector, rows, changed, g, b))
-        values = self.fun + result.cpu().numpy() / self.batch
-        out[np.asarray(members)] = values
+        return result
 
     def _pair_loss_change(
         self, slot: int, selector: int, rows: torch.Tensor, changed: torch.Tensor, g: torch.Tensor, b: torch.Tensor
@@ -296,6 +464,7 @@ class RoutingObjective:
         """Per-example loss change of row ``b[j]`` under candidate ``g[j]``."""
         old = self.state[slot][selector]
         preds: list[torch.Tensor] = []
+        assert self.task_preds is not None and self.row_losses is not None  # row-restricted evaluation
         with eval_mode(self.model, self._modules):
             for t in range(len(self.gate_outs)):
                 if t not in self.slot_tasks[slot]:
@@ -313,22 +482,25 @@ class RoutingObjective:
                 preds.append(self._head_task(t, mixture))
             value = self.loss_fn(self._assemble(preds), take_rows(self.targets, b))
         new_losses, _ = self._split_loss(value, b.numel())
+        assert new_losses is not None
         return new_losses - self.row_losses.index_select(0, b)
 
     @torch.no_grad()
     def swap_values(self, slot: int, selector: int) -> torch.Tensor:
         """Exact loss after every swap (a, c) of one permutation row: ``[n, n]`` float64, diagonal = current.
 
-        With a per-example loss this is the structured, incremental scan of :class:`SwapScan`; otherwise
-        every swap is evaluated as a candidate.
+        With a per-example loss this is the structured, incremental scan of :class:`SwapScan` (one
+        ``[n, n]`` all-reduce under a process group); otherwise every swap is evaluated as a candidate.
         """
         n = self.n
-        self.nfev += n * (n - 1) // 2
         if self.row_restricted:
+            self.nfev += n * (n - 1) // 2
             scan = self._swap_scans.get((slot, selector))
             if scan is None:
                 scan = self._swap_scans[(slot, selector)] = SwapScan(self, slot, selector)
-            return scan.values()
+            values = self._changes(scan.local_changes()).cpu()
+            values.fill_diagonal_(self.fun)
+            return values
         index = self.state[slot][selector].cpu().numpy()
         pairs = [(a, c) for a in range(n) for c in range(a + 1, n)]
         cands = []
@@ -341,15 +513,24 @@ class RoutingObjective:
             values[a, c] = values[c, a] = v
         return values
 
-    def _rows_loss_change(
+    def reset_swap_scans(self) -> None:
+        """Drop the cached swap-scan terms (the next :meth:`swap_values` scores every row again)."""
+        self._swap_scans.clear()
+
+    def rows_loss_change(
         self, rows: torch.Tensor, base: dict[int, torch.Tensor], coeff: dict[int, torch.Tensor], outputs: torch.Tensor
     ) -> torch.Tensor:
         """Per-example loss change when task t's mixture on each row becomes ``base[t] + coeff[t] * outputs``.
 
         ``outputs`` is ``[R', m, u]`` with ``R' * m == len(rows)`` (``m`` alternatives per base row);
         ``base[t]`` and ``coeff[t]`` broadcast against it (one fused pass). Tasks not in ``coeff`` keep
-        their cached predictions.
+        their cached predictions. Local to this rank (no communication); needs a per-example loss.
         """
+        if not self.row_restricted:
+            raise ValueError("rows_loss_change needs a per-example loss and the MoE layer itself as the model")
+        assert self.task_preds is not None and self.row_losses is not None
+        if rows.numel() == 0:
+            return torch.zeros(0, dtype=torch.float64, device=self.F.device)
         preds: list[torch.Tensor] = []
         with eval_mode(self.model, self._modules):
             for t in range(len(self.gate_outs)):
@@ -360,45 +541,60 @@ class RoutingObjective:
                 preds.append(self._head_task(t, mixture.reshape(rows.numel(), -1)))
             value = self.loss_fn(self._assemble(preds), take_rows(self.targets, rows))
         new_losses, _ = self._split_loss(value, rows.numel())
+        assert new_losses is not None
         return new_losses - self.row_losses.index_select(0, rows)
 
     def _with_row(self, cand: Candidate) -> torch.Tensor:
         index = self.state[cand.slot].clone()
-        index[cand.selector] = torch.as_tensor(cand.row, device=index.device)
+        index[cand.selector] = torch.as_tensor(check_permutation(cand.row, self.n, name="candidate row"), device=index.device)
         return index
 
     @torch.no_grad()
-    def _full_value(self, replace: Mapping[int, torch.Tensor]) -> float:
+    def _full_piece(self, replace: Mapping[int, torch.Tensor]) -> float:
+        """This rank's loss piece at the current state with some modules' permutations replaced."""
         state = [replace.get(p, s) for p, s in enumerate(self.state)]
         mixtures = [self._mixture(t, state[self.task_slot[t]]) for t in range(len(self.gate_outs))]
         self.nfev += 1
         with eval_mode(self.model, self._modules):
             if self.nested:
-                saved, self.state = self.state, state
-                try:
-                    return self._nested_loss(mixtures)
-                finally:
-                    self.state = saved
+                return self._nested_piece(mixtures, state)
+            if self.batch == 0:
+                return 0.0
             preds = [self._head_task(t, m) for t, m in enumerate(mixtures)]
             return self._split_loss(self.loss_fn(self._assemble(preds), self.targets), self.batch)[1]
 
+    def _full_value(self, replace: Mapping[int, torch.Tensor]) -> float:
+        return self._total(self._full_piece(replace))
+
+    def _checked_state(self, state: Sequence[np.ndarray | torch.Tensor], name: str) -> list[torch.Tensor]:
+        """``state`` as tensors shaped like the current one, every row checked to be a permutation."""
+        if isinstance(state, (np.ndarray, torch.Tensor)) or len(state) != len(self.state):
+            raise ValueError(f"{name} must be a list of {len(self.state)} permutation arrays (one [S, n] array per module)")
+        out = []
+        for p, s in enumerate(state):
+            arr = s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s)
+            shape = tuple(self.state[p].shape)
+            if arr.size != shape[0] * shape[1]:
+                raise ValueError(f"{name}[{p}] must have shape {list(shape)}, got {list(arr.shape)}")
+            arr = arr.reshape(shape)
+            rows = [check_permutation(row, self.n, name=f"{name}[{p}] row {r}") for r, row in enumerate(arr)]
+            out.append(torch.as_tensor(np.stack(rows), device=self.F.device))
+        return out
+
     def value_of(self, state: Sequence[np.ndarray | torch.Tensor]) -> float:
-        """Exact loss of a whole state (one ``[S, n]`` array per slot), computed from scratch."""
-        tensors = {p: torch.as_tensor(np.asarray(s), device=self.F.device).reshape(self.state[p].shape) for p, s in enumerate(state)}
-        return self._full_value(tensors)
+        """Exact loss of a whole state (one ``[S, n]`` array per slot), computed from scratch (collective)."""
+        return self._full_value(dict(enumerate(self._checked_state(state, "state"))))
 
     @torch.no_grad()
     def set_state(self, state: Sequence[np.ndarray | torch.Tensor]) -> float:
-        """Move to a whole state and recompute everything exactly; returns the new loss."""
-        if len(state) != len(self.state):
-            raise ValueError(f"state must hold {len(self.state)} permutation arrays, got {len(state)}")
-        self.state = [torch.as_tensor(np.asarray(s), device=self.F.device).reshape(self.state[p].shape).clone() for p, s in enumerate(state)]
+        """Move to a whole state and recompute everything exactly; returns the new loss (collective)."""
+        self.state = self._checked_state(state, "state")
         self._refresh()
         return self.fun
 
     @torch.no_grad()
     def refresh_gates(self) -> float:
-        """Recompute the gate outputs (after the gate's parameters were changed) and the loss."""
+        """Recompute the gate outputs (after the gate's parameters were changed) and the loss (collective)."""
         with eval_mode(self.model, self._modules):
             outs = self.layer.gate_outputs(self.x, task=self.task, key=self.key)
         self.gate_outs = [_detach_gate_output(g) for g in outs]
@@ -411,16 +607,17 @@ class RoutingObjective:
 
     @torch.no_grad()
     def value_with_gate_outputs(self, replace: Mapping[int, GateOutput]) -> float:
-        """Exact loss at the current permutations with some tasks' gate outputs replaced."""
+        """Exact loss at the current permutations with some tasks' gate outputs replaced (collective)."""
         saved = self.gate_outs
         self.gate_outs = [replace.get(t, g) for t, g in enumerate(saved)]
         try:
-            return self._full_value({})
+            piece = self._full_piece({})
         finally:
             self.gate_outs = saved
+        return self._total(piece)
 
     def accept(self, cand: Candidate) -> float:
-        """Apply a candidate and verify its loss exactly from scratch; returns the verified loss."""
+        """Apply a candidate and verify its loss exactly from scratch; returns the verified loss (collective)."""
         state = self.current()
         state[cand.slot][cand.selector] = np.asarray(cand.row)
         return self.set_state(state)
@@ -432,20 +629,25 @@ class RoutingObjective:
 
     # ------------------------------------------------------------- screening
     def mixture_gradients(self) -> list[torch.Tensor]:
-        """∂L/∂m_t for each task at the current state (``[B, u]``), for first-order screening."""
+        """∂L/∂m_t for each task at the current state (``[B, u]``, this rank's rows), for first-order screening.
+
+        ``L`` is the objective (the mean over all ranks' rows), so the per-rank screens add up.
+        """
         if self.nested:
             raise ValueError("first-order screening needs the MoE layer itself as the model (not a wrapping model)")
         mixtures = [m.detach().clone().requires_grad_(True) for m in self.mixtures]
+        if self.batch == 0:
+            return [torch.zeros_like(m) for m in mixtures]
         with eval_mode(self.model, self._modules), torch.enable_grad():
             preds = [self._head_task(t, m) for t, m in enumerate(mixtures)]
             value = self.loss_fn(self._assemble(preds), self.targets)
-            total = value.mean() if value.dim() > 0 else value
+            total = value.sum() / self.total_rows if value.dim() > 0 else value
             grads = torch.autograd.grad(total, mixtures, allow_unused=True)
         return [torch.zeros_like(m) if g is None else g for m, g in zip(mixtures, grads)]
 
     @torch.no_grad()
     def swap_screen(self, slot: int, selector: int, grads: list[torch.Tensor]) -> torch.Tensor:
-        """First-order estimate ⟨∂L/∂m, Δm⟩ of every swap (a, b) of one selector: ``[n, n]`` matrix."""
+        """First-order estimate ⟨∂L/∂m, Δm⟩ of every swap (a, b) of one selector: ``[n, n]`` (collective)."""
         index = self.state[slot][selector]
         total = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.F.device)
         for t in self.slot_tasks[slot]:
@@ -455,7 +657,7 @@ class RoutingObjective:
             M = (C.t() @ H_slot).to(torch.float64)  # M[a, b] = Σ_rows c_a ⟨g, f_π(b)⟩
             diag = torch.diagonal(M)
             total += M + M.t() - diag.unsqueeze(1) - diag.unsqueeze(0)
-        return total  # the gradient of the mean loss already carries the 1/B
+        return self.reduce_sum(total)  # the gradient of the mean loss already carries the 1/rows
 
 
 def _detach_gate_output(g: GateOutput) -> GateOutput:

@@ -20,6 +20,7 @@ the same at convergence but never divides 0 by 0 when Sinkhorn has not converged
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .._validation import check_int, check_positive_float
+from ..distributed import broadcast_object, is_main_process, resolve_group
 from ..gates.protocol import GateOutput, check_gate, num_selectors_of
 
 __all__ = ["log_sinkhorn", "permutation_entropy", "SinkhornPermutation", "SinkhornState", "sinkhorn_modules"]
@@ -267,17 +269,27 @@ class SinkhornPermutation(nn.Module):
         return self.index.detach().cpu().numpy().copy()
 
     @torch.no_grad()
-    def round_(self) -> np.ndarray:
+    def round_(self, *, process_group: Any = None) -> np.ndarray:
         """Round ``P`` to the permutation maximising ``Σ_i P_{i,perm[i]}`` (Hungarian) and freeze.
 
         After this the forward applies the hard permutation exactly and ``log_alpha`` no longer
         requires gradients. Calling it again returns the frozen permutation without re-rounding.
+
+        Args:
+            process_group: ``None`` (default): the world group when ``torch.distributed`` is initialised;
+                ``False``: this process alone; or a ``ProcessGroup``. With a group, rank 0 rounds and
+                broadcasts its permutation, so every rank freezes the same one (every rank must call
+                ``round_`` at the same point).
         """
         if not self.frozen:
-            p = self.soft_permutation().detach().cpu().to(torch.float64).numpy()
-            rows, cols = linear_sum_assignment(-p)
-            perm = np.empty(self.num_experts, dtype=np.int64)
-            perm[rows] = cols
+            group = resolve_group(process_group)
+            perm: np.ndarray | None = None
+            if is_main_process(group):
+                p = self.soft_permutation().detach().cpu().to(torch.float64).numpy()
+                rows, cols = linear_sum_assignment(-p)
+                perm = np.empty(self.num_experts, dtype=np.int64)
+                perm[rows] = cols
+            perm = broadcast_object(perm, group)
             self.index.copy_(torch.as_tensor(perm, device=self.index.device))
             self.frozen_flag.fill_(True)
         self.log_alpha.requires_grad_(False)

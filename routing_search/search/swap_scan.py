@@ -20,7 +20,7 @@ import torch
 if TYPE_CHECKING:
     from .objective import RoutingObjective
 
-__all__ = ["SwapScan"]
+__all__ = ["SwapScan", "active_pairs"]
 
 
 class SwapScan:
@@ -38,7 +38,7 @@ class SwapScan:
         self.entry_b, self.entry_a = torch.nonzero(active, as_tuple=True)
         self.entry_id = torch.full((batch, n), -1, dtype=torch.long, device=device)
         self.entry_id[self.entry_b, self.entry_a] = torch.arange(self.entry_b.numel(), device=device)
-        self.tri_b, self.tri_a, self.tri_c = _active_pairs(active)
+        self.tri_b, self.tri_a, self.tri_c = active_pairs(active)
         self.delta = torch.zeros(self.entry_b.numel(), n, dtype=torch.float64, device=device)
         self.tri_value = torch.zeros(self.tri_b.numel(), dtype=torch.float64, device=device)
         self.D = torch.zeros(n * n, dtype=torch.float64, device=device)  # D[a, e] = Σ_b δ(b, a→e)
@@ -51,8 +51,11 @@ class SwapScan:
         self.dirty |= rows
 
     @torch.no_grad()
-    def values(self) -> torch.Tensor:
-        """Exact loss after every swap (a, c): ``[n, n]`` float64 with the current loss on the diagonal."""
+    def local_changes(self) -> torch.Tensor:
+        """Summed loss change of every swap (a, c) over this rank's rows: ``[n, n]`` float64 (no communication).
+
+        The objective adds the other ranks' tables, divides by the number of rows and adds the current loss.
+        """
         obj, n = self.obj, self.obj.n
         index = obj.state[self.slot][self.selector]
         moved = index != self.last_index  # slots whose expert changed: their terms depend on it
@@ -66,9 +69,7 @@ class SwapScan:
         D = self.D.view(n, n)
         swapped = D[:, index]  # [a, c] = D[a, π(c)]
         correction = self.correction.view(n, n)
-        values = obj.fun + (swapped + swapped.t() + correction + correction.t()) / obj.batch
-        values.fill_diagonal_(obj.fun)
-        return values
+        return swapped + swapped.t() + correction + correction.t()
 
     def _update_entries(self, ids: torch.Tensor, index: torch.Tensor) -> None:
         obj, n = self.obj, self.obj.n
@@ -81,7 +82,7 @@ class SwapScan:
             F_old = F_rows[torch.arange(b.numel(), device=device), index.index_select(0, a)].unsqueeze(1)
             coeff = {t: w[b, a].view(-1, 1, 1) for t, w in self.weights.items()}
             base = {t: obj.mixtures[t].index_select(0, b).unsqueeze(1) - c * F_old for t, c in coeff.items()}
-            new = obj._rows_loss_change(b.repeat_interleave(n), base, coeff, F_rows).view(-1, n)
+            new = obj.rows_loss_change(b.repeat_interleave(n), base, coeff, F_rows).view(-1, n)
             targets = (a.unsqueeze(1) * n + torch.arange(n, device=device)).reshape(-1)
             self.D.index_add_(0, targets, (new - self.delta.index_select(0, chunk)).reshape(-1))
             self.delta.index_copy_(0, chunk, new)
@@ -97,14 +98,14 @@ class SwapScan:
             F_new, F_old = F_flat.index_select(0, b * n + ec).unsqueeze(1), F_flat.index_select(0, b * n + ea).unsqueeze(1)
             coeff = {t: (w[b, a] - w[b, c]).view(-1, 1, 1) for t, w in self.weights.items()}
             base = {t: obj.mixtures[t].index_select(0, b).unsqueeze(1) - d * F_old for t, d in coeff.items()}
-            joint = obj._rows_loss_change(b, base, coeff, F_new)
+            joint = obj.rows_loss_change(b, base, coeff, F_new)
             single = self.delta[self.entry_id[b, a], ec] + self.delta[self.entry_id[b, c], ea]
             new = joint - single
             self.correction.index_add_(0, a * n + c, new - self.tri_value.index_select(0, chunk))
             self.tri_value.index_copy_(0, chunk, new)
 
 
-def _active_pairs(active: torch.Tensor, max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def active_pairs(active: torch.Tensor, max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(b, a, c)`` with ``a < c`` and both slots active on row ``b``; rows in chunks to bound memory."""
     batch, n = active.shape
     upper = torch.ones(n, n, dtype=torch.bool, device=active.device).triu(1)
@@ -114,4 +115,7 @@ def _active_pairs(active: torch.Tensor, max_elements: int = 1 << 24) -> tuple[to
         rows = active[lo : lo + per_chunk]
         b, a, c = torch.nonzero(rows.unsqueeze(2) & rows.unsqueeze(1) & upper, as_tuple=True)
         found.append((b + lo, a, c))
+    if not found:  # no rows (an empty shard)
+        empty = torch.zeros(0, dtype=torch.long, device=active.device)
+        return empty, empty.clone(), empty.clone()
     return tuple(torch.cat(parts) for parts in zip(*found))  # type: ignore[return-value]

@@ -18,7 +18,6 @@ the same random stream and round count.
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,21 +26,20 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 from torch import nn
 
-from .._validation import check_choice, check_int, check_no_unknown_options
-from ..search.local_search import METHODS, local_search
+from .._validation import check_choice, check_int, check_no_unknown_options, check_rng
+from ..distributed import resolve_group
+from ..search import METHODS, SearchOptions, local_search, option_names
 from .checkpoint import to_plain
 
 __all__ = ["LocalSearcher", "search_option_names", "generator_state", "set_generator_state"]
 
 
 def search_option_names(method: str) -> tuple[str, ...]:
-    """The keyword options :func:`routing_search.local_search` accepts for ``method``."""
-    # The option tables live next to the search itself (the package re-exports a function of the same name).
-    module = importlib.import_module("..search.local_search", __package__)
+    """The keyword options :func:`routing_search.local_search` accepts for ``method``.
 
-    common = tuple(getattr(module, "_COMMON", ()))
-    per_method = getattr(module, "_METHOD_OPTIONS", {})
-    return common + tuple(per_method.get(method, ()))
+    Same as :func:`routing_search.search.option_names` (kept under this name for existing code).
+    """
+    return option_names(method)
 
 
 def generator_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -70,7 +68,12 @@ class LocalSearcher:
         every: search when ``step % every == 0`` in :meth:`step` (step counts are the caller's: pass
             1-based counts to avoid a search before the first update).
         rounds: at most this many searches (``None``: unlimited). :meth:`__call__` also counts.
-        rng: seed or ``numpy.random.Generator`` for randomised methods; the searcher keeps its own.
+        rng: ``None``, a seed or a ``numpy.random.Generator`` for randomised methods; the searcher keeps
+            its own. Under a process group every search starts from rank 0's generator state.
+        process_group: ``None`` (default): the world group when ``torch.distributed`` is initialised;
+            ``False``: each process searches alone; or a ``ProcessGroup``. Every rank then calls
+            :meth:`step` at the same steps with its shard of the data and all ranks accept the same
+            moves (see ``local_search``).
         **search_options: passed to ``local_search`` (checked now; an unknown name raises ``TypeError``).
 
     Attributes:
@@ -88,6 +91,7 @@ class LocalSearcher:
         every: int = 1,
         rounds: int | None = None,
         rng: Any = None,
+        process_group: Any = None,
         **search_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -96,20 +100,22 @@ class LocalSearcher:
             raise TypeError(f"loss must be callable(prediction, targets), got {type(loss).__name__}")
         if isinstance(method, str):
             check_choice("method", method, METHODS)
-            accepted = search_option_names(method)
+            accepted = option_names(method)
         elif callable(method):
-            accepted = search_option_names("callable")
+            accepted = option_names("callable")
         else:
             raise TypeError(f"method must be one of {METHODS} or a callable move operator, got {method!r}")
-        if accepted:
-            check_no_unknown_options(f"LocalSearcher(method={method if isinstance(method, str) else 'callable'!r})", search_options, accepted)
+        check_no_unknown_options(f"LocalSearcher(method={method if isinstance(method, str) else 'callable'!r})", search_options, accepted)
+        SearchOptions(**search_options)  # check the values now, not at the first search
         self.model = model
         self.loss = loss
         self.method = method
         self.every = check_int("every", every, minimum=1)
         self.rounds = None if rounds is None else check_int("rounds", rounds, minimum=0)
         self.options = dict(search_options)
-        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.rng = check_rng(rng, name="rng")
+        resolve_group(process_group)  # check it now (a group without an initialised job raises)
+        self.process_group = process_group
         self.rounds_done = 0
         self.log: list[dict[str, Any]] = []
         self.last_result: OptimizeResult | None = None
@@ -136,7 +142,9 @@ class LocalSearcher:
 
     def _search(self, data: Any, step: int | None) -> OptimizeResult:
         start = time.perf_counter()
-        result = local_search(self.model, data, self.loss, self.method, rng=self.rng, **self.options)
+        result = local_search(
+            self.model, data, self.loss, self.method, rng=self.rng, process_group=self.process_group, **self.options
+        )
         seconds = time.perf_counter() - start
         self.rounds_done += 1
         self.last_result = result

@@ -388,7 +388,7 @@ def test_objective_input_errors(make_gate, make_extras):
         RoutingObjective(model, (x, y), lambda p, t: ((p - t) ** 2))
     with pytest.raises(TypeError, match="loss must return a tensor"):
         RoutingObjective(model, (x, y), lambda p, t: 1.0)
-    with pytest.raises(ValueError, match="accept keys 'x', 'task', 'key'"):
+    with pytest.raises(ValueError, match="dict with keys 'x' and optionally 'task', 'key'"):
         RoutingObjective(model, ({"x": x, "mask": x}, y), mse_rows)
     with pytest.raises(ValueError, match="no MoE"):
         RoutingObjective(nn.Linear(D, U), (x, y), mse_rows)
@@ -484,11 +484,11 @@ def test_swap_scan_refreshes_rows_whose_mixture_a_tie_left_unchanged():
     torch.testing.assert_close(obj.swap_values(0, 0), _fresh_swap_values(model, (x, y), mse_rows, 0, 0), rtol=0, atol=1e-12)
 
 
-def test_active_pairs_in_row_chunks_equal_the_whole_mask():
-    from routing_search.search.swap_scan import _active_pairs
+def testactive_pairs_in_row_chunks_equal_the_whole_mask():
+    from routing_search.search.swap_scan import active_pairs
 
     active = torch.rand(37, 6, generator=torch.Generator().manual_seed(0)) < 0.4
     whole = torch.nonzero(active.unsqueeze(2) & active.unsqueeze(1) & torch.ones(6, 6, dtype=torch.bool).triu(1))
     for max_elements in (36, 5 * 36, 1 << 24):
-        b, a, c = _active_pairs(active, max_elements=max_elements)
+        b, a, c = active_pairs(active, max_elements=max_elements)
         assert torch.equal(torch.stack([b, a, c], dim=1), whole)

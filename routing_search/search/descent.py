@@ -1,10 +1,11 @@
-"""The front door: discrete local search over the gate→expert permutation(s) of an MoE layer."""
+"""The front door: discrete local search (descent, iterated local search, enumeration, code moves) over
+the gate→expert permutation(s) of an MoE layer."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,26 +14,16 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
-from .._validation import check_choice, check_int, check_no_unknown_options, check_positive_float
-from ..layers.permutation import check_permutation
+from .._validation import check_choice, check_permutation, check_rng
+from ..batches import eval_mode
+from ..distributed import all_gather_objects, broadcast_object, resolve_group
+from ..result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE, make_result
 from .codes import code_sites, moved_gate_output, selector_slot, set_selector_slot
 from .moves import MOVES, MoveOperator, perturb, swap_moves
-from ..batches import eval_mode
 from .objective import Candidate, LossFn, RoutingObjective
+from .options import METHODS, SearchOptions
 
 __all__ = ["local_search", "Move", "METHODS"]
-
-METHODS = ("swap", "insertion", "rotation", "ils", "exhaustive", "codes")
-_COMMON = ("layer", "apply", "tol", "max_iter", "max_evals", "strategy", "screen", "max_rows", "callback")
-_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "swap": (),
-    "insertion": (),
-    "rotation": (),
-    "ils": ("neighbourhood", "perturbations", "strength", "restart_every"),
-    "exhaustive": ("max_states",),
-    "codes": (),
-    "callable": (),
-}
 
 
 @dataclass
@@ -53,20 +44,10 @@ class _Budget(Exception):
     """Raised inside a search when a budget (max_iter, max_evals) or the callback stops it."""
 
 
-@dataclass
-class _Settings:
-    tol: float
-    max_iter: int
-    max_evals: int | None
-    strategy: str
-    screen: int | None
-    callback: Callable[[OptimizeResult], bool | None] | None
-
-
 class _Search:
     """Mutable bookkeeping of one search run (the objective, the budget and the accepted moves)."""
 
-    def __init__(self, objective: RoutingObjective, settings: _Settings, rng: np.random.Generator) -> None:
+    def __init__(self, objective: RoutingObjective, settings: SearchOptions, rng: np.random.Generator) -> None:
         self.obj = objective
         self.s = settings
         self.rng = rng
@@ -83,7 +64,7 @@ class _Search:
     def _notify(self) -> None:
         if self.s.callback is not None:
             state = OptimizeResult(x=self.obj.current(), fun=self.obj.fun, nit=self.nit, nfev=self.obj.nfev)
-            if self.s.callback(state):
+            if self.obj.any_rank(bool(self.s.callback(state))):  # every rank stops together
                 raise _Budget("stopped by callback")
 
     # -- neighbourhoods
@@ -127,7 +108,7 @@ class _Search:
 
     def _screened_swaps(self) -> list[Candidate]:
         """The ``screen`` swaps (over all rows) with the most negative first-order estimate ⟨∂L/∂y, Δy⟩."""
-        grads = self.obj.mixture_gradients()
+        grads = self.obj.mixture_gradients()  # this rank's rows; swap_screen sums over the ranks
         a_idx, c_idx = np.triu_indices(self.obj.n, k=1)
         scored = []
         for p, index in enumerate(self.obj.state):
@@ -185,10 +166,6 @@ class _Search:
             improved = self.improve_once(move, kind)
 
 
-def _as_rng(rng: Any) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
-
 def local_search(
     model: nn.Module,
     data: Any,
@@ -196,7 +173,9 @@ def local_search(
     method: str | MoveOperator = "swap",
     *,
     rng: Any = None,
-    **options: Any,
+    process_group: Any = None,
+    options: SearchOptions | None = None,
+    **kwargs: Any,
 ) -> OptimizeResult:
     """Improve the permutation(s) between gate and experts by discrete local search.
 
@@ -206,35 +185,54 @@ def local_search(
     returned permutation is never worse than the starting one.
 
     Args:
-        model: an ``MoE``, a ``MultiGateMoE`` or a model containing one (pick it with ``layer=``).
-        data: ``(inputs, targets)`` or an iterable of such pairs (the evaluation data).
-        loss: ``loss(prediction, targets)`` returning per-example losses ``[B]`` (fast path) or a scalar.
+        model: an ``MoE``, a ``MultiGateMoE`` or a model containing one (pick it with ``layer=``); a
+            wrapping model must call the layer once per forward.
+        data: ``(inputs, targets)`` or an iterable of such pairs (the evaluation data; under a process
+            group, this rank's shard, which may be empty).
+        loss: ``loss(prediction, targets)`` returning per-example losses ``[B]`` (fast path) or a scalar
+            (single process only).
         method: ``'swap'`` (2-opt descent), ``'insertion'``, ``'rotation'``, ``'ils'`` (iterated local
             search: descent, random kicks, optional restarts), ``'exhaustive'`` (all permutations, small
             n), ``'codes'`` (move selectors of static binary DSelectK/COMET gates by rewriting their
             codes), or a callable move operator ``move(row, rng) -> iterable of rows``.
-        rng: seed or ``numpy.random.Generator`` for randomised methods.
+        rng: ``None``, a seed or a ``numpy.random.Generator`` for randomised methods (``'ils'``, a
+            callable). Under a process group rank 0's generator state is broadcast first, so every rank
+            draws the same kicks (the generators of the other ranks are set to it).
+        process_group: ``None`` (default): the world group when ``torch.distributed`` is initialised,
+            else a single process; ``False``: this process alone; or a ``ProcessGroup``. Every rank of
+            the group must call ``local_search`` with the same model state, method and options. The
+            objective is then the mean loss over the union of the shards, every candidate value is
+            summed over the ranks, and all ranks accept the same moves and end with the same permutation.
+        options: a :class:`~routing_search.search.SearchOptions`, or pass the options as keywords:
 
-    Options (all methods): ``layer`` (module or name), ``apply`` (default True: write the result into
-    the model), ``tol`` (default 0: any strict improvement), ``max_iter`` (accepted moves, default
-    1000), ``max_evals`` (candidate evaluations), ``strategy`` (``'best'`` or ``'first'``
-    improvement), ``screen`` (keep the best ``screen`` swaps by the first-order estimate
-    ⟨∂L/∂y, Δy⟩ before exact evaluation; a full scan still confirms local optimality),
-    ``max_rows`` (memory cap per evaluation chunk), ``callback(intermediate_result)`` (return True to
-    stop). ``'ils'``: ``neighbourhood`` (default 'swap'), ``perturbations`` (default 20), ``strength``
-    (random swaps per kick, default 3), ``restart_every`` (a random restart every this many kicks;
-    default None). ``'exhaustive'``: ``max_states`` (default 50000).
+    Keyword options (see :class:`~routing_search.search.SearchOptions` and
+    :func:`~routing_search.search.option_names`): ``layer``, ``apply`` (default True: write the result
+    into the model; False leaves the model as it was, codes included), ``tol``, ``max_iter``,
+    ``max_evals``, ``strategy`` (``'best'``/``'first'``), ``screen``, ``max_rows``, ``callback``;
+    ``'ils'``: ``neighbourhood``, ``perturbations``, ``strength``, ``restart_every``; ``'exhaustive'``:
+    ``max_states``.
 
     Returns:
-        ``OptimizeResult`` with ``x`` (list of ``[S, n]`` int arrays, one per permutation module of the
-        layer), ``fun``, ``fun0``, ``nit`` (accepted moves; for ``'ils'`` including those of discarded descents),
-        ``nfev`` (candidate / state evaluations; ``max_evals`` is checked between candidate blocks),
-        ``success``, ``status``, ``message`` and ``moves`` (list of :class:`Move`).
+        ``OptimizeResult`` (built by :func:`routing_search.result.make_result`) with ``x`` (list of
+        ``[S, n]`` int arrays, one per permutation module of the layer), ``fun``, ``fun0``, ``nit``
+        (accepted moves; for ``'ils'`` including those of discarded descents), ``nfev`` (candidate /
+        state evaluations; ``max_evals`` is checked between candidate blocks), ``status`` (0: finished by
+        its own criterion; 1: stopped by ``max_iter``, ``max_evals`` or the callback, the best state is
+        returned; 2: the loss at the start is not finite, nothing was searched), ``success``
+        (``status == 0``), ``message``, ``moves`` (list of :class:`Move`; applied in order to the starting
+        permutations they lead to ``x``), ``method`` and, for ``'codes'``, ``codes`` (``[task, selector,
+        slot]`` of every static binary selector at the end).
 
     Example:
-        >>> result = local_search(moe, (x_val, y_val), per_example_mse, method="swap")  # doctest: +SKIP
-        >>> result.fun <= result.fun0
-        True
+        >>> import torch
+        >>> from routing_search import MoE, TopK, make_experts
+        >>> from routing_search.losses import mse_loss
+        >>> moe = MoE(make_experts(4, 3, [8], 2, generator=torch.Generator().manual_seed(0)),
+        ...           TopK(num_experts=4, k=2, input_dim=3))
+        >>> x, y = torch.randn(64, 3), torch.randn(64, 2)
+        >>> result = local_search(moe, (x, y), mse_loss, method="swap")
+        >>> bool(result.fun <= result.fun0), result.status
+        (True, 0)
     """
     if callable(method) and not isinstance(method, str):
         move_fn: MoveOperator | None = method
@@ -242,89 +240,145 @@ def local_search(
     else:
         method_name = check_choice("method", method, METHODS)
         move_fn = MOVES.get(method_name)
-    check_no_unknown_options(f"local_search(method={method_name!r})", options, _COMMON + _METHOD_OPTIONS[method_name])
-    tol = check_positive_float("tol", options.get("tol", 0.0), allow_zero=True)
-    max_iter = check_int("max_iter", options.get("max_iter", 1000), minimum=0)
-    max_evals = options.get("max_evals")
-    if max_evals is not None:
-        max_evals = check_int("max_evals", max_evals, minimum=1)
-    strategy = check_choice("strategy", options.get("strategy", "best"), ("best", "first"))
-    screen = options.get("screen")
-    if screen is not None:
-        screen = check_int("screen", screen, minimum=1)
-    callback = options.get("callback")
-    if callback is not None and not callable(callback):
-        raise TypeError("callback must be callable(intermediate_result) or None")
+    if options is None:
+        opts = SearchOptions.for_method(method_name, **kwargs)
+    else:
+        if not isinstance(options, SearchOptions):
+            raise TypeError(f"options must be a SearchOptions or None, got {type(options).__name__}")
+        if kwargs:
+            raise TypeError(f"pass the search options either as options= or as keywords, not both (got {sorted(kwargs)})")
+        options.check_method(method_name)
+        opts = options
+    generator = check_rng(rng, name="rng")
+    group = resolve_group(process_group)
 
-    objective = RoutingObjective(model, data, loss, layer=options.get("layer"), max_rows=options.get("max_rows", 1 << 14))
-    search = _Search(objective, _Settings(tol, max_iter, max_evals, strategy, screen, callback), _as_rng(rng))
-    with eval_mode(model):
-        message, status = _run(search, method_name, move_fn, options)
-    if options.get("apply", True):
+    objective = RoutingObjective(model, data, loss, layer=opts.layer, max_rows=opts.max_rows, process_group=group)
+    if group is not None and method_name in ("ils", "callable"):
+        generator = _synchronised(generator, group)
+    if not math.isfinite(objective.fun0):
+        warnings.warn(
+            f"local_search: the loss on data is {objective.fun0} (not finite); nothing was searched and the model "
+            "is unchanged. Check the data, the targets and the loss for NaN/inf",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return make_result(
+            x=objective.current(), fun=objective.fun0, nit=0, nfev=objective.nfev, status=STATUS_NONFINITE,
+            message="non-finite loss at the start: nothing searched", fun0=objective.fun0, moves=[], method=method_name,
+        )
+    search = _Search(objective, opts, generator)
+    saved_gates = _gate_parameters(objective) if method_name == "codes" else None
+    try:
+        with eval_mode(model):
+            message, status = _run(search, method_name, move_fn, opts)
+        if group is not None:
+            _check_ranks_agree(objective, search, group)
+    except BaseException:
+        if saved_gates is not None:
+            _restore_parameters(saved_gates)
+        raise
+    extra: dict[str, Any] = {}
+    if saved_gates is not None:
+        gates = _gates_of(objective)
+        extra["codes"] = [[s.task, s.selector, selector_slot(objective.gate_outs[s.task], s.selector)] for s in code_sites(gates)]
+    if opts.apply:
         objective.write_back()
-    return OptimizeResult(
-        x=objective.current(),
-        fun=objective.fun,
-        fun0=objective.fun0,
-        nit=search.nit,
-        nfev=objective.nfev,
-        success=True,
-        status=status,
-        message=message,
-        moves=search.moves,
-        method=method_name,
+    elif saved_gates is not None:
+        _restore_parameters(saved_gates)
+    return make_result(
+        x=objective.current(), fun=objective.fun, nit=search.nit, nfev=objective.nfev, status=status, message=message,
+        fun0=objective.fun0, moves=search.moves, method=method_name, **extra,
     )
 
 
-def _run(search: _Search, method_name: str, move_fn: MoveOperator | None, options: dict[str, Any]) -> tuple[str, int]:
+def _synchronised(rng: np.random.Generator, group: Any) -> np.random.Generator:
+    """``rng`` set to rank 0's generator state on every rank of ``group``."""
+    state = broadcast_object(rng.bit_generator.state, group)
+    if type(rng.bit_generator).__name__ != state["bit_generator"]:
+        rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
+    rng.bit_generator.state = state
+    return rng
+
+
+def _check_ranks_agree(objective: RoutingObjective, search: _Search, group: Any) -> None:
+    """Raise if the ranks ended with different permutations (a guard: the reductions make them agree)."""
+    mine = ([s.tolist() for s in objective.current()], search.nit, len(search.moves))
+    reports = all_gather_objects(mine, group)
+    if any(r != reports[0] for r in reports[1:]):
+        raise RuntimeError(
+            "the ranks ended the search with different permutations; every rank must call local_search with the "
+            "same model state, method, options and loss"
+        )
+
+
+def _gates_of(objective: RoutingObjective) -> list[nn.Module]:
+    layer = objective.layer
+    return list(layer.gates) if hasattr(layer, "gates") else [layer.gate]
+
+
+def _gate_parameters(objective: RoutingObjective) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, copy) of every gate of the layer, to undo code moves."""
+    return [(p, p.detach().clone()) for gate in _gates_of(objective) for p in gate.parameters()]
+
+
+@torch.no_grad()
+def _restore_parameters(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for p, value in saved:
+        p.copy_(value)
+
+
+def _run(search: _Search, method_name: str, move_fn: MoveOperator | None, opts: SearchOptions) -> tuple[str, int]:
     """Run the chosen method; returns ``(message, status)`` (status 1: stopped by a budget or callback)."""
     try:
         if method_name == "ils":
-            _iterated_local_search(search, options)
-            return "iterated local search finished its perturbations", 0
+            _iterated_local_search(search, opts)
+            return "iterated local search finished its perturbations", STATUS_CONVERGED
         if method_name == "exhaustive":
-            _exhaustive(search, check_int("max_states", options.get("max_states", 50_000), minimum=1))
-            return "global optimum over all permutations (exhaustive)", 0
+            _exhaustive(search, opts.max_states)
+            return "global optimum over all permutations (exhaustive)", STATUS_CONVERGED
         if method_name == "codes":
             _code_descent(search)
-            return "local optimum: no improving code move", 0
+            return "local optimum: no improving code move", STATUS_CONVERGED
+        assert move_fn is not None
         search.descend(move_fn, method_name)
-        return "local optimum: no improving move in the neighbourhood", 0
+        return "local optimum: no improving move in the neighbourhood", STATUS_CONVERGED
     except _Budget as stop:
-        return str(stop), 1
+        return str(stop), STATUS_BUDGET
 
 
-def _iterated_local_search(search: _Search, options: dict[str, Any]) -> None:
-    name = check_choice("neighbourhood", options.get("neighbourhood", "swap"), tuple(MOVES))
-    perturbations = check_int("perturbations", options.get("perturbations", 20), minimum=0)
-    strength = check_int("strength", options.get("strength", 3), minimum=1)
-    restart_every = options.get("restart_every")
-    if restart_every is not None:
-        restart_every = check_int("restart_every", restart_every, minimum=1)
+def _iterated_local_search(search: _Search, opts: SearchOptions) -> None:
+    """Descent, then kicks from the best state; a budget stop keeps the best state seen (even mid-descent).
+
+    ``search.moves`` keeps the moves of the first descent and one ``'ils'`` move (with the whole state)
+    per improving kick, so that replaying them from the start leads to the returned state.
+    """
+    name = opts.neighbourhood
     obj, rng = search.obj, search.rng
     search.descend(MOVES[name], name)
     best_state, best_fun = obj.current(), obj.fun
     try:
-        for kick in range(perturbations):
+        for kick in range(opts.perturbations):
             search._check_budget()
             start = [s.copy() for s in best_state]
-            if restart_every is not None and (kick + 1) % restart_every == 0:
+            if opts.restart_every is not None and (kick + 1) % opts.restart_every == 0:
                 start = [np.stack([rng.permutation(obj.n) for _ in range(s.shape[0])]) for s in start]
             else:
                 p = int(rng.integers(len(start)))
                 sel = int(rng.integers(start[p].shape[0]))
-                start[p][sel] = perturb(start[p][sel], strength, rng)
+                start[p][sel] = perturb(start[p][sel], opts.strength, rng)
             obj.set_state(start)
             moves_before = len(search.moves)
-            search.descend(MOVES[name], name)
-            del search.moves[moves_before:]  # keep the moves of the best trajectory only (recorded below)
-            if obj.fun < best_fun - search.s.tol:
-                search.moves.append(
-                    Move("ils", -1, -1, [], [], best_fun, obj.fun, {"kick": kick, "state": [s.tolist() for s in obj.current()]})
-                )
-                best_state, best_fun = obj.current(), obj.fun
+            try:
+                search.descend(MOVES[name], name)
+            finally:  # also when a budget stops the descent: keep its end point if it is the best so far
+                del search.moves[moves_before:]  # the trajectory's moves are replaced by one 'ils' move
+                if obj.fun < best_fun - search.s.tol:
+                    state = obj.current()
+                    search.moves.append(Move("ils", -1, -1, [], [], best_fun, obj.fun, {"kick": kick, "state": [s.tolist() for s in state]}))
+                    best_state, best_fun = state, obj.fun
     finally:
-        obj.set_state(best_state)
+        if any(not np.array_equal(a, b) for a, b in zip(obj.current(), best_state)):
+            obj.set_state(best_state)
 
 
 def _exhaustive(search: _Search, max_states: int) -> None:
@@ -365,7 +419,7 @@ def _exhaustive(search: _Search, max_states: int) -> None:
 def _code_descent(search: _Search) -> None:
     """Best-improvement descent over 'move one selector of a static binary gate to another slot'."""
     obj = search.obj
-    gates = [obj.layer.gate] if not hasattr(obj.layer, "gates") else list(obj.layer.gates)
+    gates = _gates_of(obj)
     if not code_sites(gates):
         raise ValueError(
             "method='codes' needs a static DSelectK or COMET gate whose codes are binary; "
