@@ -82,8 +82,17 @@ def check_num_experts_k(num_experts: Any, k: Any | None = None) -> tuple[int, in
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise if ``tensor`` holds NaN or inf (floating tensors only)."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Raise if ``tensor`` holds NaN or inf (floating tensors only).
+
+    One reduction in the common case: a finite sum proves every element finite (NaN and inf propagate
+    through a sum); only a non-finite sum, which large finite values can also produce, pays for the
+    element-wise test.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if bool(torch.isfinite(tensor.sum())):
+        return
+    if not bool(torch.isfinite(tensor).all()):
         n_bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
             f"{name} contains {n_bad} NaN/inf value(s); pass finite values "
@@ -91,15 +100,22 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def check_input(x: Any, input_dim: int | None, *, name: str = "x", validate: bool = True) -> torch.Tensor:
-    """Check a gate/layer input: a 2-D tensor ``[batch, input_dim]`` (any width when ``input_dim`` is None)."""
+def check_input(
+    x: Any, input_dim: int | None, *, name: str = "x", validate: bool = True, tokens: bool = False
+) -> torch.Tensor:
+    """Check a gate/layer input: a 2-D tensor ``[batch, input_dim]`` (any width when ``input_dim`` is None).
+
+    With ``tokens=True`` leading dimensions are accepted too: ``[batch, tokens, input_dim]`` or any
+    ``[..., input_dim]`` with at least two dimensions. ``validate`` adds the NaN/inf scan.
+    """
+    shape_doc = "[batch, features] or [batch, tokens, features]" if tokens else "[batch, features]"
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [batch, features], got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape [batch, features], got shape {tuple(x.shape)}")
-    if input_dim is not None and x.shape[1] != input_dim:
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.dim() != 2 and not (tokens and x.dim() > 2):
+        raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(x.shape)}")
+    if input_dim is not None and x.shape[-1] != input_dim:
         raise ValueError(
-            f"{name} has width {x.shape[1]} but the module was built with input_dim={input_dim}"
+            f"{name} has width {x.shape[-1]} but the module was built with input_dim={input_dim}"
         )
     if validate:
         check_finite(name, x)

@@ -1,6 +1,6 @@
 """MoE layers: the explicit gate→expert permutation, dispatch, MoE and multi-gate MoE."""
 
-from .dispatch import all_expert_outputs, combine_dense, combine_sparse
+from .dispatch import all_expert_outputs, choose_dispatch, combine_dense, combine_sparse, depends_on_batch
 from .experts import MLP, make_experts
 from .moe import ExpertUsage, MoE, MoEOutput, UsageMeter, expert_usage
 from .multigate import MultiGateMoE, MultiGateOutput, SharedBottom
@@ -19,6 +19,8 @@ __all__ = [
     "all_expert_outputs",
     "combine_dense",
     "combine_sparse",
+    "choose_dispatch",
+    "depends_on_batch",
     "MLP",
     "make_experts",
     "ExpertUsage",

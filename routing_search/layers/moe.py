@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_input
-from ..gates.protocol import GateOutput, check_gate, num_selectors_of
-from .dispatch import DISPATCH_MODES, all_expert_outputs, choose_dispatch, combine_dense, combine_sparse
+from .._validation import check_choice, check_input, check_positive_float
+from ..gates.protocol import (
+    GateOutput,
+    call_gate,
+    check_gate,
+    check_gate_outputs,
+    flatten_leading,
+    num_selectors_of,
+    restore_leading,
+)
+from .dispatch import DISPATCH_MODES, all_expert_outputs, as_expert_list, combine
 from .permutation import Permutation, apply_permutation
 
 __all__ = ["MoE", "MoEOutput", "ExpertUsage", "expert_usage", "UsageMeter"]
@@ -18,16 +26,36 @@ __all__ = ["MoE", "MoEOutput", "ExpertUsage", "expert_usage", "UsageMeter"]
 
 @dataclass
 class ExpertUsage:
-    """Per-expert usage: ``soft`` = mean weight, ``hard`` = fraction of rows giving non-zero weight."""
+    """Per-expert usage: ``soft`` = mean weight, ``hard`` = fraction of rows giving non-zero weight.
+
+    Both are tensors ``[n]``. The package's one usage type (also returned by
+    :func:`routing_search.metrics.expert_usage`); it unpacks as ``soft, hard = usage``.
+    """
 
     soft: torch.Tensor
     hard: torch.Tensor
 
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.soft, self.hard))
 
-def expert_usage(weights: torch.Tensor) -> ExpertUsage:
-    """Usage of each expert under expert-space weights ``[batch, n]``."""
+
+def expert_usage(weights: torch.Tensor, *, threshold: float = 0.0) -> ExpertUsage:
+    """Usage of each expert under expert-space weights ``[batch, n]`` (or ``[..., n]``: all rows count).
+
+    ``hard`` counts the rows whose weight's absolute value exceeds ``threshold`` (default: non-zero).
+
+    >>> usage = expert_usage(torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    >>> usage.soft.tolist(), usage.hard.tolist()
+    ([0.75, 0.25], [1.0, 0.5])
+    """
+    if not isinstance(weights, torch.Tensor) or weights.dim() < 1:
+        raise TypeError(f"weights must be a tensor [batch, num_experts], got {type(weights).__name__}")
+    threshold = check_positive_float("threshold", threshold, allow_zero=True)
     w = weights.detach()
-    return ExpertUsage(soft=w.mean(dim=0), hard=(w != 0).to(w.dtype).mean(dim=0))
+    w = w.reshape(-1, w.shape[-1])
+    if not w.is_floating_point():
+        w = w.to(torch.get_default_dtype())
+    return ExpertUsage(soft=w.mean(dim=0), hard=(w.abs() > threshold).to(w.dtype).mean(dim=0))
 
 
 @dataclass
@@ -35,10 +63,11 @@ class MoEOutput:
     """What :class:`MoE` returns.
 
     Attributes:
-        output: the mixture ``Σ_e w_e · expert_e(x)``, shape ``[batch, *expert_output]``.
+        output: the mixture ``Σ_e w_e · expert_e(x)``, shape ``[batch, *expert_output]``
+            (``[batch, tokens, *expert_output]`` for token-shaped input).
         loss: the gate's auxiliary loss (0-dim); add it to the training loss.
-        weights: expert-space weights ``[batch, n]`` after the permutation.
-        gate_output: the raw :class:`GateOutput` in gate-index space.
+        weights: expert-space weights ``[batch, n]`` (``[batch, tokens, n]``) after the permutation.
+        gate_output: the raw :class:`GateOutput` in gate-index space (same leading shape).
     """
 
     output: torch.Tensor
@@ -53,7 +82,12 @@ class MoEOutput:
 
 
 class UsageMeter(nn.Module):
-    """Running per-expert usage over the batches seen in training mode (buffers, so checkpointed)."""
+    """Running per-expert usage over the batches seen in training mode (buffers, so checkpointed).
+
+    The sums stay float64 whatever the model's dtype: ``model.to(torch.bfloat16)``, ``.half()`` or
+    ``.float()`` move them to the new device but do not cast them (a bfloat16 count is exact only up
+    to 256).
+    """
 
     def __init__(self, num_experts: int) -> None:
         super().__init__()
@@ -61,10 +95,20 @@ class UsageMeter(nn.Module):
         self.register_buffer("hard_sum", torch.zeros(num_experts, dtype=torch.float64))
         self.register_buffer("rows", torch.zeros((), dtype=torch.float64))
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> UsageMeter:
+        # Module.to / half / float cast every floating buffer; keep the sums float64 (device moves apply).
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     @torch.no_grad()
     def update(self, weights: torch.Tensor) -> None:
-        """Add a batch of expert-space weights ``[batch, n]`` to the running sums."""
-        w = weights.detach().to(self.soft_sum.dtype)
+        """Add a batch of expert-space weights ``[batch, n]`` (or ``[..., n]``) to the running sums."""
+        w = weights.detach().reshape(-1, weights.shape[-1]).to(self.soft_sum.dtype)
         self.soft_sum += w.sum(dim=0)
         self.hard_sum += (w != 0).to(w.dtype).sum(dim=0)
         self.rows += w.shape[0]
@@ -82,28 +126,29 @@ class UsageMeter(nn.Module):
         self.rows.zero_()
 
 
-def _as_module_list(experts: Sequence[nn.Module] | nn.ModuleList, name: str = "experts") -> nn.ModuleList:
-    if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
-        raise TypeError(f"{name} must be a sequence of nn.Module experts (e.g. a list or nn.ModuleList), got one module")
-    experts = list(experts)
-    if not experts or not all(isinstance(e, nn.Module) for e in experts):
-        raise TypeError(f"{name} must be a non-empty sequence of nn.Module experts")
-    return nn.ModuleList(experts)
-
-
 class MoE(nn.Module):
     """``y = Σ_i g_i(x) · f_{π(i)}(x)``: a gate, a permutation π and experts.
 
     Args:
-        experts: the experts; each maps ``[batch, d]`` to ``[batch, *out]`` (same ``out`` for all).
+        experts: the experts; each maps ``[rows, d]`` to ``[rows, *out]`` (same ``out`` for all) and
+            treats rows independently unless it is batch-dependent (see ``dispatch``).
         gate: any module following the gate protocol with ``num_experts == len(experts)``.
         dispatch: ``'sparse'`` runs each expert only on the rows that give it weight; ``'dense'`` runs
-            every expert on every row; ``'auto'`` picks sparse when at most half the (row, expert)
-            pairs are used. For a user gate whose exact zeros still carry gradient, use ``'dense'``.
+            every expert on every row; ``'auto'`` (default) picks sparse when at most half the
+            (row, expert) pairs are used, and dense when an expert depends on the batch (BatchNorm in
+            training mode, see :func:`~routing_search.layers.dispatch.depends_on_batch`) or the gate's
+            zeros carry gradient while gradients are recorded. ``'sparse'`` with batch-dependent experts
+            raises; in eval mode (running statistics) sparse dispatch is exact.
         per_selector: one permutation per selector when the gate has selectors (DSelect-k, COMET);
             otherwise one permutation for the gate's weights.
-        validate: check the input for NaN/inf on every call.
+        validate: scan the input for NaN/inf once per call (the gate then skips its own scan) and check
+            that the gate's rows are on the simplex. Shapes and the output type are always checked.
         track_usage: keep running per-expert usage in training mode (see :meth:`expert_usage`).
+
+    ``x`` may be ``[batch, d]`` or token-shaped ``[batch, tokens, d]`` (any leading dimensions): the
+    layer routes every token as a row and returns ``output`` ``[batch, tokens, *out]``, ``weights``
+    ``[batch, tokens, n]``; ``task``/``key`` are ``[batch]`` (broadcast over tokens) or
+    ``[batch, tokens]``. A zero-row batch returns empty outputs of the right shapes.
     """
 
     def __init__(
@@ -117,7 +162,7 @@ class MoE(nn.Module):
         track_usage: bool = True,
     ) -> None:
         super().__init__()
-        self.experts = _as_module_list(experts)
+        self.experts = as_expert_list(experts)
         self.gate = check_gate(gate)
         if gate.num_experts != len(self.experts):
             raise ValueError(f"gate.num_experts={gate.num_experts} but {len(self.experts)} experts were given")
@@ -143,11 +188,19 @@ class MoE(nn.Module):
         """The permutation modules a search may change (one for an MoE)."""
         return [self.permutation]
 
+    def route_rows(
+        self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[GateOutput], torch.Size]:
+        """Check ``x`` once, flatten it to rows and run the gate: ``(rows, [gate output on rows], lead)``."""
+        x = check_input(x, None, validate=self.validate, tokens=True)
+        rows, task, key, lead = flatten_leading(x, task, key)
+        out = call_gate(self.gate, rows, task=task, key=key, checked=self.validate)
+        return rows, check_gate_outputs([out], [self.gate], rows.shape[0], names=["gate"], values=self.validate), lead
+
     def gate_outputs(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> list[GateOutput]:
         """The gate's output in gate-index space, as a one-element list (one per task)."""
-        if self.validate:
-            check_input(x, None)
-        return [self.gate(x, task=task, key=key)]
+        _, outs, lead = self.route_rows(x, task=task, key=key)
+        return outs if len(lead) == 1 else [restore_leading(o, lead) for o in outs]
 
     def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: ``[batch, n, *out]``."""
@@ -158,17 +211,20 @@ class MoE(nn.Module):
         return mixtures[0]
 
     def mix(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Combine experts with expert-space weights, using the configured dispatch."""
-        mode = choose_dispatch(self.dispatch, weights)
-        return combine_sparse(self.experts, x, weights) if mode == "sparse" else combine_dense(self.experts, x, weights)
+        """Combine experts on rows ``x`` ``[rows, d]`` with expert-space weights, using the configured dispatch."""
+        return combine(self.dispatch, self.experts, x, weights, gates=[self.gate])
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> MoEOutput:
         """Gate, permutation, then the experts' mixture (sparse or dense dispatch); returns :class:`MoEOutput`."""
-        (gate_output,) = self.gate_outputs(x, task=task, key=key)
+        rows, (gate_output,), lead = self.route_rows(x, task=task, key=key)
         weights = apply_permutation(gate_output, self.permutation.index)
-        (output,) = self.mix(x, [weights])
+        (output,) = self.mix(rows, [weights])
         if self.track_usage and self.training:
             self.usage.update(weights)
+        if len(lead) > 1:
+            output = output.reshape(tuple(lead) + tuple(output.shape[1:]))
+            weights = weights.reshape(tuple(lead) + (self.num_experts,))
+            gate_output = restore_leading(gate_output, lead)
         return MoEOutput(output=output, loss=gate_output.loss, weights=weights, gate_output=gate_output)
 
     def expert_usage(self) -> ExpertUsage:

@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from .._validation import check_choice, check_input
-from ..gates.protocol import GateOutput, check_gate, num_selectors_of
-from .dispatch import DISPATCH_MODES, all_expert_outputs, choose_dispatch, combine_dense, combine_sparse
-from .moe import ExpertUsage, UsageMeter, _as_module_list, expert_usage
+from ..gates.protocol import (
+    GateOutput,
+    call_gate,
+    check_gate,
+    check_gate_outputs,
+    flatten_leading,
+    num_selectors_of,
+    restore_leading,
+)
+from .dispatch import DISPATCH_MODES, all_expert_outputs, as_expert_list, combine
+from .moe import ExpertUsage, UsageMeter, expert_usage
 from .permutation import Permutation, apply_permutation
 
 __all__ = ["MultiGateMoE", "MultiGateOutput", "SharedBottom"]
@@ -23,10 +31,11 @@ class MultiGateOutput:
     """What :class:`MultiGateMoE` returns.
 
     Attributes:
-        outputs: one prediction per task (tower applied), each ``[batch, *tower_out]``.
+        outputs: one prediction per task (tower applied), each ``[batch, *tower_out]``
+            (``[batch, tokens, *tower_out]`` for token-shaped input).
         loss: sum of the gates' auxiliary losses (0-dim).
-        weights: per task, expert-space weights ``[batch, n]`` after the permutation.
-        gate_outputs: per task, the raw :class:`GateOutput`.
+        weights: per task, expert-space weights ``[batch, n]`` (``[batch, tokens, n]``) after the permutation.
+        gate_outputs: per task, the raw :class:`GateOutput` (same leading shape).
     """
 
     outputs: list[torch.Tensor]
@@ -50,7 +59,12 @@ class MultiGateMoE(nn.Module):
             instead of one per task gate. Shared per-selector permutations need gates with equal
             numbers of selectors.
         per_selector: one permutation per selector for gates with selectors.
-        dispatch, validate, track_usage: as in :class:`~routing_search.MoE`.
+        dispatch, validate, track_usage: as in :class:`~routing_search.MoE` (``validate`` scans the
+            input once per call for all task gates; ``'auto'`` runs dense when any gate's zeros carry
+            gradient or an expert depends on the batch).
+
+    Token-shaped input ``[batch, tokens, d]`` and zero-row batches work as in :class:`~routing_search.MoE`;
+    each tower then receives ``[batch, tokens, *expert_out]``.
     """
 
     def __init__(
@@ -66,7 +80,7 @@ class MultiGateMoE(nn.Module):
         track_usage: bool = True,
     ) -> None:
         super().__init__()
-        self.experts = _as_module_list(experts)
+        self.experts = as_expert_list(experts)
         gates = list(gates)
         if not gates:
             raise ValueError("gates must hold one gate per task (at least one)")
@@ -116,11 +130,20 @@ class MultiGateMoE(nn.Module):
         """The permutation used by task ``task``'s gate."""
         return self.permutation_modules[0 if self.share_permutation else task]
 
+    def route_rows(
+        self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[GateOutput], torch.Size]:
+        """Check ``x`` once, flatten it to rows and run every task gate: ``(rows, outputs on rows, lead)``."""
+        x = check_input(x, None, validate=self.validate, tokens=True)
+        rows, task, key, lead = flatten_leading(x, task, key)
+        outs = [call_gate(gate, rows, task=task, key=key, checked=self.validate) for gate in self.gates]
+        names = [f"gates[{t}]" for t in range(len(self.gates))]
+        return rows, check_gate_outputs(outs, list(self.gates), rows.shape[0], names=names, values=self.validate), lead
+
     def gate_outputs(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> list[GateOutput]:
         """Each task gate's output (gate-index space). ``task``/``key`` are passed to every gate."""
-        if self.validate:
-            check_input(x, None)
-        return [gate(x, task=task, key=key) for gate in self.gates]
+        _, outs, lead = self.route_rows(x, task=task, key=key)
+        return outs if len(lead) == 1 else [restore_leading(o, lead) for o in outs]
 
     def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: ``[batch, n, *out]``."""
@@ -131,19 +154,22 @@ class MultiGateMoE(nn.Module):
         return [tower(m) for tower, m in zip(self.towers, mixtures)]
 
     def mix(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Combine the shared experts once for all tasks' expert-space weights."""
-        mode = choose_dispatch(self.dispatch, weights)
-        return combine_sparse(self.experts, x, weights) if mode == "sparse" else combine_dense(self.experts, x, weights)
+        """Combine the shared experts on rows ``x`` once for all tasks' expert-space weights."""
+        return combine(self.dispatch, self.experts, x, weights, gates=list(self.gates))
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> MultiGateOutput:
         """Every task gate, its permutation, one shared expert pass, then the towers; returns :class:`MultiGateOutput`."""
-        gate_outputs = self.gate_outputs(x, task=task, key=key)
+        rows, gate_outputs, lead = self.route_rows(x, task=task, key=key)
         weights = [apply_permutation(g, self.permutation_for(t).index) for t, g in enumerate(gate_outputs)]
-        mixtures = self.mix(x, weights)
+        mixtures = self.mix(rows, weights)
         if self.track_usage and self.training:
             for meter, w in zip(self.usage_meters, weights):
                 meter.update(w)
         loss = torch.stack([g.loss for g in gate_outputs]).sum()
+        if len(lead) > 1:
+            mixtures = [m.reshape(tuple(lead) + tuple(m.shape[1:])) for m in mixtures]
+            weights = [w.reshape(tuple(lead) + (self.num_experts,)) for w in weights]
+            gate_outputs = [restore_leading(g, lead) for g in gate_outputs]
         return MultiGateOutput(outputs=self.head(mixtures), loss=loss, weights=weights, gate_outputs=gate_outputs)
 
     def expert_usage(self, task: int) -> ExpertUsage:
@@ -178,7 +204,7 @@ class SharedBottom(nn.Module):
     def forward(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> MultiGateOutput:
         """The shared bottom, then each task's tower (no gates: ``weights`` and ``gate_outputs`` are empty)."""
         if self.validate:
-            check_input(x, None)
+            check_input(x, None, tokens=True)
         shared = self.bottom(x)
         zero = shared.new_zeros(())
         return MultiGateOutput(outputs=[tower(shared) for tower in self.towers], loss=zero, weights=[], gate_outputs=[])
