@@ -7,6 +7,10 @@
   turns every failure (missing, truncated, corrupt, foreign file) into a :class:`CheckpointError` that
   names the path. Loading never writes to the file.
 * :func:`check_compatible` compares a checkpoint's model state with a model before anything is loaded.
+* Every file carries a SHA-256 checksum of its content (:func:`state_checksum`: every tensor's dtype,
+  shape and bytes, and every other value), verified on load: a flipped bit inside a tensor is refused.
+* Files are created with the permissions the user's umask gives ordinary files (e.g. 0644), so
+  teammates can read shared runs.
 
 Only weights_only-loadable values may be stored: tensors, Python scalars, strings, ``None``, and
 lists / tuples / dicts of those. :func:`to_plain` converts numpy values (e.g. a numpy generator's state).
@@ -15,8 +19,9 @@ lists / tuples / dicts of those. :func:`to_plain` converts numpy values (e.g. a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,12 +36,13 @@ __all__ = [
     "load_checkpoint",
     "check_compatible",
     "to_plain",
+    "state_checksum",
     "FORMAT",
     "VERSION",
 ]
 
 FORMAT = "routing_search.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: adds the checksum (version 1 files, without one, still load)
 
 
 class CheckpointError(ValueError):
@@ -56,6 +62,47 @@ def to_plain(value: Any) -> Any:
     return value
 
 
+def _feed(digest: Any, value: Any) -> None:
+    """Add ``value`` to ``digest`` in a canonical, type-tagged form."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)};".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, str):
+        encoded = value.encode()
+        digest.update(f"S{len(encoded)};".encode() + encoded)
+    else:
+        digest.update(f"V{type(value).__name__}:{value!r};".encode())
+
+
+def state_checksum(state: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``state`` without its ``'checksum'`` entry: tensors by dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def _create_file(directory: Path, name: str) -> tuple[int, Path]:
+    """A new, uniquely named file opened for writing, with the umask's ordinary permissions (e.g. 0644)."""
+    for _ in range(100):
+        path = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {str(directory)!r}")
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make the rename durable (POSIX); silently skipped where directories cannot be opened (Windows)."""
     try:
@@ -70,7 +117,10 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, overwrite: bool = False) -> Path:
-    """Atomically write ``state`` (plus a format tag and version) to ``path``; returns the path.
+    """Atomically write ``state`` (plus a format tag, version and checksum) to ``path``; returns the path.
+
+    The file gets the permissions of an ordinary new file under the process's umask (0644 under the
+    usual umask 022).
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False (the existing file is untouched).
@@ -84,9 +134,9 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, overwr
         raise FileExistsError(f"checkpoint {str(path)!r} already exists; pass overwrite=True to replace it")
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **{k: v for k, v in state.items() if k not in ("format", "version")}}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    tmp = Path(tmp_name)
+    payload = {"format": FORMAT, "version": VERSION, **{k: v for k, v in state.items() if k not in ("format", "version", "checksum")}}
+    payload["checksum"] = state_checksum(payload)
+    fd, tmp = _create_file(directory, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
@@ -117,8 +167,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None) -> dic
     """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
 
     Raises:
-        CheckpointError: the file is missing, unreadable, truncated or corrupt, or is not a
-            routing_search checkpoint of a supported version. The message names the path.
+        CheckpointError: the file is missing, unreadable, truncated or corrupt (including a content
+            that does not match its checksum), or is not a routing_search checkpoint of a supported
+            version. The message names the path; the file is never modified.
     """
     path = Path(path)
     if not path.is_file():
@@ -135,6 +186,13 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None) -> dic
     version = state.get("version")
     if not isinstance(version, int) or not 1 <= version <= VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has version {version!r}; this routing_search reads versions 1..{VERSION}")
+    if version >= 2:
+        stored = state.get("checksum")
+        if not isinstance(stored, str) or stored != state_checksum(state):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} failed its checksum: its content was damaged after it was written "
+                "(disk or copy error, or an edit). The file was left as it is; resume from another copy"
+            )
     return state
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from routing_search import MoE, MultiGateMoE, Softmax, TopK, make_experts
 from routing_search.data import make_synthetic_moe
 from routing_search.search.sinkhorn import SinkhornPermutation
-from routing_search.training import CheckpointError, fit, mse_loss, multitask_loss
+from routing_search.training import CheckpointError, SearchSchedule, fit, mse_loss, multitask_loss
 
 
 def build(seed: int = 0, *, num_experts: int = 4, dropout: float = 0.0, sinkhorn: bool = False) -> MoE:
@@ -55,7 +55,7 @@ def test_fit_reduces_training_loss(task):
 
 def test_fit_with_search_records_moves_and_never_worsens(task):
     train, val = task
-    result = fit(build(), train, mse_loss, val_data=val, epochs=4, batch_size=32, search={"every_epochs": 1}, progress=False)
+    result = fit(build(), train, mse_loss, val_data=val, epochs=4, batch_size=32, search=SearchSchedule(every_epochs=1), progress=False)
     h = result.history
     assert len(h.searches) == 4
     assert sum(s["accepted"] for s in h.searches) >= 1
@@ -70,8 +70,12 @@ def test_fit_with_search_records_moves_and_never_worsens(task):
 
 def test_step_schedule_and_rounds(task):
     train, val = task
-    result = fit(build(), train, mse_loss, val_data=val, epochs=2, batch_size=32, search={"every": 5, "rounds": 2}, progress=False)
+    result = fit(build(), train, mse_loss, val_data=val, epochs=2, batch_size=32, search=SearchSchedule(every_steps=5, rounds=2), progress=False)
     assert [s["step"] for s in result.history.searches] == [5, 10]
+    with pytest.warns(DeprecationWarning, match="SearchSchedule"):
+        old = fit(build(), train, mse_loss, val_data=val, epochs=2, batch_size=32, search={"every": 5, "rounds": 2}, progress=False)
+    # the deprecated dict is the same schedule
+    assert [(s["step"], s["fun"], s["moves"]) for s in old.history.searches] == [(s["step"], s["fun"], s["moves"]) for s in result.history.searches]
 
 
 @pytest.mark.parametrize("variant", ["search", "dropout", "sinkhorn"])
@@ -80,7 +84,7 @@ def test_resume_equals_uninterrupted(task, tmp_path, variant):
     kwargs = dict(
         val_data=val,
         batch_size=32,
-        search={"every": 3, "method": "ils", "perturbations": 2} if variant != "sinkhorn" else {"every_epochs": 1},
+        search=SearchSchedule(method="ils", every_steps=3, options={"perturbations": 2}) if variant != "sinkhorn" else SearchSchedule(),
         progress=False,
     )
     options = {"dropout": 0.3} if variant == "dropout" else {"sinkhorn": True} if variant == "sinkhorn" else {}
@@ -165,7 +169,7 @@ def test_multigate_dict_inputs_and_multitask_loss():
     )
     loss = multitask_loss(["mse", "mse"], [0.5, 0.5])
     result = fit(model, ({"x": train.x}, train.y), loss, val_data=({"x": val.x}, val.y), epochs=2, batch_size=64,
-                 search={}, max_steps=5, progress=True)
+                 search=SearchSchedule(), max_steps=5, progress=True)
     h = result.history
     assert len(h.step_loss) == 5 and result.epochs_run == 2
     assert len(h.usage[-1][""]) == 2  # one usage entry per task
@@ -179,10 +183,12 @@ def test_bad_arguments(task):
     with pytest.raises(ValueError, match="batch_size"):
         fit(build(), train, mse_loss, batch_size=0, progress=False)
     with pytest.raises(TypeError, match="'screan'"):
-        fit(build(), train, mse_loss, val_data=val, search={"screan": 4}, progress=False)
+        fit(build(), train, mse_loss, val_data=val, search=SearchSchedule(options={"screan": 4}), progress=False)
     with pytest.raises(ValueError, match="search_data"):
-        fit(build(), train, mse_loss, search={}, progress=False)
+        fit(build(), train, mse_loss, search=SearchSchedule(), progress=False)
     with pytest.raises(ValueError, match="not both"):
+        SearchSchedule(every_steps=2, every_epochs=1)
+    with pytest.raises(ValueError, match="not both"), pytest.warns(DeprecationWarning):
         fit(build(), train, mse_loss, val_data=val, search={"every": 2, "every_epochs": 1}, progress=False)
     with pytest.raises(ValueError, match="val_data"):
         fit(build(), train, mse_loss, early_stopping_patience=2, progress=False)
@@ -210,7 +216,7 @@ def test_user_searcher_and_history_round_trip(task):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_and_resume_on_cuda(task, tmp_path):
     train, val = task
-    kwargs = dict(val_data=val, batch_size=32, search={"every": 3}, device="cuda", progress=False)
+    kwargs = dict(val_data=val, batch_size=32, search=SearchSchedule(every_steps=3), device="cuda", progress=False)
     full = fit(build(dropout=0.3), train, mse_loss, epochs=3, checkpoint_dir=tmp_path / "full", **kwargs)
     fit(build(dropout=0.3), train, mse_loss, epochs=1, checkpoint_dir=tmp_path / "part", **kwargs)
     resumed = fit(build(dropout=0.3), train, mse_loss, epochs=3, checkpoint_dir=tmp_path / "part", resume=True, **kwargs)
@@ -221,7 +227,7 @@ def test_fit_and_resume_on_cuda(task, tmp_path):
 
 def test_search_uses_a_fixed_seeded_subset_of_the_held_out_rows(task):
     from routing_search.search import local_search
-    from routing_search.training.fit import _search_subset
+    from routing_search.training.data_source import search_subset as _search_subset
 
     train, val = task
     (x_sub, y_sub) = _search_subset(val, 50, seed=4)
@@ -235,10 +241,10 @@ def test_search_uses_a_fixed_seeded_subset_of_the_held_out_rows(task):
 
     # The search inside fit scores exactly that subset: its recorded start loss is the subset's loss.
     model = build()
-    result = fit(model, train, mse_loss, val_data=val, epochs=1, batch_size=32, search={"rows": 50}, seed=4, progress=False)
+    result = fit(model, train, mse_loss, val_data=val, epochs=1, batch_size=32, search=SearchSchedule(rows=50), seed=4, progress=False)
     (record,) = result.history.searches
     probe = copy.deepcopy(result.model)
     probe.permutation.set(record["moves"][0]["before"] if record["moves"] else probe.permutation.get()[0])
     assert local_search(probe, (x_sub, y_sub), mse_loss, "swap", max_iter=0).fun0 == pytest.approx(record["fun0"], rel=1e-6)
     with pytest.raises(ValueError, match="search rows"):
-        fit(build(), train, mse_loss, val_data=val, epochs=1, search={"rows": 0}, progress=False)
+        SearchSchedule(rows=0)
