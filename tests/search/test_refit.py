@@ -1,0 +1,109 @@
+"""Refit-aware search: exact scores, the closed form, the acceptance rule and its scope errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from routing_search import MoE, MultiGateMoE, TopK, make_experts
+from routing_search.gates import DSelectK
+from routing_search.losses import mse_loss, multitask_loss
+from routing_search.search.codes import set_selector_slot
+from routing_search.search.refit import RefitObjective, last_linear_layers, refit_search
+
+
+def _collapsed_multigate(seed: int = 0, n: int = 4, tasks: int = 3) -> tuple[MultiGateMoE, tuple, tuple]:
+    """Static DSelect-k task gates all saturated on expert 0; targets need different experts per task."""
+    torch.manual_seed(seed)
+    gates = [DSelectK(n, 1) for _ in range(tasks)]
+    for g in gates:
+        set_selector_slot(g, 0, 0)
+    model = MultiGateMoE(make_experts(n, 3, [8], 1), gates)
+    x = torch.randn(400, 3)
+    y = torch.stack([torch.sin(x[:, 0] * (t + 1)) + x[:, t % 3] for t in range(tasks)], dim=1)
+    return model, (x[:200], y[:200]), (x[200:], y[200:])
+
+
+def _model_loss(model: nn.Module, data: tuple, loss) -> float:
+    model.eval()
+    with torch.no_grad():
+        out = model(data[0])
+        pred = out.outputs if hasattr(out, "outputs") else out.output
+        return float(loss(pred, data[1]).double().mean())
+
+
+def test_objective_value_is_the_models_loss() -> None:
+    model, fit_data, score_data = _collapsed_multigate()
+    loss = multitask_loss(["mse"] * 3)
+    obj = RefitObjective(model, fit_data, score_data, loss)
+    assert obj.fun == pytest.approx(_model_loss(model, score_data, loss), rel=1e-6)
+
+
+def test_refit_without_ridge_is_least_squares() -> None:
+    torch.manual_seed(1)
+    moe = MoE(make_experts(3, 2, [5], 1), TopK(3, 1, input_dim=2))
+    x = torch.randn(300, 2)
+    y = (x[:, :1] ** 2).double()
+    obj = RefitObjective(moe, (x, y), (x, y), mse_loss, ridge=0.0)
+    theta = obj.refit(obj.state, [0, 1, 2])
+    # Reference: weighted features of all experts against y, by numpy least squares.
+    w = obj.weights(obj.fit_part, obj.state)[0].numpy()
+    feats = obj.fit_part.features.numpy()
+    design = (w[:, :, None] * feats).reshape(300, -1)
+    reference = np.linalg.lstsq(design, y.numpy(), rcond=None)[0]
+    ours = torch.cat([theta[e] for e in range(3)]).numpy()
+    assert np.allclose(design @ ours, design @ reference, atol=1e-6)
+
+
+def test_huge_ridge_keeps_the_current_layers() -> None:
+    model, fit_data, score_data = _collapsed_multigate()
+    obj = RefitObjective(model, fit_data, score_data, multitask_loss(["mse"] * 3), ridge=1e9)
+    theta = obj.refit(obj.state, [0, 1])
+    assert torch.allclose(theta[0], obj.theta[0], atol=1e-6)
+    assert torch.allclose(theta[1], obj.theta[1], atol=1e-6)
+
+
+def test_refit_search_wakes_dead_experts_and_its_result_is_exact() -> None:
+    model, fit_data, score_data = _collapsed_multigate()
+    loss = multitask_loss(["mse"] * 3)
+    result = refit_search(model, fit_data, score_data, loss)
+    assert result.nit >= 1 and result.fun < result.fun0
+    # What was written into the model scores exactly what the search reported.
+    assert _model_loss(model, score_data, loss) == pytest.approx(result.fun, rel=1e-5)
+    used = {int(p.index[0, 0]) for p in model.permutations}
+    assert len(used) > 1  # tasks no longer share expert 0 only
+    for move in result.moves:
+        assert move.fun_after < move.fun_before
+
+
+def test_no_apply_leaves_the_model_unchanged() -> None:
+    model, fit_data, score_data = _collapsed_multigate(seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refit_search(model, fit_data, score_data, multitask_loss(["mse"] * 3), apply=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_max_iter_zero_is_a_budget_stop() -> None:
+    model, fit_data, score_data = _collapsed_multigate()
+    result = refit_search(model, fit_data, score_data, multitask_loss(["mse"] * 3), max_iter=0)
+    assert result.nit == 0 and result.status == 1 and not result.success and result.fun == result.fun0
+
+
+def test_scope_errors_name_the_problem() -> None:
+    model, fit_data, score_data = _collapsed_multigate()
+    loss = multitask_loss(["mse"] * 3)
+    towers = MultiGateMoE(make_experts(4, 3, [8], 1), [DSelectK(4, 1) for _ in range(3)], towers=[nn.Linear(1, 1) for _ in range(3)])
+    with pytest.raises(ValueError, match="identity towers"):
+        RefitObjective(towers, fit_data, score_data, loss)
+    relu_out = MultiGateMoE([nn.Sequential(nn.Linear(3, 1), nn.ReLU()) for _ in range(4)], [DSelectK(4, 1) for _ in range(3)])
+    with pytest.raises(ValueError, match="last nn.Linear"):
+        RefitObjective(relu_out, fit_data, score_data, loss)
+    with pytest.raises(ValueError, match="none"):
+        last_linear_layers([nn.ReLU()])
+    wrapped = nn.Sequential(model)
+    with pytest.raises(ValueError, match="itself"):
+        RefitObjective(wrapped, fit_data, score_data, loss)
+    with pytest.raises(ValueError, match="ridge"):
+        RefitObjective(model, fit_data, score_data, loss, ridge=-1.0)
