@@ -1,21 +1,97 @@
-"""The ``routing-search`` command: ``demo`` and ``study``."""
+"""The ``routing-search`` command: ``demo``, ``study``, ``experiment``, ``tune`` and ``escape``.
+
+A bad value on the command line prints one line, ``routing-search: error: ...``, and exits with status 2
+(no traceback). Missing data prints the loader's message (where it looked, what to install) and exits
+with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
-__all__ = ["main", "build_parser"]
+import torch
+
+from ..data import DataNotFoundError
+from ..experiments import ARMS, DATASETS, GATES, PRESETS, make_config, make_tune_config
+from ..experiments.escape import ARMS as ESCAPE_ARMS
+from ..experiments.escape import FAMILIES as ESCAPE_FAMILIES
+from ..experiments.escape import EscapeConfig, run_escape
+from .demo import run_demo
+from .experiment import run_experiment_command, run_tune_command
+from .study import run_study
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+PROG = "routing-search"
+
+
+class UsageError(Exception):
+    """A bad command-line value (printed as one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``routing-search: error: ...``, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return value
+
+
+def _names(choices: Sequence[str], what: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs", help="parent directory for outputs (a new sub-directory is created)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``routing-search`` (sub-commands ``demo`` and ``study``)."""
-    parser = argparse.ArgumentParser(
-        prog="routing-search",
-        description="Expert selection in sparse MoE as combinatorial optimisation: demos and studies.",
+    """The argument parser of ``routing-search``."""
+    parser = _Parser(
+        prog=PROG,
+        description="Expert selection in sparse MoE as combinatorial optimisation: demos, studies and experiments.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser(
         "demo",
@@ -27,11 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
             "local search, and learned Sinkhorn permutations over several seeds."
         ),
     )
-    demo.add_argument("--out", default="runs", help="parent directory for outputs (a new sub-directory is created)")
-    demo.add_argument("--seeds", type=int, default=3, help="seeds for the bad-initialisation comparison")
-    demo.add_argument("--epochs", type=int, default=30)
+    _add_common(demo)
+    demo.add_argument("--seeds", type=_positive_int, default=3, help="seeds for the bad-initialisation comparison")
+    demo.add_argument("--epochs", type=_positive_int, default=30)
     demo.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     study = sub.add_parser(
         "study",
@@ -42,37 +117,152 @@ def build_parser() -> argparse.ArgumentParser:
             "(optimality gap), support recovery and time. Writes report.md and report.json."
         ),
     )
-    study.add_argument("--out", default="runs", help="parent directory for outputs (a new sub-directory is created)")
-    study.add_argument("--experts", type=int, default=6, help="number of experts (exact permutation solves need n <= 8)")
-    study.add_argument("--k", type=int, default=2)
-    study.add_argument("--tasks", type=int, default=3)
-    study.add_argument("--epochs", type=int, default=15)
-    study.add_argument("--seed", type=int, default=0)
+    _add_common(study)
+    study.add_argument("--experts", type=_positive_int, default=6, help="number of experts, 2 to 8 (exact permutation solves)")
+    study.add_argument("--k", type=_positive_int, default=2)
+    study.add_argument("--tasks", type=_positive_int, default=3)
+    study.add_argument("--epochs", type=_positive_int, default=15)
+    study.add_argument("--seed", type=_non_negative_int, default=0)
     study.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
-    study.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    exp = sub.add_parser(
+        "experiment",
+        help="gates x arms x seeds on a dataset, with the random-permutation control and paired reports",
+        description=(
+            "Trains a multi-gate MoE for every gate, arm and seed (each seed fixes the data, the "
+            "initialisation and the batch order of every arm) and writes report.md, report.json and plots: "
+            "mean +- standard error per arm, gate and metric, and paired per-seed comparisons of each arm "
+            "against 'sgd' and against 'random' (one random permutation before training: the control)."
+        ),
+    )
+    _add_run_options(exp)
+    exp.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds (0 .. N-1)")
+
+    tune = sub.add_parser(
+        "tune",
+        help="tuning budget: random-search trials with and without local search, best-of-N curves",
+        description=(
+            "Random search of N trials per arm over the grid (learning rate, batch size, entropy weight, k, "
+            "smooth-step gamma, search schedule); expected best of N from the order statistics of all trials "
+            "and the number of trials needed to reach a target with a stated probability."
+        ),
+    )
+    _add_run_options(tune, default_arms=("sgd", "search"))
+    tune.add_argument("--trials", type=_positive_int, default=20, help="trials per arm (at least 2)")
+    tune.add_argument("--seed", type=_non_negative_int, default=0)
+    tune.add_argument("--target", type=float, default=None, help="test value to reach (default: the top 20 %% of pooled trials)")
+    tune.add_argument("--probability", type=_positive_float, default=0.9, help="probability of reaching the target, in (0, 1)")
+
+    escape = sub.add_parser(
+        "escape",
+        help="escaping bad starts: search vs one random permutation vs SGD, paired by seed",
+        description=(
+            "Bad-start families on synthetic data with a known truth (collapsed DSelect-k / COMET, Top-k with "
+            "a logit margin, misassigned Hash buckets, experts trained for another permutation); every arm "
+            "paired by seed against 'sgd' and 'random'. Writes report.md and report.json."
+        ),
+    )
+    escape.add_argument("--out", default="runs", help="parent directory for outputs (a new sub-directory is created)")
+    escape.add_argument("--families", type=_names(ESCAPE_FAMILIES, "family"), default=ESCAPE_FAMILIES,
+                        help=f"comma-separated, from {', '.join(ESCAPE_FAMILIES)}")
+    escape.add_argument("--arms", type=_names(ESCAPE_ARMS, "arm"), default=ESCAPE_ARMS, help=f"comma-separated, from {', '.join(ESCAPE_ARMS)}")
+    escape.add_argument("--seeds", type=_positive_int, default=10, help="number of seeds (0 .. N-1)")
+    escape.add_argument("--epochs", type=_positive_int, default=None)
+    escape.add_argument("--samples", type=_positive_int, default=None, help="rows of each synthetic instance")
+    escape.add_argument("--no-progress", action="store_true", help="hide progress output")
     return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, default_arms: tuple[str, ...] | None = None) -> None:
+    p.add_argument("dataset", choices=DATASETS, help="dataset")
+    _add_common(p)
+    p.add_argument("--gates", type=_names(GATES, "gate"), default=None, help=f"comma-separated, from {', '.join(GATES)}")
+    p.add_argument("--arms", type=_names(ARMS, "arm"), default=default_arms, help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--preset", choices=PRESETS, default="cpu", help="cpu: minutes on two cores; paper: the papers' sizes (GPU)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="override the preset's epochs")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--data-path", default=None, help="the dataset's file or directory (default: the loader's place)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads of this process")
+    p.add_argument("--no-plots", action="store_true", help="write the reports without plots")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    over: dict[str, Any] = {"device": args.device, "threads": args.threads, "progress": not args.no_progress}
+    if args.gates is not None:
+        over["gates"] = args.gates
+    if args.arms is not None:
+        over["arms"] = args.arms
+    if args.epochs is not None:
+        over["train"] = {"epochs": args.epochs}
+    if args.data_path is not None:
+        over["data"] = {"path": args.data_path}
+    return over
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
+
+
+def _configure(args: argparse.Namespace) -> Any:
+    """Build and check the command's typed configuration; bad values raise :class:`UsageError`."""
+    try:
+        if args.command in ("experiment", "tune"):
+            _check_device(args.device)
+            if args.command == "experiment":
+                return make_config(args.dataset, args.preset, seeds=args.seeds, **_overrides(args))
+            return make_tune_config(args.dataset, args.preset, trials=args.trials, seed=args.seed, target=args.target,
+                                    probability=args.probability, **_overrides(args))
+        if args.command == "escape":
+            extra: dict[str, Any] = {}
+            if args.epochs is not None:
+                extra["epochs"] = args.epochs
+            if args.samples is not None:
+                extra["num_samples"] = args.samples
+            return EscapeConfig(families=args.families, arms=args.arms, seeds=tuple(range(args.seeds)), out=args.out, **extra)
+        if args.command == "study":
+            if not 2 <= args.experts <= 8:
+                raise UsageError(f"--experts must be in [2, 8] for exact permutation solves, got {args.experts}")
+            if args.k > args.experts:
+                raise UsageError(f"--k must be in [1, --experts={args.experts}], got {args.k}")
+        return None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``routing-search`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(out=args.out, seeds=args.seeds, epochs=args.epochs, quick=args.quick, progress=not args.no_progress)
-    elif args.command == "study":
-        from .study import run_study
-
-        run_study(
-            out=args.out,
-            num_experts=args.experts,
-            k=args.k,
-            num_tasks=args.tasks,
-            epochs=args.epochs,
-            seed=args.seed,
-            quick=args.quick,
-            progress=not args.no_progress,
-        )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = _configure(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress
+    try:
+        if args.command == "demo":
+            run_demo(out=args.out, seeds=args.seeds, epochs=args.epochs, quick=args.quick, progress=progress)
+        elif args.command == "study":
+            run_study(out=args.out, num_experts=args.experts, k=args.k, num_tasks=args.tasks, epochs=args.epochs,
+                      seed=args.seed, quick=args.quick, progress=progress)
+        elif args.command == "experiment":
+            run_experiment_command(config, out=args.out, plots=not args.no_plots)
+        elif args.command == "tune":
+            run_tune_command(config, out=args.out, plots=not args.no_plots)
+        elif args.command == "escape":
+            result = run_escape(config, progress=progress)
+            print(f"{PROG} escape: report in {result['run_dir']}")
+    except DataNotFoundError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except (FileExistsError, NotADirectoryError, PermissionError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,169 @@
+"""Statistics for reports: mean ± standard error, paired per-seed comparisons, expected best of N trials.
+
+Paired comparison of arm A against a control B on one metric (one value per seed for each arm):
+
+* per seed, the relative improvement ``r = ±(a − b) / |b|`` (sign so that positive is better);
+  "better by ≥ 1 % on w/n seeds" counts ``r ≥ 0.01``, and "worse" counts ``r ≤ −0.01``;
+* the median of ``a / b`` over the seeds;
+* the mean ± standard error of the paired difference ``a − b``;
+* two-sided p-values: the sign test (``scipy.stats.binomtest`` on the non-zero differences) and the
+  Wilcoxon signed-rank test (``scipy.stats.wilcoxon``; None with fewer than two non-zero differences).
+
+Tuning budgets (COMET+'s protocol). From ``T`` trials with selection scores ``s`` (validation) and
+reported values ``v`` (test), the best of ``N`` trials is the trial with the best ``s`` among ``N``
+drawn from the ``T``. With the trials sorted by ``s`` from worst to best (ranks ``1..T``), trial ``i`` is
+the best of the ``N`` with probability
+
+* without replacement: ``C(i−1, N−1) / C(T, N)`` (it is drawn, and the other ``N−1`` come from the
+  ``i−1`` worse ones);
+* with replacement: ``(i/T)^N − ((i−1)/T)^N``;
+
+so ``E[v of the best of N] = Σ_i P_i · v_i``, and the probability that the best of ``N`` reaches a target
+is ``Σ_i P_i`` over the trials whose reported value reaches it. When the selection score is the reported
+value itself this is ``1 − C(T−m, N)/C(T, N)`` (without replacement) or ``1 − (1 − m/T)^N`` (with
+replacement), ``m`` the number of trials that reach the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+__all__ = [
+    "mean_se",
+    "paired_comparison",
+    "best_of_n_weights",
+    "expected_best_of_n",
+    "reach_probability",
+    "trials_needed",
+]
+
+
+def mean_se(values: Sequence[float]) -> dict[str, Any]:
+    """``{'mean', 'se', 'n', 'values'}``; se = sample standard deviation / √n (None for one value).
+
+    >>> mean_se([1.0, 2.0, 3.0])["se"]
+    0.5773502691896258
+    """
+    arr = np.asarray(values, dtype=float)
+    n = int(arr.size)
+    if n == 0:
+        return {"mean": None, "se": None, "n": 0, "values": []}
+    se = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    return {"mean": float(arr.mean()), "se": se, "n": n, "values": [float(v) for v in arr]}
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool, threshold: float = 0.01) -> dict[str, Any]:
+    """Compare ``a`` with the control ``b``, seed by seed (see the module docstring).
+
+    >>> r = paired_comparison([1.0, 2.0, 3.0], [1.1, 2.1, 2.0], higher_is_better=False)
+    >>> r["better"], r["worse"], r["n"]
+    (2, 1, 3)
+    """
+    x = np.asarray(a, dtype=float)
+    y = np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired_comparison needs two equal-length 1-D sequences, got shapes {x.shape} and {y.shape}")
+    sign = 1.0 if higher_is_better else -1.0
+    diff = x - y
+    scale = np.abs(y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(scale > 0, sign * diff / scale, np.sign(sign * diff) * np.inf)
+        ratio = np.where(y != 0, x / y, np.nan)
+    nonzero = diff[diff != 0]
+    if nonzero.size:
+        sign_p = float(stats.binomtest(int((sign * nonzero > 0).sum()), int(nonzero.size), 0.5).pvalue)
+    else:
+        sign_p = 1.0
+    wilcoxon_p = None
+    if nonzero.size >= 2:
+        wilcoxon_p = float(stats.wilcoxon(x, y, zero_method="wilcox").pvalue)
+    finite_ratio = ratio[np.isfinite(ratio)]
+    return {
+        "n": int(x.size),
+        "better": int((rel >= threshold).sum()),
+        "worse": int((rel <= -threshold).sum()),
+        "threshold": threshold,
+        "median_ratio": float(np.median(finite_ratio)) if finite_ratio.size else None,
+        "diff": mean_se(diff.tolist()),
+        "sign_p": sign_p,
+        "wilcoxon_p": wilcoxon_p,
+    }
+
+
+def _order(scores: Sequence[float], higher_is_better: bool) -> np.ndarray:
+    s = np.asarray(scores, dtype=float)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError("scores must be a non-empty 1-D sequence")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite")
+    # worst first; ties broken by trial index so the result is deterministic
+    key = s if higher_is_better else -s
+    return np.lexsort((np.arange(s.size), key))
+
+
+def best_of_n_weights(num_trials: int, n: int, *, replace: bool = False) -> np.ndarray:
+    """``P_i`` (i = 1..T, worst to best) that the i-th ranked trial is the best of ``n`` draws.
+
+    >>> best_of_n_weights(3, 2).tolist()
+    [0.0, 0.3333333333333333, 0.6666666666666666]
+    """
+    if num_trials < 1 or n < 1 or (not replace and n > num_trials):
+        raise ValueError(f"need 1 <= n <= num_trials without replacement, got n={n}, num_trials={num_trials}")
+    i = np.arange(1, num_trials + 1, dtype=float)
+    if replace:
+        return (i / num_trials) ** n - ((i - 1) / num_trials) ** n
+    log_total = special.gammaln(num_trials + 1) - special.gammaln(n + 1) - special.gammaln(num_trials - n + 1)
+    weights = np.zeros(num_trials)
+    ok = i - 1 >= n - 1
+    k = i[ok] - 1
+    log_c = special.gammaln(k + 1) - special.gammaln(n) - special.gammaln(k - (n - 1) + 1)
+    weights[ok] = np.exp(log_c - log_total)
+    return weights
+
+
+def expected_best_of_n(scores: Sequence[float], values: Sequence[float] | None, n: int, *, higher_is_better: bool, replace: bool = False) -> float:
+    """Expected reported value of the best-scoring trial among ``n`` drawn from the trials.
+
+    ``values`` defaults to the scores themselves.
+
+    >>> expected_best_of_n([0.1, 0.3, 0.2], None, 3, higher_is_better=True)
+    0.3
+    """
+    order = _order(scores, higher_is_better)
+    v = np.asarray(scores if values is None else values, dtype=float)[order]
+    return float(np.dot(best_of_n_weights(len(order), n, replace=replace), v))
+
+
+def reach_probability(scores: Sequence[float], values: Sequence[float], target: float, n: int, *, higher_is_better: bool, replace: bool = False) -> float:
+    """Probability that the best-scoring of ``n`` trials has a reported value that reaches ``target``.
+
+    Exact over the draws: summing ``P_i`` over the ranked trials whose value reaches the target.
+    """
+    order = _order(scores, higher_is_better)
+    v = np.asarray(values, dtype=float)[order]
+    reaches = v >= target if higher_is_better else v <= target
+    return float(np.dot(best_of_n_weights(len(order), n, replace=replace), reaches.astype(float)))
+
+
+def trials_needed(scores: Sequence[float], values: Sequence[float], target: float, *, probability: float, higher_is_better: bool, replace: bool = True, max_trials: int = 100_000) -> int | None:
+    """Smallest ``N`` with ``reach_probability(N) >= probability``; None when no ``N`` gets there.
+
+    Without replacement ``N`` is at most the number of trials; with replacement it is searched up to
+    ``max_trials`` (the probability is monotone in ``N``).
+    """
+    upper = len(scores) if not replace else max_trials
+    if reach_probability(scores, values, target, upper, higher_is_better=higher_is_better, replace=replace) < probability:
+        return None
+    lo, hi = 1, upper
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reach_probability(scores, values, target, mid, higher_is_better=higher_is_better, replace=replace) >= probability:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
