@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data import make_synthetic_moe
-from ..analysis.gap import optimality_gap
+from ..analysis import optimality_gap
 from ..gates import COMET, DSelectK, GumbelSoftmax, Softmax, TopK
 from ..layers import MultiGateMoE, make_experts
 from ..metrics import match_experts_by_outputs, support_recovery
