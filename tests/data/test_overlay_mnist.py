@@ -259,3 +259,14 @@ def check_real_overlay(data, sizes):
         assert float(x[:, 0, 28:, :8].abs().max()) == 0.0 and float(x[:, 0, :8, 28:].abs().max()) == 0.0
         for t in split.targets:
             assert t.dtype == torch.int64 and set(t.unique().tolist()) == set(range(10))
+
+
+def test_flatten_gives_the_row_major_canvas(tmp_path):
+    file = write_mnist_pickle(tmp_path / "mnist.pkl.gz", tiny_mnist_parts())
+    kw = dict(seed=3, num_train=6, num_val=3, num_test=3)
+    images = load_multi_mnist(file, **kw)
+    flat = load_multi_mnist(file, flatten=True, **kw)
+    assert flat.input_shape == (1296,) and flat.info["flatten"] is True
+    assert torch.equal(flat.train.inputs["x"], images.train.inputs["x"].reshape(6, 1296))
+    with pytest.raises(TypeError, match="flatten"):
+        load_multi_mnist(file, flatten="yes", **kw)
