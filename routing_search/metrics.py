@@ -24,9 +24,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 
 from ._validation import as_finite_array
+from .layers.moe import ExpertUsage
+from .layers.moe import expert_usage as usage_of_weights
 
 __all__ = [
     "SupportRecovery",
@@ -213,14 +216,15 @@ def experts_per_task(task_weights: Any, *, threshold: float = 0.0) -> np.ndarray
     return used.sum(axis=1)
 
 
-def expert_usage(weights: Any, *, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(soft, hard) usage of each expert over the rows of ``weights`` [B, n] (or [..., n]).
+def expert_usage(weights: Any, *, threshold: float = 0.0) -> ExpertUsage:
+    """Usage of each expert over the rows of ``weights`` [B, n] (or [..., n]) as an :class:`ExpertUsage`.
 
-    soft[j] = mean weight of expert j; hard[j] = fraction of rows where |weight_j| > threshold.
+    soft[j] = mean weight of expert j; hard[j] = fraction of rows where |weight_j| > threshold. The
+    same type (float64 tensors) as :func:`routing_search.layers.expert_usage`; it unpacks as
+    ``soft, hard = expert_usage(W)`` (``.numpy()`` gives arrays).
     """
     W = _to_numpy("weights", weights, ndim=(2, 3), shape_doc="[batch, n_experts] (or [..., n_experts])")
-    W = W.reshape(-1, W.shape[-1])
-    return W.mean(axis=0), (np.abs(W) > _check_threshold(threshold)).mean(axis=0)
+    return usage_of_weights(torch.from_numpy(W), threshold=_check_threshold(threshold))
 
 
 @dataclass
@@ -250,7 +254,7 @@ def detect_collapse(weights: Any, *, threshold: float = 0.9, min_effective_exper
         raise ValueError(f"threshold must be a share in (0, 1], got {threshold!r}")
     if not float(min_effective_experts) >= 1.0:
         raise ValueError(f"min_effective_experts must be >= 1, got {min_effective_experts!r}")
-    soft, hard = expert_usage(W)
+    soft, hard = (t.numpy() for t in expert_usage(W))
     mass = np.abs(soft)
     total = mass.sum()
     if total <= 0:
