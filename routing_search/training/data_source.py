@@ -14,16 +14,16 @@ exposes, so that a checkpoint can store and restore them (exact resume).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler
 
 from .._validation import check_int
 from ..batches import as_batch, num_rows, take_rows, tensors_of, to_device
 
-__all__ = ["BatchSource", "TensorSource", "LoaderSource", "as_source", "make_loader", "materialize", "search_subset", "check_finite_targets"]
+__all__ = ["BatchSource", "TensorSource", "LoaderSource", "PermutationSampler", "as_source", "make_loader", "materialize", "search_subset", "check_finite_targets"]
 
 Batch = tuple[Any, Any, int]
 
@@ -152,6 +152,21 @@ class LoaderSource(BatchSource):
         return found
 
 
+class PermutationSampler(Sampler[int]):
+    """Every pass a new order ``torch.randperm(n, generator=generator)``: one draw per pass, exactly what
+    ``fit`` does for tensor pairs (``RandomSampler`` draws a second permutation per pass)."""
+
+    def __init__(self, num_rows: int, generator: torch.Generator) -> None:
+        self.num_rows = check_int("num_rows", num_rows, minimum=0)
+        self.generator = generator
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.num_rows, generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -193,7 +208,9 @@ def make_loader(
         return DataLoader(dataset, batch_size=batch_size, generator=base, **loader_options)
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"dataset must be a map-style Dataset with __len__ (or an IterableDataset), got {type(dataset).__name__}")
+    sampler: Sampler[int] = PermutationSampler(len(dataset), generator) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=base, **loader_options)
 
 

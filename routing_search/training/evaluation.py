@@ -31,7 +31,7 @@ def routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def permutations_of(model: nn.Module) -> dict[str, Any]:
     """``{layer name: [index rows of each permutation module]}`` as plain lists."""
-    return {name: [p.index.detach().cpu().tolist() for p in layer.permutations] for name, layer in routing_layers(model)}
+    return {name: [p.index.detach().cpu().tolist() for p in getattr(layer, "permutations")] for name, layer in routing_layers(model)}
 
 
 @dataclass

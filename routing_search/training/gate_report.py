@@ -39,7 +39,8 @@ def _join(prefix: str, name: str) -> str:
 def _direct_gates(layer: nn.Module) -> dict[str, nn.Module]:
     if isinstance(layer, MultiGateMoE):
         return {f"gates.{t}": g for t, g in enumerate(layer.gates)}
-    return {"gate": layer.gate}
+    gate = layer.gate
+    return {"gate": gate} if isinstance(gate, nn.Module) else {}
 
 
 def _selector_sites(layer: nn.Module) -> list[tuple[str, nn.Module, bool]]:
@@ -96,7 +97,7 @@ def gate_report(model: nn.Module, layer_inputs: dict[str, torch.Tensor] | None =
                 continue
             report[_join(layer_name, name)] = {
                 "kind": type(inner).__name__,
-                "k": int(inner.num_selectors),
+                "k": int(getattr(inner, "num_selectors", 1)),
                 "binary": bool(cert.is_binary),
                 "fraction_fractional": float(cert.fraction_fractional),
                 "max_fractional_distance": float(cert.max_fractional_distance),
@@ -167,7 +168,7 @@ def harden_model(model: nn.Module, layer_inputs: dict[str, torch.Tensor] | None 
                 x = x.to(device=param.device, dtype=param.dtype)
         _, cert = harden(layer, x, inplace=True)
         befores.append(_named(cert, layer_name))
-        afters.append(_named(cert.after, layer_name))
+        afters.append(_named(cert if cert.after is None else cert.after, layer_name))
     if len(befores) == 1:
         return dataclasses.replace(befores[0], after=afters[0])
     return dataclasses.replace(HardenCertificate.aggregate(befores), after=HardenCertificate.aggregate(afters))

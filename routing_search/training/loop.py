@@ -51,7 +51,7 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 # ------------------------------------------------------------------------------------------- pieces
 def _resolve_device(device: Any, model: nn.Module) -> torch.device:
     if device is None:
-        first = next(iter(model.parameters()), None)
+        first: torch.Tensor | None = next(iter(model.parameters()), None)
         if first is None:
             first = next(iter(model.buffers()), None)
         return first.device if first is not None else torch.device("cpu")
@@ -271,9 +271,9 @@ def fit(
     gate_loss_weight = check_positive_float("gate_loss_weight", gate_loss_weight, allow_zero=True)
     patience = None if early_stopping_patience is None else check_int("early_stopping_patience", early_stopping_patience, minimum=1)
     max_steps = None if max_steps is None else check_int("max_steps", max_steps, minimum=1)
-    for flag, value in (("resume", resume), ("overwrite", overwrite), ("progress", progress), ("harden", harden)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    for flag, flag_value in (("resume", resume), ("overwrite", overwrite), ("progress", progress), ("harden", harden)):
+        if not isinstance(flag_value, bool):
+            raise TypeError(f"{flag} must be True or False, got {flag_value!r}")
     if restore_best is not None and not isinstance(restore_best, bool):
         raise TypeError(f"restore_best must be None, True or False, got {restore_best!r}")
     metrics = _check_metrics(metrics)
@@ -337,10 +337,10 @@ def fit(
             start_epoch, step = int(state["epoch"]), int(state["step"])
             selection.load_state_dict(state["early_stopping"])
             saved_config = state.get("config", {})
-            for key, value in config.items():
-                if key in saved_config and saved_config[key] != value:
+            for key, setting in config.items():
+                if key in saved_config and saved_config[key] != setting:
                     warnings.warn(
-                        f"resuming with {key}={value!r} but the checkpoint was written with "
+                        f"resuming with {key}={setting!r} but the checkpoint was written with "
                         f"{key}={saved_config[key]!r}; the run will not match an uninterrupted one",
                         stacklevel=2,
                     )

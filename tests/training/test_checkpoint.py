@@ -115,3 +115,53 @@ def test_save_failure_leaves_no_temporary_and_old_file(tmp_path):
         save_checkpoint(path, {"value": Unpicklable()}, overwrite=True)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def test_flipped_bit_inside_a_tensor_is_refused_and_the_file_kept(tmp_path):
+    path = tmp_path / "ck.pt"
+    weights = torch.full((4096,), 1.2345678, dtype=torch.float32)
+    save_checkpoint(path, {"model": {"w": weights}, "step": 3})
+    data = bytearray(path.read_bytes())
+    pattern = weights[:4].numpy().tobytes()
+    at = data.find(pattern)
+    assert at > 0
+    data[at + 4096] ^= 0x10  # one bit of one float in the middle of the tensor
+    path.write_bytes(bytes(data))
+    flipped = torch.load(path, weights_only=True)["model"]["w"]  # torch itself does not notice
+    assert not torch.equal(flipped, weights)
+    with pytest.raises(CheckpointError, match="checksum") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == bytes(data)
+
+
+def test_checksum_covers_every_value(tmp_path):
+    from routing_search.training.checkpoint import state_checksum
+
+    base = {"a": torch.zeros(3), "b": [1, 2.5, "x", None], "c": {"d": torch.ones(2, dtype=torch.int64)}}
+    same = {"c": {"d": torch.ones(2, dtype=torch.int64)}, "b": [1, 2.5, "x", None], "a": torch.zeros(3)}
+    assert state_checksum(base) == state_checksum(same)
+    for changed in ({**base, "a": torch.zeros(3, dtype=torch.float64)}, {**base, "a": torch.zeros(1, 3)},
+                    {**base, "b": [1, 2.5, "y", None]}, {**base, "b": [True, 2.5, "x", None]}):
+        assert state_checksum(changed) != state_checksum(base)
+
+
+def test_version_1_files_without_checksum_still_load(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"format": FORMAT, "version": 1, "value": 4}, path)
+    assert load_checkpoint(path)["value"] == 4
+
+
+def test_files_get_ordinary_permissions_from_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ck.pt", {"value": 1})
+        assert (path.stat().st_mode & 0o777) == 0o644
+        save_checkpoint(path, {"value": 2}, overwrite=True)
+        assert (path.stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        private = save_checkpoint(tmp_path / "private.pt", {"value": 1})
+        assert (private.stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "private.pt"]
