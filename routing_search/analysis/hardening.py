@@ -13,8 +13,8 @@ the same way once every node output is 0 or 1. This module
   then *equals* the hard one exactly), per-example gates are replaced by :class:`HardGate`.
 
 "Rounded" always means ``S > 0.5 -> 1`` (ties go to 0), the convention of ``DSelectK.hard`` and
-``COMET.hard``; DSelect-k codes that name no expert (``n`` not a power of two) are folded as in
-``DSelectK._fold_codes``.
+``COMET.hard``; DSelect-k codes that name no expert (``n`` not a power of two) are folded as
+``DSelectK.selected_experts`` folds them.
 """
 
 from __future__ import annotations
@@ -191,6 +191,20 @@ def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0
         name: label stored in the certificate.
 
     The gate is evaluated without gradients and without advancing its training-call counter.
+
+    Example:
+        A freshly initialised static DSelect-k gate has fractional codes (its soft output is not its
+        hard one); after :func:`snap_codes_` every code is binary and soft equals hard exactly:
+
+        >>> from routing_search.gates import DSelectK
+        >>> _ = torch.manual_seed(0)
+        >>> gate = DSelectK(num_experts=5, k=2)
+        >>> before = certify(gate)
+        >>> before.is_binary, before.agree, before.num_entries       # k · ceil(log2 n) code entries
+        (False, False, 6)
+        >>> after = certify(snap_codes_(gate))
+        >>> after.is_binary, after.agree, after.max_support_size <= 2
+        (True, True, True)
     """
     if atol < 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
@@ -237,7 +251,11 @@ def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0
 def _hard_codes(gate: nn.Module, x: torch.Tensor | None) -> torch.Tensor:
     """The rounded codes the hard gate uses (folded for DSelect-k), as 0/1 floats."""
     if _is_dselect(gate):
-        return gate._fold_codes(gate.binary_codes(x))
+        # The binary code of the expert each selector picks after rounding and folding (public API).
+        experts = gate.selected_experts(x)
+        powers = 2 ** torch.arange(gate.num_bits, device=experts.device)
+        dtype = gate.smooth_codes(x).dtype
+        return ((experts.unsqueeze(-1) // powers) % 2).to(dtype)
     s = gate.node_outputs(x)
     return (s > 0.5).to(s.dtype)
 
