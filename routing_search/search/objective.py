@@ -204,10 +204,10 @@ class RoutingObjective:
     def _capture_layer_call(self) -> tuple[Any, Any, Any]:
         """Run the wrapping model once and record the arguments of its (single) call of the layer."""
         calls: list[inspect.BoundArguments] = []
-        signature = inspect.signature(self.layer.forward)
+        signature = inspect.signature(type(self.layer).forward)  # the layer's own names, whatever wraps forward
 
         def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls.append(signature.bind(*args, **kwargs))
+            calls.append(signature.bind(module, *args, **kwargs))
 
         handle = self.layer.register_forward_pre_hook(grab, with_kwargs=True)
         try:
