@@ -28,7 +28,7 @@ from ..layers import MultiGateMoE, make_experts
 from ..metrics import match_experts_by_outputs, support_recovery
 from ..search import SinkhornPermutation
 from ..search.codes import set_selector_slot
-from ..training import fit, multitask_loss
+from ..training import SearchSchedule, fit, multitask_loss
 from .output import new_run_dir
 
 __all__ = ["run_demo", "DemoConfig", "train_and_score"]
@@ -97,7 +97,7 @@ def train_and_score(
     data: SyntheticMoEData,
     model: nn.Module,
     *,
-    search: dict | None,
+    search: SearchSchedule | None,
     seed: int,
     progress: bool,
 ) -> dict:
@@ -208,7 +208,7 @@ def run_demo(*, out: str = "runs", seeds: int = 3, epochs: int = 30, quick: bool
             if with_search and name not in ("TopK", "DSelectK"):
                 continue
             model = _build(cfg, _gate_factory(name, cfg), seed=0)
-            search = {"method": "swap", "every_epochs": 2} if with_search else None
+            search = SearchSchedule(method="swap", every_epochs=2) if with_search else None
             label = f"{name} + local search" if with_search else name
             r = train_and_score(cfg, data, model, search=search, seed=0, progress=progress)
             rows.append((label, r))
@@ -231,7 +231,7 @@ def run_demo(*, out: str = "runs", seeds: int = 3, epochs: int = 30, quick: bool
             else:
                 make_gate = lambda: DSelectK(num_experts=cfg.num_experts, k=cfg.k)
                 # Frequent searches early matter here: a move pays off only once the target expert has learnt something.
-                search = {"method": "swap", "every": 10} if "local search" in name else None
+                search = SearchSchedule(method="swap", every_steps=10) if "local search" in name else None
             model = _build(cfg, make_gate, seed=seed)
             collapse(model, tuple(range(cfg.k)))
             r = train_and_score(cfg, data, model, search=search, seed=seed, progress=progress)

@@ -24,7 +24,7 @@ from ..analysis import optimality_gap
 from ..gates import COMET, DSelectK, GumbelSoftmax, Softmax, TopK
 from ..layers import MultiGateMoE, make_experts
 from ..metrics import match_experts_by_outputs, support_recovery
-from ..training import fit, multitask_loss
+from ..training import SearchSchedule, fit, multitask_loss
 from .output import new_run_dir
 
 __all__ = ["run_study", "StudyRow"]
@@ -96,7 +96,7 @@ def run_study(
             fit(
                 model, (train.x, train.y), loss, val_data=(val.x, val.y), epochs=epochs, batch_size=128,
                 optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
-                search={"method": "swap", "every_epochs": 1} if with_search else None,
+                search=SearchSchedule(method="swap", every_epochs=1) if with_search else None,
                 seed=seed, progress=progress,
             )
             train_seconds = time.perf_counter() - start

