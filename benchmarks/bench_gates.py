@@ -10,6 +10,7 @@ The speed-up limit of sparse dispatch is n / k = 8×.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,12 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
 
 
 def gate_table(device: torch.device, repeats: int, n: int, k: int, d: int, batch: int) -> None:
+    """Forward + backward of every gate, interleaved round by round, with the ratio to TopK.
+
+    Each round runs every gate once; a gate's ratio is the median over rounds of its time divided by
+    TopK's time in the same round, so load on a shared machine affects both alike. On the CPU the
+    clock is the process CPU time (the wall clock on CUDA).
+    """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, d, generator=gen).to(device)
     keys = torch.randint(0, 1000, (batch,), generator=gen).to(device)
@@ -49,12 +56,13 @@ def gate_table(device: torch.device, repeats: int, n: int, k: int, d: int, batch
         "Hash": Hash(num_experts=n, num_keys=1000),
         "GumbelSoftmax(static)": GumbelSoftmax(num_experts=n),
         "DSelectK": DSelectK(num_experts=n, k=k, input_dim=d, entropy_weight=1e-3),
+        "DSelectK(static)": DSelectK(num_experts=n, k=k, entropy_weight=1e-3),
         "COMET": COMET(num_experts=n, k=k, input_dim=d, entropy_weight=1e-3),
         "TaskAware(TopK x4)": TaskAware(gates=[TopK(num_experts=n, k=k, input_dim=d) for _ in range(4)]),
     }
-    print(f"\nGates: forward+backward, n={n}, k={k}, input={d}, batch={batch}, device={device}")
-    print(f"{'gate':24s} {'ms/iter':>9s} {'rows/s':>12s}")
-    for name, gate in gates.items():
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def make_step(gate: torch.nn.Module) -> Callable[[], None]:
         gate = gate.to(device).train()
         params = [p for p in gate.parameters() if p.requires_grad]
 
@@ -66,8 +74,28 @@ def gate_table(device: torch.device, repeats: int, n: int, k: int, d: int, batch
                 for p in params:
                     p.grad = None
 
-        seconds = timed(step, repeats, device)
-        print(f"{name:24s} {seconds * 1e3:9.2f} {batch / seconds:12.0f}")
+        return step
+
+    steps = {name: make_step(gate) for name, gate in gates.items()}
+    times: dict[str, list[float]] = {name: [] for name in gates}
+    for round_ in range(repeats + 2):  # two warm-up rounds
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = clock()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= 2:
+                times[name].append(clock() - start)
+    ref = times["TopK"]
+    print(f"\nGates: forward+backward, n={n}, k={k}, input={d}, batch={batch}, device={device}, "
+          f"{repeats} interleaved rounds ({'wall' if device.type == 'cuda' else 'CPU'} time)")
+    print(f"{'gate':24s} {'ms/iter':>9s} {'rows/s':>12s} {'x TopK':>8s}")
+    for name, values in times.items():
+        seconds = statistics.median(values)
+        ratio = statistics.median(v / r for v, r in zip(values, ref))
+        print(f"{name:24s} {seconds * 1e3:9.2f} {batch / seconds:12.0f} {ratio:7.2f}x")
 
 
 def dispatch_table(device: torch.device, repeats: int, n: int, k: int, d: int, batch: int) -> None:

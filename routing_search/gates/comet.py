@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_num_experts_k, check_positive_float
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
+from .binary_encoding import log_factors, zero_log
+from .router import check_input_dtype
 from .smooth_step import smooth_step, smooth_step_init_
 
-__all__ = ["COMET"]
+__all__ = ["COMET", "leaf_paths"]
 
 _EPS = 1e-6
 _LEAF_INIT = 0.05
@@ -20,11 +23,14 @@ def _batch_mean(per_example: torch.Tensor) -> torch.Tensor:
     return per_example.sum() / max(per_example.shape[0], 1)
 
 
-def _leaf_paths(num_experts: int) -> list[tuple[int, list[tuple[int, bool]]]]:
+def leaf_paths(num_experts: int) -> list[tuple[int, list[tuple[int, bool]]]]:
     """Leaves of the heap-indexed tree in left-to-right order, each with its root path.
 
     Internal nodes are ``0 .. n-2``, leaves ``n-1 .. 2n-2``, children of ``q`` are ``2q+1`` (left) and
     ``2q+2`` (right). A path is a list of ``(node, went_left)`` from the root down.
+
+    >>> leaf_paths(3)
+    [(3, [(0, True), (1, True)]), (4, [(0, True), (1, False)]), (2, [(0, False)])]
     """
     leaves: list[tuple[int, list[tuple[int, bool]]]] = []
 
@@ -37,6 +43,9 @@ def _leaf_paths(num_experts: int) -> list[tuple[int, list[tuple[int, bool]]]]:
 
     visit(0, [])
     return leaves
+
+
+_leaf_paths = leaf_paths  # the former private name, still imported elsewhere
 
 
 class COMET(BaseGate):
@@ -84,19 +93,14 @@ class COMET(BaseGate):
         self.gamma = check_positive_float("gamma", gamma)
         self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
 
-        paths = _leaf_paths(n)
-        self.leaf_order: tuple[int, ...] = tuple(leaf for leaf, _ in paths)
-        depth = max(len(path) for _, path in paths)
-        node = torch.zeros(depth, n, dtype=torch.long)
-        left = torch.zeros(depth, n, dtype=torch.bool)
-        has = torch.zeros(depth, n, dtype=torch.bool)
-        for i, (_, path) in enumerate(paths):
-            for t, (q, went_left) in enumerate(path):
-                node[t, i], left[t, i], has[t, i] = q, went_left, True
-        # Level t of expert i's path: ancestor node, branch taken, and whether the path is that deep.
-        self.register_buffer("_path_node", node, persistent=False)
-        self.register_buffer("_path_left", left, persistent=False)
-        self.register_buffer("_path_has", has, persistent=False)
+        self.leaf_order: tuple[int, ...] = tuple(leaf for leaf, _ in leaf_paths(n))
+        # Path matrix: row 2q (2q + 1) marks the leaves whose path goes left (right) at node q, so
+        # log pi = [log s_q, log(1 - s_q)]_q @ paths sums each leaf's log branch probabilities.
+        paths = torch.zeros(2 * (n - 1), n)
+        for i, (_, path) in enumerate(leaf_paths(n)):
+            for q, went_left in path:
+                paths[2 * q + (0 if went_left else 1), i] = 1.0
+        self.register_buffer("_paths", paths, persistent=False)
 
         if input_dim is None:
             self.node_logits = nn.Parameter(torch.empty(k, n - 1))
@@ -130,21 +134,28 @@ class COMET(BaseGate):
             return self.node_logits.expand(batch, -1, -1), self.leaf_logits.expand(batch, -1, -1)
         if x is None:
             raise ValueError("x is required for a per-example COMET gate (input_dim is set)")
-        nodes = torch.einsum("bd,kqd->bkq", x, self.node_weight) + self.node_bias
-        leaves = torch.einsum("bd,kld->bkl", x, self.leaf_weight) + self.leaf_bias
-        return nodes, leaves
+        check_input_dtype(x, self.node_weight, self)
+        k, q, d = self.node_weight.shape
+        n = self.leaf_weight.shape[1]
+        nodes = F.linear(x, self.node_weight.reshape(k * q, d), self.node_bias.reshape(k * q))
+        leaves = F.linear(x, self.leaf_weight.reshape(k * n, d), self.leaf_bias.reshape(k * n))
+        return nodes.reshape(x.shape[0], k, q), leaves.reshape(x.shape[0], k, n)
 
     def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else self._check_x(x)
 
+    def _log_reach(self, s: torch.Tensor) -> torch.Tensor:
+        """``log pi`` ``[..., n]`` (expert order) from node outputs ``s`` ``[..., n-1]``.
+
+        One matrix product of the branch log-probabilities with the path matrix; a leaf behind a
+        branch of probability exactly 0 gets at most ``zero_log`` (so ``exp`` gives exactly 0).
+        """
+        branches = torch.stack([s, 1 - s], dim=-1).flatten(-2)  # [..., 2(n-1)]: left, right per node
+        return log_factors(branches) @ self._paths
+
     def _reach(self, s: torch.Tensor) -> torch.Tensor:
-        """Reach probabilities ``[..., n]`` (expert order) from node outputs ``s`` ``[..., n-1]``."""
-        pi = torch.ones(*s.shape[:-1], self.num_experts, dtype=s.dtype, device=s.device)
-        for t in range(self._path_node.shape[0]):
-            s_anc = s[..., self._path_node[t]]
-            branch = torch.where(self._path_left[t], s_anc, 1 - s_anc)
-            pi = pi * torch.where(self._path_has[t], branch, torch.ones_like(branch))
-        return pi
+        """Reach probabilities ``[..., n]`` (expert order): the product of the branches on each path."""
+        return torch.exp(self._log_reach(s))
 
     def node_outputs(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """Node outputs ``S(w.x + b)`` (probability of going left): ``[k, n-1]`` or ``[B, k, n-1]``."""
@@ -161,17 +172,15 @@ class COMET(BaseGate):
         return bool(((s <= atol) | (s >= 1 - atol)).all())
 
     def _combine(
-        self, pi: torch.Tensor, leaves: torch.Tensor
+        self, log_pi: torch.Tensor, leaves: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(weights, selector_weights, selector_mix)`` from ``pi`` and leaf logits ``[B, k, n]``."""
-        reachable = pi > 0
-        log_pi = torch.log(torch.where(reachable, pi, torch.ones_like(pi)))
-        masked = torch.full_like(leaves, torch.finfo(leaves.dtype).min)
-        scores = torch.where(reachable, leaves + log_pi, masked)
+        """``(weights, selector_weights, selector_mix)`` from ``log pi`` and leaf logits ``[B, k, n]``."""
+        reachable = log_pi > zero_log(log_pi.dtype) / 2  # below: a branch on the path is exactly 0
+        scores = torch.where(reachable, leaves + log_pi, torch.finfo(leaves.dtype).min)
         tree_lse = torch.logsumexp(scores, dim=-1)  # [B, k]; finite since every tree reaches a leaf
         sel = torch.softmax(scores, dim=-1)
         mix = torch.softmax(tree_lse, dim=-1)
-        weights = torch.einsum("...k,...kn->...n", mix, sel)
+        weights = (mix.unsqueeze(-1) * sel).sum(dim=-2)
         return weights, sel, mix
 
     def forward(
@@ -180,13 +189,24 @@ class COMET(BaseGate):
         """Soft COMET gate on a batch ``x`` ``[B, input_dim]`` (any width for a static gate)."""
         x = self._check_x(x)
         calls = self._tick()
-        nodes, leaves = self._logits(x)
-        pi = self._reach(smooth_step(nodes, self.gamma))
-        weights, sel, mix = self._combine(pi, leaves)
+        batch = x.shape[0]
+        # A static gate computes one row and broadcasts it (the same numbers, without B copies).
+        nodes, leaves = self._logits(None if self.is_static else x)
+        log_pi = self._log_reach(smooth_step(nodes, self.gamma))
+        weights, sel, mix = self._combine(log_pi, leaves)
         loss = self._zero_loss(weights)
         lam = resolve_weight(self.entropy_weight, calls)
         if lam != 0.0:
-            loss = loss + lam * _batch_mean(entropy(pi, eps=_EPS).sum(dim=-1))
+            per_example = entropy(torch.exp(log_pi), eps=_EPS).sum(dim=-1)
+            if self.is_static:
+                term = per_example if batch > 0 else per_example * 0.0
+            else:
+                term = _batch_mean(per_example)
+            loss = loss + lam * term
+        if self.is_static:
+            weights = weights.expand(batch, -1).contiguous()
+            sel = sel.expand(batch, -1, -1).contiguous()
+            mix = mix.expand(batch, -1).contiguous()
         return GateOutput(weights=weights, loss=loss, selector_weights=sel, selector_mix=mix)
 
     def hard(self, x: torch.Tensor) -> GateOutput:
@@ -198,8 +218,7 @@ class COMET(BaseGate):
         x = self._check_x(x)
         nodes, leaves = self._logits(x)
         s = smooth_step(nodes, self.gamma)
-        pi = self._reach((s > 0.5).to(s.dtype))
-        weights, sel, mix = self._combine(pi, leaves)
+        weights, sel, mix = self._combine(self._log_reach((s > 0.5).to(s.dtype)), leaves)
         return GateOutput(
             weights=weights, loss=self._zero_loss(weights), selector_weights=sel, selector_mix=mix
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_choice, check_num_experts_k, check_positive_float
-from .binary_encoding import hard_gate, hard_selector, num_bits, selector
+from .binary_encoding import hard_gate, hard_selector, log_code_matrix, num_bits, selector_fast
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
+from .router import check_input_dtype
 from .smooth_step import smooth_step, smooth_step_init_
 
 __all__ = ["DSelectK"]
@@ -41,18 +43,24 @@ class DSelectK(BaseGate):
     ``n .. 2^m - 1`` name no expert, so part of each selector's mass ``sum_{c >= n} r_c`` is lost.
 
     * ``unreachable="renormalize"`` (default): each selector's distribution is divided by its
-      reachable mass ``sum_{i < n} r_i``, so it lies exactly on the simplex. A selector whose
-      reachable mass is exactly 0 (its saturated bits pin it to unreachable codes) is *folded*
-      instead, as below, so it never divides by zero and binary codes always give one-hot rows.
+      reachable mass ``mass = sum_{i < n} r_i``, with the official code's eps 1e-6 as a floor:
+      ``(r_reach + eps * r_fold) / (mass + eps)``, where ``r_fold`` is the ``"fold"`` distribution
+      below. Every row lies exactly on the simplex; for ``mass >> eps`` this is ``r_reach / mass``
+      (relative difference below 1e-6), and as ``mass -> 0`` it moves continuously to ``r_fold``.
+      So the gate has no jump where a selector's reachable mass reaches exactly 0, its gradient
+      stays bounded there, and a binary code always gives a one-hot row.
     * ``unreachable="fold"``: the mass of unreachable code ``c`` goes to expert ``c - 2^(m-1)``
       (the top bit is dropped). Also exactly on the simplex, but some experts own two codes.
 
-    In both cases the loss adds ``reachability_weight * sum_i (1/(mass_i + eps) - 1/(1 + eps))``
-    (batch mean), the official code's penalty ``sum_i 1/(mass_i + eps)`` shifted by a constant so it
-    is 0 when all mass is reachable; it moves mass onto real experts (a selector stuck on
-    unreachable codes costs about ``reachability_weight / eps``). ``reachability_weight=0``
-    turns it off. The hard gate (:meth:`hard`) and :meth:`selected_experts` apply the same fold
-    to unreachable binary codes, so they agree with the soft gate whenever ``S(Z)`` is binary.
+    In both cases the loss adds ``reachability_weight * sum_i -log((mass_i + eps) / (1 + eps))``
+    (batch mean), 0 when all mass is reachable. It moves mass onto real experts. Near full mass it
+    equals the official code's penalty ``sum_i 1/(mass_i + eps)`` (up to a constant) to first order
+    (slope -1 per unit of lost mass); unlike ``1/mass`` its gradient stays bounded (below about
+    ``reachability_weight / (2 sqrt(eps))`` times the slope of ``S``) when a selector's mass tends to 0,
+    where the official form reaches ~1e9. ``reachability_weight=0`` turns it off. The hard gate
+    (:meth:`hard`) and :meth:`selected_experts` fold unreachable rounded codes, which is the soft
+    gate's value (and limit) at that binary point under both policies, so they agree with the soft
+    gate whenever ``S(Z)`` is binary.
 
     Init: ``Z`` parameters (weights and biases) ``U(-gamma/100, gamma/100)``, inside the fractional
     region of S; ``alpha`` parameters ``U(-0.05, 0.05)``.
@@ -81,6 +89,7 @@ class DSelectK(BaseGate):
         )
         self.num_bits = num_bits(n)
         m = self.num_bits
+        self.register_buffer("_log_codes", log_code_matrix(m), persistent=False)
         if input_dim is None:
             self.alpha_logits = nn.Parameter(torch.empty(k))
             self.z_logits = nn.Parameter(torch.empty(k, m))
@@ -121,9 +130,11 @@ class DSelectK(BaseGate):
             )
         if x is None:
             raise ValueError("x is required for a per-example DSelectK gate (input_dim is set)")
-        alpha = x @ self.alpha_weight.T + self.alpha_bias
-        z = torch.einsum("bd,kmd->bkm", x, self.z_weight) + self.z_bias
-        return alpha, z
+        check_input_dtype(x, self.z_weight, self)
+        k, m, d = self.z_weight.shape
+        alpha = F.linear(x, self.alpha_weight, self.alpha_bias)
+        z = F.linear(x, self.z_weight.reshape(k * m, d), self.z_bias.reshape(k * m))
+        return alpha, z.reshape(x.shape[0], k, m)
 
     def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else self._check_x(x)
@@ -164,18 +175,17 @@ class DSelectK(BaseGate):
         """Per-selector distributions ``[..., n]`` from ``S(z)`` ``[..., m]`` and the reachable mass."""
         n = self.num_experts
         if self.is_power_of_two:
-            return selector(s, n), None
+            return selector_fast(s, n, log_codes=self._log_codes), None
         half = 2 ** (self.num_bits - 1)
-        full = selector(s, 2 * half)
+        full = selector_fast(s, 2 * half, log_codes=self._log_codes)
         reach = full[..., :n]
         mass = reach.sum(dim=-1)
         lo = n - half  # unreachable code c in [n, 2*half) folds onto c - half in [lo, half)
         folded = torch.cat([reach[..., :lo], reach[..., lo:half] + full[..., n:], reach[..., half:]], dim=-1)
         if self.unreachable == "fold":
             return folded, mass
-        alive = (mass > 0).unsqueeze(-1)
-        safe = torch.where(alive, mass.unsqueeze(-1), torch.ones_like(mass).unsqueeze(-1))
-        return torch.where(alive, reach / safe, folded), mass
+        # Renormalise with the eps floor: continuous as mass -> 0, where it becomes the fold.
+        return (reach + _EPS * folded) / (mass + _EPS).unsqueeze(-1), mass
 
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
@@ -183,18 +193,30 @@ class DSelectK(BaseGate):
         """Soft DSelect-k gate on a batch ``x`` ``[B, input_dim]`` (any width for a static gate)."""
         x = self._check_x(x)
         calls = self._tick()
-        alpha, z = self._logits(x)
+        batch = x.shape[0]
+        # A static gate computes one row and broadcasts it (the same numbers, without B copies).
+        alpha, z = self._logits(None if self.is_static else x)
         r, mass = self._selector_distribution(smooth_step(z, self.gamma))
         mix = torch.softmax(alpha, dim=-1)
-        weights = torch.einsum("...k,...kn->...n", mix, r)
+        weights = (mix.unsqueeze(-1) * r).sum(dim=-2)
         loss = self._zero_loss(weights)
         lam = resolve_weight(self.entropy_weight, calls)
         if lam != 0.0:
-            loss = loss + lam * _batch_mean(entropy(r, eps=_EPS).sum(dim=-1))
+            loss = loss + lam * self._mean_over_batch(entropy(r, eps=_EPS).sum(dim=-1), batch)
         if mass is not None and self.reachability_weight != 0.0:
-            penalty = (1.0 / (mass + _EPS) - 1.0 / (1.0 + _EPS)).sum(dim=-1)
-            loss = loss + self.reachability_weight * _batch_mean(penalty)
+            penalty = -torch.log((mass + _EPS) / (1.0 + _EPS)).sum(dim=-1)
+            loss = loss + self.reachability_weight * self._mean_over_batch(penalty, batch)
+        if self.is_static:
+            weights = weights.expand(batch, -1).contiguous()
+            r = r.expand(batch, -1, -1).contiguous()
+            mix = mix.expand(batch, -1).contiguous()
         return GateOutput(weights=weights, loss=loss, selector_weights=r, selector_mix=mix)
+
+    def _mean_over_batch(self, per_example: torch.Tensor, batch: int) -> torch.Tensor:
+        """Batch mean of a per-example term; a static gate's term is one value shared by every row."""
+        if self.is_static:
+            return per_example if batch > 0 else per_example * 0.0
+        return _batch_mean(per_example)
 
     def hard(self, x: torch.Tensor) -> GateOutput:
         """Combinatorial gate ``q(alpha, round(S(Z)))`` of Prop. 1 (at most ``k`` nonzeros per row).

@@ -48,7 +48,10 @@ class GumbelSoftmax(BaseGate):
             or eval mode, for reproducible outputs.
         validate: check inputs for NaN/inf.
 
-    ``loss`` is always zero.
+    ``loss`` is always zero. With ``hard=True`` the exact zeros off the argmax still carry the
+    straight-through gradient, so the gate sets ``zeros_carry_gradient`` (see
+    :mod:`~routing_search.gates.protocol`) and layers with ``dispatch='auto'`` run every expert while
+    gradients are recorded.
     """
 
     def __init__(
@@ -70,9 +73,14 @@ class GumbelSoftmax(BaseGate):
         self.generator = generator
         self.logits, self.router = make_router(input_dim, torch.zeros(n))
 
+    @property
+    def zeros_carry_gradient(self) -> bool:  # type: ignore[override]
+        """True with ``hard=True``: the straight-through gradient flows through the exact zeros too."""
+        return self.hard
+
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, num_experts]`` without noise or temperature."""
-        return router_logits(self.logits, self.router, x)
+        return router_logits(self.logits, self.router, x, gate=self)
 
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None

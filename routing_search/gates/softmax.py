@@ -45,7 +45,7 @@ class Softmax(BaseGate):
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, num_experts]`` before the temperature (static logits are broadcast)."""
-        return router_logits(self.logits, self.router, x)
+        return router_logits(self.logits, self.router, x, gate=self)
 
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None

@@ -95,7 +95,7 @@ class TopK(BaseGate):
     # ------------------------------------------------------------------ pieces
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Clean (noise-free) logits ``[batch, num_experts]``."""
-        return router_logits(self.logits, self.router, x)
+        return router_logits(self.logits, self.router, x, gate=self)
 
     def noise_std(self, x: torch.Tensor) -> torch.Tensor:
         """Standard deviation ``softplus(W_noise x) + noise_epsilon`` of the routing noise ``[batch, n]``."""

@@ -247,3 +247,60 @@ def test_bad_arguments() -> None:
         gate(torch.tensor([[0.0, float("inf"), 1.0]]))
     with pytest.raises(ValueError, match="x is required"):
         gate.reach_probabilities()
+
+
+def _naive_comet(gate: COMET, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reach probabilities as products along each root path, then one softmax over the k*n scores."""
+    from routing_search.gates.comet import leaf_paths
+    from routing_search.gates.smooth_step import smooth_step
+
+    n, k = gate.num_experts, gate.num_selectors
+    rows_w, rows_loss = [], []
+    for b in range(x.shape[0]):
+        if gate.is_static:
+            nodes, leaves = gate.node_logits, gate.leaf_logits
+        else:
+            nodes = torch.einsum("kqd,d->kq", gate.node_weight, x[b]) + gate.node_bias
+            leaves = torch.einsum("kld,d->kl", gate.leaf_weight, x[b]) + gate.leaf_bias
+        s = smooth_step(nodes, gate.gamma)
+        pis = []
+        for j in range(k):
+            pi = []
+            for _, path in leaf_paths(n):
+                p = torch.ones((), dtype=x.dtype)
+                for q, went_left in path:
+                    p = p * (s[j, q] if went_left else 1 - s[j, q])
+                pi.append(p)
+            pis.append(torch.stack(pi))
+        pi = torch.stack(pis)  # [k, n]
+        unnorm = pi * torch.exp(leaves)
+        rows_w.append(unnorm.sum(0) / unnorm.sum())
+        rows_loss.append(-gate.entropy_weight * (pi * torch.log(pi + 1e-6)).sum())
+    return torch.stack(rows_w), torch.stack(rows_loss).mean()
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 16])
+@pytest.mark.parametrize("static", [True, False])
+def test_vectorised_forward_and_gradients_equal_naive_reference(n: int, static: bool) -> None:
+    torch.manual_seed(n)
+    gate = COMET(n, 2, None if static else 4, entropy_weight=0.3).double()
+    with torch.no_grad():
+        for name, p in gate.named_parameters():
+            p.uniform_(-0.3, 0.3) if name.startswith("node") else p.normal_()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out = gate(x)
+    ref_w, ref_loss = _naive_comet(gate, x)
+    torch.testing.assert_close(out.weights, ref_w, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-12, rtol=1e-12)
+    probe = torch.randn(n, dtype=torch.float64)
+    params = list(gate.parameters())
+    fast = torch.autograd.grad((out.weights @ probe).sum() + out.loss, params)
+    slow = torch.autograd.grad((ref_w @ probe).sum() + ref_loss, params)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_float64_input_to_float32_gate_names_x_and_both_dtypes() -> None:
+    gate = COMET(5, 2, 4)
+    with pytest.raises(TypeError, match=r"x has dtype torch\.float64 but the gate COMET has dtype torch\.float32"):
+        gate(torch.randn(3, 4, dtype=torch.float64))

@@ -98,11 +98,11 @@ def test_unreachable_policies_stay_on_simplex(unreachable: str, static: bool) ->
         expected = full[..., :5].clone()
         expected[..., 1:4] += full[..., 5:]
     assert torch.allclose(out.selector_weights, expected, atol=1e-6)
-    # penalty: sum over selectors of 1/(mass+eps) - 1/(1+eps), positive while mass is lost
+    # penalty: sum over selectors of -log((mass+eps)/(1+eps)), positive while mass is lost
     no_penalty = make_gate(5, 2, static, unreachable=unreachable, reachability_weight=0.0)
     assert no_penalty(x).loss.item() == 0.0
     mass = full[..., :5].sum(-1)
-    expected_pen = (1 / (mass + 1e-6) - 1 / (1 + 1e-6)).sum(-1).mean()
+    expected_pen = -torch.log((mass + 1e-6) / (1 + 1e-6)).sum(-1).mean()
     assert torch.allclose(out.loss, expected_pen, atol=1e-6)
 
 
@@ -203,7 +203,8 @@ def test_binary_unreachable_code_is_folded_in_soft_and_hard_gate() -> None:
     assert torch.equal(soft.weights, torch.tensor([[0.0, 1.0, 0.0]] * 2))
     assert torch.equal(gate.hard(x).weights, soft.weights)
     assert gate.selected_experts().tolist() == [1]
-    assert soft.loss.item() > 1e5  # a selector stuck on unreachable codes is heavily penalised
+    # a selector stuck on unreachable codes pays -log(eps / (1 + eps)) (bounded, unlike 1/eps)
+    assert soft.loss.item() == pytest.approx(-torch.log(torch.tensor(1e-6 / (1 + 1e-6))).item(), rel=1e-5)
     assert gate.binary_codes().tolist() == [[1.0, 1.0]]
 
 
@@ -273,3 +274,113 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="x is required"):
         gate.smooth_codes()
     DSelectK(4, 2, D, validate=False)(torch.tensor([[0.0, float("nan"), 1.0]]))  # check switched off
+
+
+# ---------------------------------------------------------------- unreachable codes near saturation
+def _approach_unreachable(gate: DSelectK, t0: float) -> None:
+    """n = 3 (codes 0..3, code 3 names no expert): bit 1 saturated at 1, bit 0 at logit t0 -> gamma/2."""
+    with torch.no_grad():
+        gate.z_logits.copy_(torch.tensor([[t0, 0.6]], dtype=gate.z_logits.dtype))
+
+
+def test_renormalize_is_continuous_where_reachable_mass_reaches_zero() -> None:
+    """Regression: the soft gate jumped from expert 2 to expert 1 when the mass hit exactly 0."""
+    gate = DSelectK(3, 1).double()
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    _approach_unreachable(gate, 0.5)  # binary: code 3, folded onto expert 1
+    at_limit = gate(x).weights.detach()
+    assert at_limit.tolist() == [[0.0, 1.0, 0.0]] == gate.hard(x).weights.tolist()
+    for u in (1e-6, 1e-7, 1e-9):
+        _approach_unreachable(gate, 0.5 - u)
+        near = gate(x).weights.detach()
+        assert float((near - at_limit).abs().max()) < 1e-2
+        # hard() is the soft gate's limit at the rounded binary point
+        assert torch.equal(gate.hard(x).weights, at_limit)
+
+
+def test_renormalize_gradients_bounded_near_zero_reachable_mass() -> None:
+    """Regression: gradients of about 5e8 (the 1/mass penalty) just before the mass reached 0."""
+    gate = DSelectK(3, 1).double()
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    worst = 0.0
+    for t0 in torch.linspace(0.3, 0.5, 2001, dtype=torch.float64).tolist():
+        _approach_unreachable(gate, t0)
+        out = gate(x)
+        for value in (out.loss, *out.weights[0]):
+            (grad,) = torch.autograd.grad(value, gate.z_logits, retain_graph=True)
+            worst = max(worst, float(grad.abs().max()))
+    assert worst < 1e4
+
+
+def test_renormalize_differs_from_plain_division_by_less_than_eps() -> None:
+    gate = make_gate(5, 2, False)
+    x = torch.randn(64, D)
+    full = selector(gate.smooth_codes(x), 8)
+    plain = full[..., :5] / full[..., :5].sum(-1, keepdim=True)
+    torch.testing.assert_close(gate(x).selector_weights, plain, atol=2e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- dtype and naive reference
+def test_float64_input_to_float32_gate_names_x_and_both_dtypes() -> None:
+    gate = make_gate(5, 2, False)
+    with pytest.raises(TypeError, match=r"x has dtype torch\.float64 but the gate DSelectK has dtype torch\.float32"):
+        gate(torch.randn(3, D, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float64"):
+        gate.hard(torch.randn(3, D, dtype=torch.float64))
+
+
+def _naive_dselect(gate: DSelectK, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's formulas term by term (loops over selectors, experts and bits): (weights, loss)."""
+    n, k, m = gate.num_experts, gate.num_selectors, gate.num_bits
+    eps = 1e-6
+    rows_w, rows_loss = [], []
+    for b in range(x.shape[0]):
+        if gate.is_static:
+            alpha, z = gate.alpha_logits, gate.z_logits
+        else:
+            alpha = gate.alpha_weight @ x[b] + gate.alpha_bias
+            z = torch.einsum("kmd,d->km", gate.z_weight, x[b]) + gate.z_bias
+        s = smooth_step(z, gate.gamma)
+        mix = torch.softmax(alpha, dim=0)
+        weights = torch.zeros(n, dtype=x.dtype)
+        loss = torch.zeros((), dtype=x.dtype)
+        for i in range(k):
+            r = []
+            for code in range(2**m):
+                p = torch.ones((), dtype=x.dtype)
+                for j in range(m):
+                    p = p * (s[i, j] if (code >> j) & 1 else 1 - s[i, j])
+                r.append(p)
+            reach = torch.stack(r[:n])
+            if 2**m > n:
+                mass = reach.sum()
+                folded = reach.clone()
+                for code in range(n, 2**m):
+                    folded[code - 2 ** (m - 1)] = folded[code - 2 ** (m - 1)] + r[code]
+                reach = (reach + eps * folded) / (mass + eps)
+                loss = loss - gate.reachability_weight * torch.log((mass + eps) / (1 + eps))
+            loss = loss - gate.entropy_weight * (reach * torch.log(reach + eps)).sum()
+            weights = weights + mix[i] * reach
+        rows_w.append(weights)
+        rows_loss.append(loss)
+    return torch.stack(rows_w), torch.stack(rows_loss).mean()
+
+
+@pytest.mark.parametrize(("n", "k"), [(3, 2), (8, 2), (16, 3), (6, 1)])
+@pytest.mark.parametrize("static", [True, False])
+def test_vectorised_forward_and_gradients_equal_naive_reference(n: int, k: int, static: bool) -> None:
+    gate = make_gate(n, k, static, entropy_weight=0.3).double()
+    with torch.no_grad():
+        for name, p in gate.named_parameters():
+            p.uniform_(-0.3, 0.3) if name.startswith("z") else p.normal_()
+    x = torch.randn(5, D, dtype=torch.float64)
+    out = gate(x)
+    ref_w, ref_loss = _naive_dselect(gate, x)
+    torch.testing.assert_close(out.weights, ref_w, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-12, rtol=1e-12)
+    probe = torch.randn(n, dtype=torch.float64)
+    params = list(gate.parameters())
+    fast = torch.autograd.grad((out.weights @ probe).sum() + out.loss, params)
+    slow = torch.autograd.grad((ref_w @ probe).sum() + ref_loss, params)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -118,3 +118,28 @@ def test_checks():
     with pytest.raises(ValueError, match="NaN/inf"):
         gate(bad)
     GumbelSoftmax(3, 2, validate=False)(bad)
+
+
+@pytest.mark.parametrize("input_dim", [None, 3])
+def test_hard_straight_through_gradient_survives_default_dispatch(input_dim):
+    """Regression: with the default dispatch the zeros of the hard sample carried no gradient."""
+    from routing_search.layers import MoE, make_experts
+
+    n = 5
+    torch.manual_seed(0)
+    gate = GumbelSoftmax(n, input_dim, hard=True)
+    experts = make_experts(n, 3, [4], 2, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(16, 3)
+    assert gate.zeros_carry_gradient and not GumbelSoftmax(n, input_dim).zeros_carry_gradient
+    grads = {}
+    for dispatch in ("auto", "dense"):
+        model = MoE(experts, gate, dispatch=dispatch).train()
+        gate.generator = torch.Generator().manual_seed(2)  # same Gumbel noise for both runs
+        gate.zero_grad()
+        out = model(x)
+        assert bool(((out.weights == 0) | (out.weights == 1)).all())
+        out.output.square().sum().backward()
+        grads[dispatch] = [p.grad.clone() for p in gate.parameters()]
+    for auto, dense in zip(grads["auto"], grads["dense"]):
+        assert dense.abs().sum() > 0
+        torch.testing.assert_close(auto, dense)

@@ -3,7 +3,7 @@ import torch
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-from routing_search.gates import TopK
+from routing_search.gates import GumbelSoftmax, Softmax, TopK
 from routing_search.gates.topk import cv_squared
 
 SIZES = [2, 3, 5, 8, 16]
@@ -222,3 +222,12 @@ def test_constructor_checks():
         TopK(4, 2, generator=0)
     with pytest.raises(TypeError):
         TopK(4, 2, renormalise=False)
+
+
+@pytest.mark.parametrize("make", [lambda: TopK(4, 2, 3), lambda: Softmax(4, 3), lambda: GumbelSoftmax(4, 3)])
+def test_float64_input_to_float32_gate_names_x_and_both_dtypes(make) -> None:
+    gate = make()
+    name = type(gate).__name__
+    with pytest.raises(TypeError, match=rf"x has dtype torch\.float64 but the gate {name} has dtype torch\.float32"):
+        gate(torch.randn(2, 3, dtype=torch.float64))
+    assert gate.double()(torch.randn(2, 3, dtype=torch.float64)).weights.dtype == torch.float64
