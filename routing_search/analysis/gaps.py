@@ -353,11 +353,10 @@ def _permutation_gap(
     active = _active_slots(objective)
     plan = _plan(objective, active, separable)
     modules = len(objective.state)
-    how = (
-        f"{modules} permutation modules enumerated separately (the loss is a sum over tasks)"
-        if separable and modules > 1
-        else f"{plan.rows} permutation row(s) enumerated jointly"
-    )
+    if separable and modules > 1:
+        how = f"{modules} permutation modules enumerated separately (the loss is a sum over tasks)"
+    else:
+        how = "one permutation row" if plan.rows == 1 else f"{plan.rows} permutation rows enumerated jointly"
     if modules > 1 and not separable:
         how += (
             " because the loss is not known to be a sum over tasks (a loss name or a multitask_loss is; "
