@@ -4,6 +4,14 @@ All front doors (``local_search``, ``solve_subset``, ``solve_permutation``, ``op
 ``scipy.optimize.OptimizeResult`` built by :func:`make_result`, so that ``success`` always means the
 same thing: the method finished by its own criterion (``status == 0``). A budget stop still returns the
 best point found, with ``success=False`` as scipy does when ``maxiter`` is reached.
+
+Example:
+    >>> res = make_result(x=[2, 0, 1], fun=0.5, nit=3, nfev=10, status=STATUS_BUDGET, message="max_nodes reached",
+    ...                   bound=0.25)
+    >>> res.success, res.status, res.fun, res.bound
+    (False, 1, 0.5, 0.25)
+    >>> make_result(x=None, fun=0.0, nit=0, nfev=0, status=STATUS_CONVERGED, message="converged").success
+    True
 """
 
 from __future__ import annotations
