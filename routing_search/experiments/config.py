@@ -331,7 +331,7 @@ def make_config(dataset: str, preset: str = "cpu", **overrides: Any) -> Experime
     check_choice("dataset", dataset, DATASETS)
     check_choice("preset", preset, PRESETS)
     model, train, data = _preset_parts(dataset, preset)
-    parts = {"model": model, "train": train, "data": data, "search": SearchConfig(), "sinkhorn": SinkhornConfig()}
+    parts: dict[str, Any] = {"model": model, "train": train, "data": data, "search": SearchConfig(), "sinkhorn": SinkhornConfig()}
     top: dict[str, Any] = {}
     for key, value in overrides.items():
         if key in parts:
@@ -351,7 +351,7 @@ def make_config(dataset: str, preset: str = "cpu", **overrides: Any) -> Experime
         raise ValueError(f"unknown experiment fields {unknown}; accepted: {sorted(known_top | set(parts))}")
     if "gates" not in top and dataset in DEFAULT_GATES:
         top["gates"] = DEFAULT_GATES[dataset]
-    return ExperimentConfig(dataset=dataset, preset=preset, **parts, **top)
+    return ExperimentConfig(dataset=dataset, preset=preset, **parts, **top)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------- tuning
@@ -383,12 +383,16 @@ class TuneGrid:
             check_positive_float("grid value", v, allow_zero=True)
         for v in self.batch_size + self.k + self.search_every_epochs:
             check_int("grid value", v, minimum=1)
-        for v in self.search_method:
-            check_choice("grid search_method", v, ("swap", "insertion", "rotation", "ils"))
+        for method in self.search_method:
+            check_choice("grid search_method", method, ("swap", "insertion", "rotation", "ils"))
 
     def sample(self, rng: Any) -> dict[str, Any]:
         """One point of the grid (``rng``: a ``numpy.random.Generator``)."""
-        return {f.name: getattr(self, f.name)[int(rng.integers(len(getattr(self, f.name))))] for f in dataclasses.fields(self)}
+        point: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            values = getattr(self, f.name)
+            point[f.name] = values[int(rng.integers(len(values)))]
+        return point
 
 
 def default_grid(num_experts: int) -> TuneGrid:

@@ -177,7 +177,7 @@ def _flat_images(split: Split) -> Split:
 
 def _images(config: ExperimentConfig, seed: int) -> ExperimentData:
     d = config.data
-    sizes = {name: value for name, value in (("num_train", d.max_train), ("num_val", d.max_val), ("num_test", d.max_test)) if value is not None}
+    sizes: dict[str, Any] = {name: value for name, value in (("num_train", d.max_train), ("num_val", d.max_val), ("num_test", d.max_test)) if value is not None}
     loader = load_multi_mnist if config.dataset == "multi-mnist" else load_multi_fashion
     raw = loader(d.path, seed=seed, **sizes)
     dataset = TaskDataset(

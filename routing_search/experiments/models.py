@@ -15,6 +15,7 @@ own generator afterwards and leaves the rest unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ def make_gate(name: str, model: ModelConfig, *, input_dim: int, num_keys: int | 
     """One gate called ``name`` (see :data:`~routing_search.experiments.config.GATES`) over ``model.num_experts``."""
     n, k = model.num_experts, model.k
     d = input_dim if model.gate_input == "example" else None
-    extra = {}
+    extra: dict[str, Any] = {}
     if model.entropy_weight is not None:
         extra["entropy_weight"] = model.entropy_weight
     if model.gamma is not None:

@@ -145,7 +145,7 @@ def _comparison_line(arm: str, control: str, name: str, c: dict[str, Any]) -> st
     )
 
 
-def _markdown(result: ExperimentResult, summary: dict, comparisons: dict[str, dict], files: list[str]) -> str:
+def _markdown(result: ExperimentResult, summary: dict[str, Any], comparisons: dict[str, Any], files: list[str]) -> str:
     cfg = result.config
     lines = [
         f"# Experiment: {cfg.dataset} ({cfg.preset} preset)",
@@ -293,7 +293,7 @@ def write_report(result: ExperimentResult, directory: str | Path, *, plots: bool
         if (directory / name).exists():
             raise FileExistsError(f"{directory / name} already exists; write the report into a new directory")
     summary = summarise(result)
-    comparisons = {control: compare(result, control) for control in ("sgd", "random") if control in result.config.arms}
+    comparisons: dict[str, Any] = {control: compare(result, control) for control in ("sgd", "random") if control in result.config.arms}
     files: list[str] = []
     if plots:
         for name in result.metric_names:

@@ -147,7 +147,7 @@ def evaluate(model: nn.Module, split: Any, device: torch.device | str) -> tuple[
 
 
 def _usage_history(history: Any) -> list[list[list[float]]]:
-    out = []
+    out: list[list[list[float]]] = []
     for epoch_usage in history.usage:
         if not epoch_usage:
             out.append([])
