@@ -278,6 +278,7 @@ def _active_slots(objective: RoutingObjective) -> dict[tuple[int, int], np.ndarr
             if rows == 1:
                 contrib = g.weights.unsqueeze(1)
             else:
+                assert g.selector_mix is not None and g.selector_weights is not None, "per-selector rows need selectors"
                 contrib = g.selector_mix.unsqueeze(2) * g.selector_weights
             used |= (contrib != 0).any(dim=0).cpu()
         for s in range(rows):

@@ -173,7 +173,7 @@ def _dummy_input(gate: nn.Module) -> torch.Tensor:
     return torch.zeros(1, 1, dtype=param.dtype, device=param.device)
 
 
-def _codes(gate: nn.Module, x: torch.Tensor | None) -> torch.Tensor:
+def _codes(gate: Any, x: torch.Tensor | None) -> torch.Tensor:
     """``S(Z)`` (DSelect-k) or node outputs (COMET); ``x=None`` only for static gates."""
     return gate.smooth_codes(x) if _is_dselect(gate) else gate.node_outputs(x)
 
@@ -209,7 +209,7 @@ def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0
     if atol < 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
     hard_wrapper = isinstance(gate, HardGate)
-    inner = gate.gate if hard_wrapper else gate
+    inner: Any = gate.gate if isinstance(gate, HardGate) else gate
     if not _is_selector_gate(inner):
         raise TypeError(f"certify() accepts {_CERTIFY_ACCEPTS}; got {type(gate).__name__}")
     static = inner.is_static
@@ -248,7 +248,7 @@ def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0
     )
 
 
-def _hard_codes(gate: nn.Module, x: torch.Tensor | None) -> torch.Tensor:
+def _hard_codes(gate: Any, x: torch.Tensor | None) -> torch.Tensor:
     """The rounded codes the hard gate uses (folded for DSelect-k), as 0/1 floats."""
     if _is_dselect(gate):
         # The binary code of the expert each selector picks after rounding and folding (public API).
@@ -274,14 +274,16 @@ class HardGate(nn.Module):
         copy: wrap a deep copy instead of sharing the gate (and its parameters).
     """
 
+    gate: Any  # the wrapped DSelectK or COMET gate
+
     def __init__(self, gate: nn.Module, *, copy: bool = False) -> None:
         super().__init__()
         if not _is_selector_gate(gate):
             raise TypeError(f"HardGate wraps a DSelectK or COMET gate; got {type(gate).__name__}")
         self.gate = _deepcopy(gate) if copy else gate
-        self.num_experts: int = gate.num_experts
-        self.num_selectors: int = gate.num_selectors
-        self.input_dim: int | None = gate.input_dim
+        self.num_experts: int = int(self.gate.num_experts)
+        self.num_selectors: int = int(self.gate.num_selectors)
+        self.input_dim: int | None = self.gate.input_dim
 
     @property
     def is_static(self) -> bool:
@@ -328,7 +330,8 @@ def snap_codes_(gate: DSelectK | COMET) -> DSelectK | COMET:
             f"(input_dim={gate.input_dim}): wrap it in HardGate instead"
         )
     with torch.no_grad():
-        param = gate.z_logits if _is_dselect(gate) else gate.node_logits
+        param = gate.z_logits if isinstance(gate, DSelectK) else gate.node_logits
+        assert isinstance(param, torch.Tensor)
         bits = _hard_codes(gate, None)
         gamma = torch.full_like(param, gate.gamma)
         param.copy_(torch.where(bits > 0.5, gamma, -gamma))
@@ -359,11 +362,12 @@ def _task_rows(x: torch.Tensor | None, task: torch.Tensor | int | None, t: int) 
     return x if int(task) == t else x[:0]
 
 
-def _embedded_input(wrapper: nn.Module, x: torch.Tensor | None, task: torch.Tensor | int | None) -> torch.Tensor | None:
+def _embedded_input(wrapper: TaskAware, x: torch.Tensor | None, task: torch.Tensor | int | None) -> torch.Tensor | None:
     """What a task-embedding TaskAware feeds its inner gate; every task for every row if task is None."""
     if x is None:
         return None
     emb = wrapper.task_embedding
+    assert emb is not None, "a task-embedding TaskAware has a task embedding"
     batch = x.shape[0]
     if task is None:
         tasks = torch.arange(wrapper.num_tasks).repeat_interleave(batch)
@@ -377,6 +381,24 @@ def _embedded_input(wrapper: nn.Module, x: torch.Tensor | None, task: torch.Tens
     return torch.cat([x, e], dim=1)
 
 
+def _attr_setter(owner: nn.Module, attr: str) -> Callable[[nn.Module], None]:
+    """Replace ``owner.<attr>`` (registers the new module under the same name)."""
+
+    def replace(new: nn.Module) -> None:
+        setattr(owner, attr, new)
+
+    return replace
+
+
+def _item_setter(items: Any, index: int) -> Callable[[nn.Module], None]:
+    """Replace ``items[index]`` of a ``ModuleList``."""
+
+    def replace(new: nn.Module) -> None:
+        items[index] = new
+
+    return replace
+
+
 def _find(
     module: nn.Module,
     x: torch.Tensor | None,
@@ -388,23 +410,21 @@ def _find(
 
     if isinstance(module, HardGate) or _is_selector_gate(module):
         return [_Site(module, x, name, replace)]
+    sites: list[_Site] = []
     if isinstance(module, TaskAware):
         if module.mode == "per_task":
-            sites: list[_Site] = []
+            assert module.gates is not None, "a per-task TaskAware holds one gate per task"
             for t, g in enumerate(module.gates):
-                setter = (lambda new, gates=module.gates, t=t: gates.__setitem__(t, new))
-                sites += _find(g, _task_rows(x, task, t), None, _join(name, f"gates.{t}"), setter) or []
+                sites += _find(g, _task_rows(x, task, t), None, _join(name, f"gates.{t}"), _item_setter(module.gates, t)) or []
             return sites
-        setter = (lambda new, owner=module: setattr(owner, "gate", new))
-        return _find(module.gate, _embedded_input(module, x, task), None, _join(name, "gate"), setter) or []
+        assert module.gate is not None, "a task-embedding TaskAware holds one gate"
+        inner_x = _embedded_input(module, x, task)
+        return _find(module.gate, inner_x, None, _join(name, "gate"), _attr_setter(module, "gate")) or []
     if isinstance(module, MoE):
-        setter = (lambda new, owner=module: setattr(owner, "gate", new))
-        return _find(module.gate, x, task, _join(name, "gate"), setter) or []
+        return _find(module.gate, x, task, _join(name, "gate"), _attr_setter(module, "gate")) or []
     if isinstance(module, MultiGateMoE):
-        sites = []
         for t, g in enumerate(module.gates):
-            setter = (lambda new, gates=module.gates, t=t: gates.__setitem__(t, new))
-            sites += _find(g, x, task, _join(name, f"gates.{t}"), setter) or []
+            sites += _find(g, x, task, _join(name, f"gates.{t}"), _item_setter(module.gates, t)) or []
         return sites
     return None  # another gate (Softmax, TopK, a user's gate ...): left unchanged
 
@@ -485,9 +505,8 @@ def _find_in_model(model: nn.Module, inputs: Any, task: torch.Tensor | int | Non
     sites: list[_Site] = []
     for name, sub in roots:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setter = (lambda new, parent=parent, child=child: setattr(parent, child, new))
         x_sub, task_sub = seen.get(name, (None, None))
+        setter = _attr_setter(model.get_submodule(parent_name), child)
         sites += _find(sub, x_sub, task_sub if task is None else task, name, setter) or []
     return sites
 
@@ -498,7 +517,7 @@ def _sites(module: nn.Module, x: Any, task: torch.Tensor | int | None, replace: 
     return _find_in_model(module, x, task)
 
 
-def _harden_gate(gate: nn.Module, *, snap: bool) -> nn.Module:
+def _harden_gate(gate: Any, *, snap: bool) -> nn.Module:
     if isinstance(gate, HardGate):
         return gate
     if snap and gate.is_static:

@@ -154,10 +154,10 @@ def _neighbours(node: Node, space: str, move: str, n: int) -> Iterator[Node]:
         for j in range(n):
             if j == i:
                 continue
-            cand = rest[:j] + (node[i],) + rest[j:]
-            if cand not in seen:
-                seen.add(cand)
-                yield cand
+            moved = rest[:j] + (node[i],) + rest[j:]
+            if moved not in seen:
+                seen.add(moved)
+                yield moved
 
 
 def _descend(start: int, nbrs: list[list[int]], losses: np.ndarray) -> int:
@@ -277,8 +277,7 @@ def landscape(
             if losses[j] < losses[i]:
                 descent.add_edge(v, nodes[j])
 
-    sinks = (v for v in nodes if descent.out_degree(v) == 0)
-    local_optima = sorted(sinks, key=lambda v: (losses[index[v]], v))
+    local_optima = sorted((v for v in nodes if descent.out_degree(v) == 0), key=lambda v: (losses[index[v]], v))
     basin_sizes: dict[Node, int] = {}
     for component in nx.weakly_connected_components(descent):
         sinks = [v for v in component if descent.out_degree(v) == 0]
