@@ -127,11 +127,13 @@ def combine_sparse(experts: Sequence[nn.Module], x: torch.Tensor, weights: Seque
     outs = [expert(chunk) for expert, chunk, c in zip(experts, chunks, counts) if c]
     out_shape = tuple(outs[0].shape[1:])
     flat = torch.cat([o.reshape(o.shape[0], -1) for o in outs])  # [P, u], pairs in order
-    # Weight of each pair under every matrix: [T, P].
-    pair_weights = stacked.reshape(stacked.shape[0], batch * n).index_select(1, rows * n + expert_of).to(flat.dtype)
-    contrib = pair_weights.unsqueeze(2) * flat.unsqueeze(0)  # [T, P, u]
-    mixed = flat.new_zeros((stacked.shape[0], batch, flat.shape[1])).index_add_(1, rows, contrib)
-    return list(mixed.reshape((stacked.shape[0], batch) + out_shape).unbind(0))
+    # Weight of each pair under every matrix, [P, T]; contributions laid out [P, T * u] so that one
+    # index_add_ along rows (the fast path) accumulates every matrix at once.
+    tasks = stacked.shape[0]
+    pair_weights = stacked.reshape(tasks, batch * n).index_select(1, rows * n + expert_of).to(flat.dtype).t()
+    contrib = (pair_weights.unsqueeze(2) * flat.unsqueeze(1)).reshape(flat.shape[0], tasks * flat.shape[1])
+    mixed = flat.new_zeros((batch, tasks * flat.shape[1])).index_add_(0, rows, contrib)
+    return list(mixed.reshape((batch, tasks) + out_shape).unbind(1))
 
 
 def choose_dispatch(
