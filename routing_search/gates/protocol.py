@@ -321,6 +321,7 @@ class BaseGate(nn.Module):
 
     num_experts: int
     num_selectors: int = 1
+    calls: torch.Tensor
     #: See the module docstring; subclasses with straight-through zeros set it (or a property) to True.
     zeros_carry_gradient: bool = False
 

@@ -30,6 +30,7 @@ from ..gates.protocol import zeros_carry_gradient
 
 __all__ = [
     "DISPATCH_MODES",
+    "Experts",
     "all_expert_outputs",
     "as_expert_list",
     "combine",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 DISPATCH_MODES = ("auto", "sparse", "dense")
+
+#: Experts as a list or ``nn.ModuleList`` (which typing does not count as a ``Sequence``).
+Experts = Sequence[nn.Module] | nn.ModuleList
 
 _BATCH_NORMS = (
     nn.BatchNorm1d,
@@ -81,7 +85,7 @@ def depends_on_batch(module: nn.Module) -> bool:
     return False
 
 
-def as_expert_list(experts: Sequence[nn.Module] | nn.ModuleList, name: str = "experts") -> nn.ModuleList:
+def as_expert_list(experts: Experts, name: str = "experts") -> nn.ModuleList:
     """The experts as an ``nn.ModuleList`` after checking they are a non-empty sequence of modules."""
     if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
         raise TypeError(f"{name} must be a sequence of nn.Module experts (e.g. a list or nn.ModuleList), got one module")
@@ -91,12 +95,12 @@ def as_expert_list(experts: Sequence[nn.Module] | nn.ModuleList, name: str = "ex
     return nn.ModuleList(experts)
 
 
-def all_expert_outputs(experts: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def all_expert_outputs(experts: Experts, x: torch.Tensor) -> torch.Tensor:
     """Every expert on every row: ``[batch, num_experts, *out]``."""
     return torch.stack([expert(x) for expert in experts], dim=1)
 
 
-def combine_dense(experts: Sequence[nn.Module], x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def combine_dense(experts: Experts, x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Mixtures for each weight matrix ``[batch, n]`` by running all experts on all rows."""
     outputs = all_expert_outputs(experts, x)
     batch, n, out_shape = outputs.shape[0], outputs.shape[1], tuple(outputs.shape[2:])
@@ -104,7 +108,7 @@ def combine_dense(experts: Sequence[nn.Module], x: torch.Tensor, weights: Sequen
     return [torch.einsum("bn,bnu->bu", w.to(flat.dtype), flat).reshape((batch,) + out_shape) for w in weights]
 
 
-def combine_sparse(experts: Sequence[nn.Module], x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def combine_sparse(experts: Experts, x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Mixtures for each weight matrix, running each expert only on the rows that use it.
 
     One host synchronisation and a fixed number of gather/scatter operations for all experts and all
@@ -141,7 +145,7 @@ def choose_dispatch(
     weights: Sequence[torch.Tensor],
     *,
     max_density: float = 0.5,
-    experts: Sequence[nn.Module] = (),
+    experts: Experts = (),
     gates: Sequence[nn.Module] = (),
 ) -> str:
     """Resolve the dispatch mode to ``'sparse'`` or ``'dense'`` for this call.
@@ -183,7 +187,7 @@ def choose_dispatch(
 
 def combine(
     mode: str,
-    experts: Sequence[nn.Module],
+    experts: Experts,
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
     *,

@@ -89,6 +89,10 @@ class UsageMeter(nn.Module):
     to 256).
     """
 
+    soft_sum: torch.Tensor
+    hard_sum: torch.Tensor
+    rows: torch.Tensor
+
     def __init__(self, num_experts: int) -> None:
         super().__init__()
         self.register_buffer("soft_sum", torch.zeros(num_experts, dtype=torch.float64))
@@ -162,16 +166,16 @@ class MoE(nn.Module):
         track_usage: bool = True,
     ) -> None:
         super().__init__()
-        self.experts = as_expert_list(experts)
-        self.gate = check_gate(gate)
+        self.experts: nn.ModuleList = as_expert_list(experts)
+        self.gate: nn.Module = check_gate(gate)
         if gate.num_experts != len(self.experts):
             raise ValueError(f"gate.num_experts={gate.num_experts} but {len(self.experts)} experts were given")
         self.dispatch = check_choice("dispatch", dispatch, DISPATCH_MODES)
         self.validate = bool(validate)
         self.track_usage = bool(track_usage)
         selectors = num_selectors_of(gate) if per_selector else 1
-        self.permutation = Permutation(len(self.experts), selectors)
-        self.usage = UsageMeter(len(self.experts))
+        self.permutation: Permutation = Permutation(len(self.experts), selectors)
+        self.usage: UsageMeter = UsageMeter(len(self.experts))
 
     @property
     def num_experts(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -80,7 +81,7 @@ class MultiGateMoE(nn.Module):
         track_usage: bool = True,
     ) -> None:
         super().__init__()
-        self.experts = as_expert_list(experts)
+        self.experts: nn.ModuleList = as_expert_list(experts)
         gates = list(gates)
         if not gates:
             raise ValueError("gates must hold one gate per task (at least one)")
@@ -124,11 +125,15 @@ class MultiGateMoE(nn.Module):
     @property
     def permutations(self) -> list[Permutation]:
         """The distinct permutation modules a search may change."""
-        return list(self.permutation_modules)
+        return [cast(Permutation, p) for p in self.permutation_modules]
+
+    def meter_for(self, task: int) -> UsageMeter:
+        """The running usage meter of task ``task``'s gate."""
+        return cast(UsageMeter, self.usage_meters[task])
 
     def permutation_for(self, task: int) -> Permutation:
         """The permutation used by task ``task``'s gate."""
-        return self.permutation_modules[0 if self.share_permutation else task]
+        return cast(Permutation, self.permutation_modules[0 if self.share_permutation else task])
 
     def route_rows(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
@@ -163,8 +168,8 @@ class MultiGateMoE(nn.Module):
         weights = [apply_permutation(g, self.permutation_for(t).index) for t, g in enumerate(gate_outputs)]
         mixtures = self.mix(rows, weights)
         if self.track_usage and self.training:
-            for meter, w in zip(self.usage_meters, weights):
-                meter.update(w)
+            for t, w in enumerate(weights):
+                self.meter_for(t).update(w)
         loss = torch.stack([g.loss for g in gate_outputs]).sum()
         if len(lead) > 1:
             mixtures = [m.reshape(tuple(lead) + tuple(m.shape[1:])) for m in mixtures]
@@ -176,12 +181,12 @@ class MultiGateMoE(nn.Module):
         """Running usage of task ``task``'s gate over training batches."""
         if not 0 <= task < self.num_tasks:
             raise ValueError(f"task must be in [0, {self.num_tasks - 1}], got {task}")
-        return self.usage_meters[task].value()
+        return self.meter_for(task).value()
 
     def reset_usage(self) -> None:
         """Forget every task's running usage statistics."""
-        for meter in self.usage_meters:
-            meter.reset()
+        for t in range(self.num_tasks):
+            self.meter_for(t).reset()
 
 
 class SharedBottom(nn.Module):
