@@ -72,7 +72,7 @@ class DSelectK(BaseGate):
         k: int,
         input_dim: int | None = None,
         *,
-        gamma: float = 1.0,
+        gamma: WeightSchedule = 1.0,
         entropy_weight: WeightSchedule = 0.0,
         unreachable: str = "renormalize",
         reachability_weight: float = 1.0,
@@ -81,7 +81,10 @@ class DSelectK(BaseGate):
         n, k = check_num_experts_k(num_experts, k)
         super().__init__(n, input_dim, validate=validate)
         self.num_selectors = k
-        self.gamma = check_positive_float("gamma", gamma)
+        # gamma may be a schedule of the training-call count (annealing, as the paper suggests);
+        # self.gamma always holds the value in use.
+        self.gamma_schedule = gamma if callable(gamma) else None
+        self.gamma = check_positive_float("gamma", gamma(0) if callable(gamma) else gamma)
         self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
         self.unreachable = check_choice("unreachable", unreachable, ("renormalize", "fold"))
         self.reachability_weight = check_positive_float(
@@ -193,6 +196,8 @@ class DSelectK(BaseGate):
         """Soft DSelect-k gate on a batch ``x`` ``[B, input_dim]`` (any width for a static gate)."""
         x = self._check_x(x)
         calls = self._tick()
+        if self.gamma_schedule is not None and self.training:
+            self.gamma = check_positive_float("gamma", self.gamma_schedule(calls))
         batch = x.shape[0]
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
         alpha, z = self._logits(None if self.is_static else x)

@@ -384,3 +384,22 @@ def test_vectorised_forward_and_gradients_equal_naive_reference(n: int, k: int, 
     slow = torch.autograd.grad((ref_w @ probe).sum() + ref_loss, params)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_gamma_schedule_anneals_in_training_only_and_forces_binary_codes() -> None:
+    gate = make_gate(8, 2, True, gamma=lambda calls: 1.0 * 0.5**calls)
+    assert gate.gamma == 1.0 and gate.gamma_schedule is not None
+    x = torch.zeros(2, 1)
+    assert not gate.is_binary()
+    gate.eval()
+    gate(x)
+    assert gate.gamma == 1.0  # eval calls neither count nor anneal
+    gate.train()
+    for _ in range(12):
+        gate(x)
+    assert gate.gamma == 0.5**11
+    # |z| >= 1/(2*100)... init is U(-0.01, 0.01); gamma/2 < 2.5e-4 saturates every code not that close to 0
+    s = gate.smooth_codes()
+    assert bool(((s == 0) | (s == 1) | (gate.z_logits.abs() < gate.gamma / 2)).all())
+    with pytest.raises(ValueError, match="gamma"):
+        make_gate(8, 2, True, gamma=lambda calls: -1.0)
