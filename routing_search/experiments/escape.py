@@ -22,6 +22,8 @@ Arms (all trained with the same Adam steps and batch order):
 * ``refit``: the same schedule, each search = the frozen swap search (fast first stage) followed by
   :func:`routing_search.search.refit.refit_search` (moves scored after a closed-form refit of the
   touched experts' last layers on training rows, judged on held-out rows).
+* ``refit_route``: as ``refit``, but only the chosen permutations are written (the refitted layers
+  are discarded): an ablation that separates the routing choice from the closed-form head start.
 * ``lookahead``: the same schedule, each search = the frozen swap search followed by
   :func:`routing_search.search.lookahead.lookahead_search` (the best few refit-ranked moves judged after
   a short stretch of training from a copy).
@@ -32,6 +34,7 @@ Entry point: :func:`run_escape` writes ``report.md`` and ``report.json`` into a 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -57,10 +60,11 @@ from ..search.lookahead import lookahead_search
 from ..search.refit import refit_search
 from ..training import LocalSearcher, fit
 
-__all__ = ["EscapeConfig", "FAMILIES", "ARMS", "run_escape", "build_start", "run_arm", "summarise"]
+__all__ = ["EscapeConfig", "FAMILIES", "ARMS", "run_escape", "build_start", "run_arm", "summarise", "run_tuning",
+           "trials_needed", "expected_best", "write_report"]
 
 FAMILIES = ("dselect_collapsed", "comet_collapsed", "topk_margin", "hash_misassigned", "trained_shuffled")
-ARMS = ("sgd", "random", "search", "refit", "lookahead")
+ARMS = ("sgd", "random", "search", "refit", "refit_route", "lookahead")
 
 
 @dataclass
@@ -85,6 +89,9 @@ class EscapeConfig:
             (``hash_misassigned``, ``trained_shuffled``).
         batch_size: rows per Adam step.
         lr: Adam learning rate.
+        patience: early stopping on the validation loss (best epoch restored) after this many epochs
+            without improvement, for every arm; ``None`` trains all ``epochs`` (small experts that each
+            see few rows overfit, and then test loss rewards whichever arm trained least).
         margin: logit margin of the first k experts in ``topk_margin``.
         search_every: the search arms search before training and every this many steps.
         search_rows: held-out (validation) rows every search scores on.
@@ -95,6 +102,15 @@ class EscapeConfig:
         lookahead_steps: Adam steps of each lookahead.
         win_threshold: a seed counts as a win when the arm's test loss is below ``(1 - win_threshold)``
             times the control's.
+        tune_families: families of the tuning-budget study (empty: skip it).
+        tune_arms: arms of the tuning-budget study (any of :data:`ARMS`).
+        tune_trials: random-search trials per arm and family; trial ``i`` of every arm uses the same
+            hyper-parameters and initialisation seed ``i`` (paired), on data seed ``tune_data_seed``.
+        tune_data_seed: data seed of the tuning-budget study.
+        tune_lr / tune_batch_size / tune_epochs: the grids the trials draw from (uniformly).
+        tune_quantile: the target is this quantile of the test losses of all trials of all arms.
+        tune_probability: trials needed = the smallest N with P(some trial of N reaches the target)
+            at least this, from the arm's fraction of trials that reach it.
         out: parent directory of the run directory.
         torch_threads: torch CPU threads (1 when several processes share a machine).
     """
@@ -114,15 +130,25 @@ class EscapeConfig:
     pretrain_epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-2
+    patience: int | None = 3
     margin: float = 5.0
     search_every: int = 100
     search_rows: int = 1024
-    fit_rows: int = 1024
+    fit_rows: int = 512
     ridge: float = 1e-3
-    refit_max_iter: int = 20
+    refit_max_iter: int = 8
     lookahead_candidates: int = 4
     lookahead_steps: int = 20
     win_threshold: float = 0.01
+    tune_families: tuple[str, ...] = ()
+    tune_arms: tuple[str, ...] = ("sgd", "random", "search", "refit")
+    tune_trials: int = 12
+    tune_data_seed: int = 0
+    tune_lr: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    tune_batch_size: tuple[int, ...] = (32, 64, 128)
+    tune_epochs: tuple[int, ...] = (5, 10, 15)
+    tune_quantile: float = 0.25
+    tune_probability: float = 0.9
     out: str = "runs"
     torch_threads: int = 1
 
@@ -143,6 +169,8 @@ class EscapeConfig:
                      "lookahead_candidates", "lookahead_steps", "torch_threads"):
             setattr(self, name, check_int(name, getattr(self, name), minimum=1))
         self.num_samples = check_int("num_samples", self.num_samples, minimum=40)
+        if self.patience is not None:
+            self.patience = check_int("patience", self.patience, minimum=1)
         self.num_keys = check_int("num_keys", self.num_keys, minimum=self.num_experts)
         self.pretrain_epochs = check_int("pretrain_epochs", self.pretrain_epochs, minimum=1)
         self.refit_max_iter = check_int("refit_max_iter", self.refit_max_iter, minimum=0)
@@ -153,6 +181,21 @@ class EscapeConfig:
         self.win_threshold = check_positive_float("win_threshold", self.win_threshold, allow_zero=True)
         if self.win_threshold >= 1:
             raise ValueError(f"win_threshold must be in [0, 1), got {self.win_threshold}")
+        self.tune_families = tuple(check_choice("tune_families", f, FAMILIES) for f in self.tune_families)
+        self.tune_arms = _names("tune_arms", self.tune_arms, ARMS)
+        self.tune_trials = check_int("tune_trials", self.tune_trials, minimum=1)
+        self.tune_data_seed = check_int("tune_data_seed", self.tune_data_seed, minimum=0)
+        for name, checker in (("tune_lr", check_positive_float), ("tune_batch_size", lambda n, v: check_int(n, v, minimum=1)),
+                              ("tune_epochs", lambda n, v: check_int(n, v, minimum=1))):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
+                raise TypeError(f"{name} must be a non-empty list of values, got {values!r}")
+            setattr(self, name, tuple(checker(name, v) for v in values))
+        for name in ("tune_quantile", "tune_probability"):
+            value = check_positive_float(name, getattr(self, name))
+            if value >= 1:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
+            setattr(self, name, value)
         if not isinstance(self.out, (str, Path)):
             raise TypeError(f"out must be a directory path, got {type(self.out).__name__}")
 
@@ -207,23 +250,25 @@ def _pretrain(cfg: EscapeConfig, start: Start) -> None:
         optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr), seed=50_000 + start.seed, progress=False)
 
 
-def build_start(cfg: EscapeConfig, family: str, seed: int) -> Start:
-    """The bad start of ``family`` for ``seed`` (deterministic)."""
+def build_start(cfg: EscapeConfig, family: str, seed: int, *, init_seed: int | None = None) -> Start:
+    """The bad start of ``family`` (deterministic): ``seed`` fixes the data, ``init_seed`` (default
+    ``seed``) the initialisation, the pre-training, the derangement and the arms' batch order."""
     check_choice("family", family, FAMILIES)
     n, k, T = cfg.num_experts, cfg.k, cfg.num_tasks
+    data_seed, seed = seed, seed if init_seed is None else check_int("init_seed", init_seed, minimum=0)
     torch.manual_seed(seed)  # gate initialisations
     if family == "hash_misassigned":
         data = make_synthetic_moe(num_samples=cfg.num_samples, input_dim=cfg.input_dim, num_experts=n, k=1, num_tasks=1,
-                                  hidden=cfg.hidden, noise=cfg.noise, seed=seed)
-        gen = torch.Generator().manual_seed(20_000 + seed)
-        table = balanced_hash_table(cfg.num_keys, n, seed=seed)
+                                  hidden=cfg.hidden, noise=cfg.noise, seed=data_seed)
+        gen = torch.Generator().manual_seed(20_000 + data_seed)
+        table = balanced_hash_table(cfg.num_keys, n, seed=data_seed)
         relabel = torch.randperm(n, generator=gen)  # the truth's expert of each bucket
         keys = torch.randint(cfg.num_keys, (cfg.num_samples,), generator=gen)
         outputs = data.truth.expert_outputs(data.x.to(torch.float64))
         signal = outputs.gather(1, relabel[table[keys]].unsqueeze(1)).squeeze(1)
         signal = signal / signal.std().clamp_min(1e-12)
         y = (signal + cfg.noise * torch.randn(signal.shape, generator=gen, dtype=torch.float64)).to(torch.float32).unsqueeze(1)
-        model: nn.Module = MoE(_experts(cfg, seed), Hash(n, num_keys=cfg.num_keys, seed=seed))
+        model: nn.Module = MoE(_experts(cfg, seed), Hash(n, num_keys=cfg.num_keys, seed=data_seed))
         train, val, test = _splits({"x": data.x, "key": keys}, y)
         start = Start(family, seed, model, train, val, test, mse_loss)
         _pretrain(cfg, start)
@@ -233,7 +278,7 @@ def build_start(cfg: EscapeConfig, family: str, seed: int) -> Start:
         return start
 
     data = make_synthetic_moe(num_samples=cfg.num_samples, input_dim=cfg.input_dim, num_experts=n, k=k, num_tasks=T,
-                              hidden=cfg.hidden, noise=cfg.noise, seed=seed)
+                              hidden=cfg.hidden, noise=cfg.noise, seed=data_seed)
     loss = multitask_loss(["mse"] * T)
     if family in ("dselect_collapsed", "comet_collapsed"):
         kind = DSelectK if family == "dselect_collapsed" else COMET
@@ -283,8 +328,9 @@ class _StagedSearcher(LocalSearcher):
         start = time.perf_counter()
         first = local_search(self.model, data, self.loss, "swap", rng=self.rng)
         moves = list(first.moves)
-        if self.stage == "refit":
-            second = refit_search(self.model, self.fit_data, data, self.loss, ridge=self.cfg.ridge, max_iter=self.cfg.refit_max_iter)
+        if self.stage in ("refit", "refit_route"):
+            second = refit_search(self.model, self.fit_data, data, self.loss, ridge=self.cfg.ridge, max_iter=self.cfg.refit_max_iter,
+                                  write_layers=self.stage == "refit")
         else:
             second = lookahead_search(
                 self.model, self.fit_data, data, self.loss, candidates=self.cfg.lookahead_candidates,
@@ -338,13 +384,13 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
             module.set(np.stack([rng.permutation(module.num_experts) for _ in range(module.num_selectors)]))
     elif arm == "search":
         searcher = LocalSearcher(model, start.loss, method="swap", every=cfg.search_every, rng=start.seed)
-    elif arm in ("refit", "lookahead"):
+    elif arm in ("refit", "refit_route", "lookahead"):
         searcher = _StagedSearcher(model, start.loss, cfg, arm, fit_data, start.seed)
     if searcher is not None:
         moves += int(searcher(search_data).nit)  # a search before training: the bad start itself
     result = fit(model, start.train, start.loss, val_data=start.val, search_data=search_data, epochs=cfg.epochs,
                  batch_size=cfg.batch_size, optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr),
-                 search=searcher, seed=start.seed, progress=False)
+                 search=searcher, seed=start.seed, progress=False, early_stopping_patience=cfg.patience, restore_best=True)
     moves += sum(int(s["accepted"]) for s in result.history.searches)
     search_seconds = 0.0 if searcher is None else float(sum(e["seconds"] for e in searcher.log))
     return {
@@ -352,6 +398,7 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
         "test_loss": _test_loss(model, start.test, start.loss),
         "start_test_loss": _test_loss(start.model, start.test, start.loss),
         "moves": moves, "seconds": time.perf_counter() - begin, "search_seconds": search_seconds,
+        "epochs_run": int(result.epochs_run), "best_val": None if result.best_val is None else float(result.best_val),
     }
 
 
@@ -406,9 +453,59 @@ def _sentence(family: str, arm: str, e: dict[str, Any], seeds: int) -> str:
             f"over random, never worse than SGD).")
 
 
-def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """``report.json`` (config, every run, the summary) and ``report.md`` (tables and sentences)."""
-    (run_dir / "report.json").write_text(json.dumps({"config": asdict(cfg), "runs": rows, "summary": summary}, indent=2))
+
+# ----------------------------------------------------------------------------------- tuning budget
+def _trial_settings(cfg: EscapeConfig, family: str) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(60_000 + cfg.tune_data_seed + 97 * FAMILIES.index(family))
+    return [{"trial": i, "lr": float(rng.choice(cfg.tune_lr)), "batch_size": int(rng.choice(cfg.tune_batch_size)),
+             "epochs": int(rng.choice(cfg.tune_epochs))} for i in range(cfg.tune_trials)]
+
+
+def trials_needed(p: float, probability: float) -> float:
+    """Smallest N with ``1 - (1 - p)^N >= probability`` (``inf`` when ``p == 0``)."""
+    if p <= 0:
+        return float("inf")
+    if p >= 1:
+        return 1.0
+    return float(math.ceil(math.log(1 - probability) / math.log(1 - p) - 1e-12))
+
+
+def expected_best(values: list[float], trials: int) -> float:
+    """Expected minimum of ``trials`` draws (with replacement) from the empirical distribution of ``values``."""
+    x = sorted(values)
+    m = len(x)
+    return float(sum(v * (((m - i) / m) ** trials - ((m - i - 1) / m) ** trials) for i, v in enumerate(x)))
+
+
+def run_tuning(cfg: EscapeConfig, *, progress: bool = False) -> dict[str, Any]:
+    """The tuning-budget study: paired random-search trials per arm; trials to reach a pooled target."""
+    out: dict[str, Any] = {}
+    for family in cfg.tune_families:
+        rows = []
+        for setting in _trial_settings(cfg, family):
+            start = build_start(cfg, family, cfg.tune_data_seed, init_seed=setting["trial"])
+            trial_cfg = dataclasses.replace(cfg, lr=setting["lr"], batch_size=setting["batch_size"], epochs=setting["epochs"])
+            for arm in cfg.tune_arms:
+                row = run_arm(trial_cfg, start, arm) | setting
+                rows.append(row)
+                if progress:
+                    print(f"tune {family:18s} trial {setting['trial']:3d} {arm:9s} test {row['test_loss']:.4f}", flush=True)
+        target = float(np.quantile([r["test_loss"] for r in rows], cfg.tune_quantile))
+        arms = {}
+        for arm in cfg.tune_arms:
+            values = [r["test_loss"] for r in rows if r["arm"] == arm]
+            p = float(np.mean([v <= target for v in values]))
+            arms[arm] = {"reach_fraction": p, "trials_needed": trials_needed(p, cfg.tune_probability),
+                         "expected_best": {str(n): expected_best(values, n) for n in (1, 2, 4, 8)},
+                         "median": float(statistics.median(values))}
+        out[family] = {"target": target, "arms": arms, "runs": rows}
+    return out
+
+def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], summary: dict[str, Any],
+                 tuning: dict[str, Any] | None = None) -> None:
+    """``report.json`` (config, every run, the summary, the tuning study) and ``report.md`` (tables and sentences)."""
+    payload = {"config": asdict(cfg), "runs": rows, "summary": summary, "tuning": tuning or {}}
+    (run_dir / "report.json").write_text(json.dumps(payload, indent=2, default=_json_number))
     lines = ["# Escaping bad starts", "",
              f"Seeds {list(cfg.seeds)}; n = {cfg.num_experts}, k = {cfg.k}, T = {cfg.num_tasks}, {cfg.num_samples} rows, "
              f"{cfg.epochs} epochs; test loss = mean per-example MSE (summed over tasks) on the held-out test split.", ""]
@@ -430,7 +527,34 @@ def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], s
             if "meets_criterion" in e:
                 lines.append("- " + _sentence(family, arm, e, seeds))
         lines.append("")
+    lines += _tuning_lines(cfg, tuning or {})
     (run_dir / "report.md").write_text("\n".join(lines))
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _tuning_lines(cfg: EscapeConfig, tuning: dict[str, Any]) -> list[str]:
+    if not tuning:
+        return []
+    lines = ["## Tuning budget", "",
+             f"{cfg.tune_trials} random-search trials per arm (lr from {list(cfg.tune_lr)}, batch size from "
+             f"{list(cfg.tune_batch_size)}, epochs from {list(cfg.tune_epochs)}; trial i of every arm shares its "
+             f"hyper-parameters and initialisation seed), data seed {cfg.tune_data_seed}. Target: the "
+             f"{cfg.tune_quantile:.0%} quantile of all trials' test losses. Trials needed: the smallest N for which at least "
+             f"one of N trials reaches the target with probability {cfg.tune_probability:.0%}, from the arm's fraction of trials "
+             "that reached it (inf: none did, i.e. more than the trials run).", ""]
+    for family, fam in tuning.items():
+        lines += [f"### {family} (target {fam['target']:.4f})", "",
+                  "| arm | trials reaching target | trials needed | expected best of 1 / 2 / 4 / 8 | median |", "|---|---|---|---|---|"]
+        for arm, e in fam["arms"].items():
+            best = " / ".join(f"{e['expected_best'][k]:.4f}" for k in ("1", "2", "4", "8"))
+            lines.append(f"| {arm} | {e['reach_fraction']:.2f} | {e['trials_needed']} | {best} | {e['median']:.4f} |")
+        lines.append("")
+    return lines
 
 
 def _new_run_dir(parent: str | Path) -> Path:
@@ -450,8 +574,9 @@ def _new_run_dir(parent: str | Path) -> Path:
 def run_escape(config: EscapeConfig, *, progress: bool = False) -> dict[str, Any]:
     """Run every family × seed × arm, write ``report.md`` / ``report.json``; returns the report dict.
 
-    The returned dict holds ``run_dir``, ``config``, ``runs`` (one dict per family, seed and arm) and
-    ``summary`` (see :func:`summarise`).
+    The returned dict holds ``run_dir``, ``config``, ``runs`` (one dict per family, seed and arm),
+    ``summary`` (see :func:`summarise`) and ``tuning`` (see :func:`run_tuning`; empty without
+    ``tune_families``).
     """
     if not isinstance(config, EscapeConfig):
         raise TypeError(f"config must be an EscapeConfig, got {type(config).__name__}")
@@ -470,7 +595,8 @@ def run_escape(config: EscapeConfig, *, progress: bool = False) -> dict[str, Any
                         print(f"{family:18s} seed {seed:3d} {arm:9s} test {r['test_loss']:.4f} moves {r['moves']:3d} "
                               f"{r['seconds']:.1f}s", flush=True)
         summary = summarise(rows, config)
-        write_report(run_dir, config, rows, summary)
+        tuning = run_tuning(config, progress=progress) if config.tune_families else {}
+        write_report(run_dir, config, rows, summary, tuning)
     finally:
         torch.set_num_threads(threads)
-    return {"run_dir": str(run_dir), "config": asdict(config), "runs": rows, "summary": summary}
+    return {"run_dir": str(run_dir), "config": asdict(config), "runs": rows, "summary": summary, "tuning": tuning}

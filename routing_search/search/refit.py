@@ -281,10 +281,12 @@ class RefitObjective:
         theta = self.refit(new, experts, self.weights(self.fit_part, new))
         return self.value(new, theta, self.weights(self.score_part, new)), theta
 
-    def write_back(self) -> None:
-        """Write the current permutations and last layers into the model."""
+    def write_back(self, layers: bool = True) -> None:
+        """Write the current permutations (and, with ``layers``, the last layers) into the model."""
         for slot, index in zip(self.slots, self.state):
             slot.set(index)
+        if not layers:
+            return
         with torch.no_grad():
             for lin, th in zip(self.linears, self.theta):
                 lin.weight.copy_(th[:-1].t().to(lin.weight.dtype))
@@ -306,6 +308,7 @@ def refit_search(
     max_iter: int = 20,
     tol: float = 0.0,
     apply: bool = True,
+    write_layers: bool = True,
 ) -> OptimizeResult:
     """Best-improvement descent over swaps, each scored after a closed-form refit (module docstring).
 
@@ -319,6 +322,8 @@ def refit_search(
         tol: a move must lower the held-out loss by more than this, against both the current state
             and a refit of the same experts without the move.
         apply: write the accepted permutations and refitted last layers into the model.
+        write_layers: with ``apply``, also write the refitted last layers; ``False`` writes only the
+            permutations (the refit is then a scoring device, and ``fun`` is not the model's loss).
 
     Returns:
         ``OptimizeResult`` (``x``: list of ``[S, n]`` arrays; ``fun``/``fun0``: held-out loss after /
@@ -364,7 +369,7 @@ def refit_search(
         obj.set_theta(theta)
         obj.fun = obj.value(obj.state, {})
     if apply:
-        obj.write_back()
+        obj.write_back(layers=write_layers)
     return make_result(
         x=[s.numpy().copy() for s in obj.state], fun=obj.fun, nit=len(moves), nfev=obj.nfev, status=status,
         message=message, fun0=obj.fun0, moves=moves, method="refit",

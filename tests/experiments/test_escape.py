@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from routing_search.experiments.escape import FAMILIES, EscapeConfig, build_start, run_arm, run_escape, summarise
+from routing_search.experiments.escape import (FAMILIES, EscapeConfig, build_start, expected_best, run_arm, run_escape,
+                                               summarise, trials_needed)
 
 TINY = dict(num_experts=4, k=2, num_tasks=2, input_dim=3, hidden=4, num_samples=120, num_keys=8, epochs=1,
             pretrain_epochs=1, batch_size=32, search_every=2, search_rows=32, fit_rows=32, refit_max_iter=2,
@@ -74,14 +75,33 @@ def test_summary_counts_paired_wins() -> None:
     assert entry["meets_criterion"] is False
 
 
+def test_trials_needed_and_expected_best() -> None:
+    assert trials_needed(0.5, 0.9) == 4  # 1 - 0.5**4 = 0.9375 >= 0.9 > 1 - 0.5**3
+    assert trials_needed(1.0, 0.9) == 1 and trials_needed(0.0, 0.9) == float("inf")
+    values = [3.0, 1.0, 2.0]
+    assert expected_best(values, 1) == pytest.approx(2.0)
+    # min of two draws: P(min = 1) = 5/9, P(min = 2) = 3/9, P(min = 3) = 1/9.
+    assert expected_best(values, 2) == pytest.approx((5 * 1 + 3 * 2 + 1 * 3) / 9)
+
+
+def test_data_seed_and_init_seed_are_separate() -> None:
+    cfg = EscapeConfig(**TINY)
+    a, b = build_start(cfg, "topk_margin", 0, init_seed=1), build_start(cfg, "topk_margin", 0, init_seed=2)
+    assert torch.equal(a.train[1], b.train[1])
+    assert not torch.equal(a.model.experts[0][0].weight, b.model.experts[0][0].weight)
+
+
 def test_tiny_run_writes_the_report(tmp_path) -> None:
-    cfg = EscapeConfig(families=("dselect_collapsed", "hash_misassigned"), seeds=(0,), out=str(tmp_path), **TINY)
+    cfg = EscapeConfig(families=("dselect_collapsed", "hash_misassigned"), seeds=(0,), out=str(tmp_path),
+                       tune_families=("hash_misassigned",), tune_arms=("sgd", "search"), tune_trials=2, tune_epochs=(1,), **TINY)
     report = run_escape(cfg)
     run_dir = tmp_path / report["run_dir"].split("/")[-1]
     saved = json.loads((run_dir / "report.json").read_text())
     assert len(saved["runs"]) == 2 * len(cfg.arms)
     assert "## dselect_collapsed" in (run_dir / "report.md").read_text()
     assert set(report["summary"]) == {"dselect_collapsed", "hash_misassigned"}
+    assert set(report["tuning"]["hash_misassigned"]["arms"]) == {"sgd", "search"}
+    assert "## Tuning budget" in (run_dir / "report.md").read_text()
     for row in report["runs"]:
         assert np.isfinite(row["test_loss"])
 
