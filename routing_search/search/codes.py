@@ -12,7 +12,7 @@ from ..gates.comet import COMET
 from ..gates.dselect_k import DSelectK
 from ..gates.protocol import GateOutput
 
-__all__ = ["CodeSite", "code_sites", "set_selector_slot", "selector_slot", "moved_gate_output"]
+__all__ = ["CodeSite", "code_sites", "set_selector_slot", "selector_slot", "gate_selector_slot", "moved_gate_output"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,13 @@ def code_sites(gates: list[nn.Module]) -> list[CodeSite]:
 def selector_slot(gate_output: GateOutput, selector: int) -> int:
     """The gate slot a binary selector points at (row 0 of a static gate's output)."""
     return int(torch.argmax(gate_output.selector_weights[0, selector]))
+
+
+@torch.no_grad()
+def gate_selector_slot(gate: nn.Module, selector: int) -> int:
+    """The gate slot a static binary gate's selector points at, read from the gate itself (no data needed)."""
+    param = next(gate.parameters())
+    return selector_slot(gate(torch.zeros(1, 1, dtype=param.dtype, device=param.device)), selector)
 
 
 def moved_gate_output(gate_output: GateOutput, selector: int, slot: int, gate: nn.Module | None = None) -> GateOutput:

@@ -18,7 +18,7 @@ from .._validation import check_choice, check_permutation, check_rng
 from ..batches import eval_mode
 from ..distributed import all_gather_objects, broadcast_object, resolve_group
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE, make_result
-from .codes import code_sites, moved_gate_output, selector_slot, set_selector_slot
+from .codes import code_sites, gate_selector_slot, moved_gate_output, set_selector_slot
 from .moves import MOVES, MoveOperator, perturb, swap_moves
 from .objective import Candidate, LossFn, RoutingObjective
 from .options import METHODS, SearchOptions
@@ -252,7 +252,7 @@ def local_search(
     generator = check_rng(rng, name="rng")
     group = resolve_group(process_group)
 
-    objective = RoutingObjective(model, data, loss, layer=opts.layer, max_rows=opts.max_rows, process_group=group)
+    objective = RoutingObjective(model, data, loss, layer=opts.layer, max_rows=opts.max_rows, process_group=False if group is None else group)
     if group is not None and method_name in ("ils", "callable"):
         generator = _synchronised(generator, group)
     if not math.isfinite(objective.fun0):
@@ -280,7 +280,7 @@ def local_search(
     extra: dict[str, Any] = {}
     if saved_gates is not None:
         gates = _gates_of(objective)
-        extra["codes"] = [[s.task, s.selector, selector_slot(objective.gate_outs[s.task], s.selector)] for s in code_sites(gates)]
+        extra["codes"] = [[s.task, s.selector, gate_selector_slot(gates[s.task], s.selector)] for s in code_sites(gates)]
     if opts.apply:
         objective.write_back()
     elif saved_gates is not None:
@@ -430,7 +430,7 @@ def _code_descent(search: _Search) -> None:
         scored: list[tuple[float, Any, int]] = []
         for site in code_sites(gates):
             g = obj.gate_outs[site.task]
-            current = selector_slot(g, site.selector)
+            current = gate_selector_slot(gates[site.task], site.selector)  # not from the rows: a shard may be empty
             for slot in range(obj.n):
                 if slot != current:
                     moved = moved_gate_output(g, site.selector, slot, gates[site.task])
@@ -447,7 +447,7 @@ def _try_code_move(search: _Search, gates: list[nn.Module], site: Any, slot: int
     gate = gates[site.task]
     before = obj.fun
     saved = {name: p.detach().clone() for name, p in gate.named_parameters()}
-    current = selector_slot(obj.gate_outs[site.task], site.selector)
+    current = gate_selector_slot(gate, site.selector)
     set_selector_slot(gate, site.selector, slot)
     after = obj.refresh_gates()
     if after < before - search.s.tol:

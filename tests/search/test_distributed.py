@@ -1,0 +1,138 @@
+"""local_search / LocalSearcher / RoutingObjective / Sinkhorn rounding under a gloo process group on CPU.
+
+Each configuration starts 2 or 3 processes once (tests/search/dist_worker.py) on a free port of 127.0.0.1; every rank
+holds a shard of the same data and the results must equal a single process searching the concatenated
+data: the same permutation, the same moves in the same order, the same number of moves and evaluations,
+and the same loss up to the order of a float64 sum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path: Path, case: str, shards: str, world: int, *, timeout: float = 60.0, wall: float = 120.0) -> list[dict]:
+    """Run ``case`` on ``world`` ranks; returns each rank's JSON result (in rank order)."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    outs = [tmp_path / f"{case}-{shards}-{r}.json" for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(port), case, shards, str(timeout), str(outs[r])],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
+    deadline = time.monotonic() + wall
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode(errors="replace"))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"case {case!r} hung: the ranks did not finish within {wall} s")
+    results = []
+    for r, (out, log) in enumerate(zip(outs, logs)):
+        assert out.exists(), f"rank {r} wrote no result; its output:\n{log[-3000:]}"
+        results.append(json.loads(out.read_text()))
+    return results
+
+
+def ok(results: list[dict]) -> list[dict]:
+    for r, res in enumerate(results):
+        assert "ok" in res, f"rank {r} failed: {res}"
+    return [res["ok"] for res in results]
+
+
+def assert_same_search(got: dict, ref: dict) -> None:
+    assert got["x"] == ref["x"]
+    assert got["moves"] == ref["moves"]
+    assert (got["nit"], got["nfev"], got["status"]) == (ref["nit"], ref["nfev"], ref["status"])
+    assert got["fun"] == pytest.approx(ref["fun"], rel=1e-12, abs=1e-14)
+    assert got["fun0"] == pytest.approx(ref["fun0"], rel=1e-12, abs=1e-14)
+
+
+CONFIGS = [(2, "unequal"), (2, "empty"), (3, "empty3")]
+
+
+@pytest.fixture(scope="module")
+def world_results(tmp_path_factory):
+    """Every rank's results of the 'all' case, per (world size, shards); each group is started once."""
+    cache: dict[tuple[int, str], list[dict]] = {}
+
+    def get(world: int, shards: str) -> list[dict]:
+        if (world, shards) not in cache:
+            cache[(world, shards)] = ok(launch(tmp_path_factory.mktemp("dist"), "all", shards, world))
+        return cache[(world, shards)]
+
+    return get
+
+
+@pytest.mark.parametrize("world,shards", CONFIGS)
+def test_sharded_search_equals_the_search_on_the_concatenated_data(world_results, world, shards):
+    ranks = world_results(world, shards)
+    reference = ranks[0]
+    for name in ("swap_best", "swap_first_screened", "insertion", "ils", "swap_budget"):
+        ref = reference[name + "/reference"]
+        assert ref["nit"] > 0  # the problem is improvable: the comparison is not trivial
+        for r, rank in enumerate(ranks):
+            assert_same_search(rank[name], ref)
+            assert rank[name]["model"] == ref["x"], f"rank {r} wrote another permutation into its model"
+    assert reference["swap_budget/reference"]["status"] == 1
+    callbacks = [rank["callback"] for rank in ranks]
+    assert all(c["nit"] == 1 and c["status"] == 1 and c["x"] == callbacks[0]["x"] for c in callbacks)
+    obj_ref = reference["objective/reference"]
+    for rank in ranks:
+        assert rank["objective"]["total_rows"] == obj_ref["total_rows"] == 72
+        assert rank["objective"]["fun"] == pytest.approx(obj_ref["fun"], rel=1e-12)
+        assert rank["objective"]["values"] == pytest.approx(obj_ref["values"], rel=1e-12)
+
+
+@pytest.mark.parametrize("world,shards", CONFIGS)
+def test_code_moves_searcher_and_sinkhorn_rounding_agree_across_ranks(world_results, world, shards):
+    ranks = world_results(world, shards)
+    ref = ranks[0]["codes/reference"]
+    assert ref["nit"] > 0
+    for rank in ranks:
+        assert_same_search(rank["codes"], ref)
+        assert rank["codes"]["codes"] == ref["codes"]
+        for got, want in zip(rank["searcher"], ranks[0]["searcher/reference"]):
+            assert_same_search(got, want)
+    rounded = [rank["sinkhorn"]["rounded"] for rank in ranks]
+    assert all(r == ranks[0]["sinkhorn"]["alone"] for r in rounded)  # rank 0's rounding, everywhere
+    assert any(rank["sinkhorn"]["alone"] != rounded[0] for rank in ranks[1:])  # (the ranks' own would differ)
+
+
+def test_a_rank_that_fails_while_preparing_makes_every_rank_fail_at_once(tmp_path):
+    start = time.monotonic()
+    results = launch(tmp_path, "raise_setup", "equal", 2, timeout=60.0)
+    assert time.monotonic() - start < 45.0  # well before the 60 s collective timeout: no rank waited for it
+    assert "error" in results[1] and results[1]["error"] != "DistributedSearchError"  # rank 1 raises its own error
+    assert results[0]["error"] == "DistributedSearchError" and "rank 1" in results[0]["message"]
+
+
+def test_a_rank_that_fails_mid_search_makes_every_rank_fail_within_the_timeout(tmp_path):
+    results = launch(tmp_path, "raise_mid", "unequal3", 3, timeout=8.0, wall=90.0)
+    assert results[1]["error"] == "RuntimeError" and "rank 1's loss failed" in results[1]["message"]
+    for r in (0, 2):
+        assert "error" in results[r], f"rank {r} finished although rank 1 failed: {results[r]}"
