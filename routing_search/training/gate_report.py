@@ -127,8 +127,12 @@ def non_binary_gates(report: dict[str, dict[str, Any]]) -> list[str]:
     return [name for name, entry in report.items() if not entry["binary"]]
 
 
-def warn_non_binary(report: dict[str, dict[str, Any]], *, stacklevel: int = 3) -> None:
-    """Warn (``RuntimeWarning``) when a selector gate of ``report`` is not binary."""
+def warn_non_binary(report: dict[str, dict[str, Any]], *, stacklevel: int = 1) -> None:
+    """Warn (``RuntimeWarning``) when a selector gate of ``report`` is not binary.
+
+    ``stacklevel`` counts from the caller, as if it called ``warnings.warn`` itself (``fit`` passes 2 so
+    that the warning names the line that called ``fit``).
+    """
     names = non_binary_gates(report)
     if not names:
         return
@@ -142,7 +146,7 @@ def warn_non_binary(report: dict[str, dict[str, Any]], *, stacklevel: int = 3) -
         "their hard (Prop. 1) form differs from what was trained. Train longer, raise the gate's "
         "entropy/sparsity weight, or pass harden=True to fit (and check the hardened validation loss)",
         RuntimeWarning,
-        stacklevel=stacklevel,
+        stacklevel=stacklevel + 1,
     )
 
 
