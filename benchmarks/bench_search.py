@@ -6,12 +6,16 @@ Setting: n = 16 experts, k = 2 (TopK), batch 4096, MLP experts 128 → 256 → 6
 per-example BCE. Both ways evaluate the same n(n−1)/2 = 120 swap candidates and must give the same
 losses. Goals: ≥ 50× faster than naive, ≤ 2× the time of one forward of the model.
 Then the share of wall time that search takes in alternating training (`fit`) at the default schedule
-(goal ≤ 10 %).
+(goal ≤ 10 %), and what one default search exchanges under a process group: the all-reduce count and
+volume, and the wall time of the same search on 2048 rows in one process vs sharded over 2 gloo
+processes on this machine (`--ranks 0` skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import socket
 import time
 
 import numpy as np
@@ -20,8 +24,7 @@ import torch.nn.functional as F
 
 from routing_search.gates import TopK
 from routing_search.layers import MLP, MultiGateMoE, make_experts
-from routing_search.search import RoutingObjective, swap_moves
-from routing_search.search import Candidate
+from routing_search.search import Candidate, RoutingObjective, local_search, swap_moves
 from routing_search.training import fit
 
 
@@ -142,12 +145,68 @@ def training_share(device: torch.device, batch: int, epochs: int, n: int = 16, k
     print(f"  per search (seconds/accepted moves): {per_search}")
 
 
+def _search_problem(rows: int, n: int = 16, k: int = 2, d: int = 128) -> tuple[MultiGateMoE, torch.Tensor, torch.Tensor]:
+    model = build(torch.device("cpu"), n, k, d)
+    model.permutation_for(0).set(np.random.default_rng(3).permutation(n))  # a start the search can improve
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, d, generator=gen)
+    y = torch.randint(0, 2, (rows,), generator=gen).float()
+    return model, x, y
+
+
+def _sharded_search(rank: int, world: int, port: int, rows: int, queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, x, y = _search_problem(rows)
+    mine = slice(rank * rows // world, (rank + 1) * rows // world)
+    local_search(copy.deepcopy(model), (x[mine], y[mine]), bce, "swap")  # warm-up
+    dist.barrier()
+    start = time.perf_counter()
+    res = local_search(model, (x[mine], y[mine]), bce, "swap")
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        queue.put((seconds, res.nit, res.nfev, res.all_reduce, float(res.fun)))
+    dist.destroy_process_group()
+
+
+def communication(rows: int, ranks: int) -> None:
+    """One default swap search (fit's default: 2048 rows): all-reduce volume, 1 process vs ``ranks`` processes."""
+    torch.set_num_threads(1)
+    model, x, y = _search_problem(rows)
+    local_search(copy.deepcopy(model), (x, y), bce, "swap")  # warm-up
+    start = time.perf_counter()
+    res = local_search(model, (x, y), bce, "swap")
+    single = time.perf_counter() - start
+    calls, values = res.all_reduce["calls"], res.all_reduce["float64_values"]
+    print(f"\nOne default swap search on {rows} rows (n=16, k=2), 1 CPU thread per process")
+    print(f"  accepted moves {res.nit}, evaluations {res.nfev}")
+    print(f"  all-reduces {calls}, carrying {values} float64 values = {values * 8 / 1024:.1f} KiB per rank")
+    print(f"    (+ 1 all_gather_object at the start and 1 at the end; + 1 broadcast for 'ils')")
+    print(f"  one process, all rows                 {single * 1e3:9.1f} ms")
+    if ranks < 2:
+        return
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_sharded_search, args=(ranks, port, rows, queue), nprocs=ranks, start_method="spawn")
+    seconds, nit, nfev, comm, fun = queue.get()
+    same = "same moves" if (nit, nfev) == (res.nit, res.nfev) and abs(fun - float(res.fun)) <= 1e-12 * abs(fun) else "DIFFERENT"
+    print(f"  {ranks} gloo processes, sharded rows       {seconds * 1e3:9.1f} ms   ({same}; ratio {seconds / single:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ranks", type=int, default=2, help="gloo processes for the communication figure (0: skip)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +214,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
     scan_benchmark(device, args.batch)
     training_share(device, args.batch, args.epochs)
+    if device.type == "cpu":
+        communication(2048, args.ranks)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..batches import eval_mode
 from ..gates.comet import COMET
 from ..gates.dselect_k import DSelectK
 from ..gates.protocol import GateOutput
@@ -39,9 +40,13 @@ def selector_slot(gate_output: GateOutput, selector: int) -> int:
 
 @torch.no_grad()
 def gate_selector_slot(gate: nn.Module, selector: int) -> int:
-    """The gate slot a static binary gate's selector points at, read from the gate itself (no data needed)."""
+    """The gate slot a static binary gate's selector points at, read from the gate itself (no data needed).
+
+    The gate runs once on a dummy row in eval mode (a training call would advance its schedules).
+    """
     param = next(gate.parameters())
-    return selector_slot(gate(torch.zeros(1, 1, dtype=param.dtype, device=param.device)), selector)
+    with eval_mode(gate):
+        return selector_slot(gate(torch.zeros(1, 1, dtype=param.dtype, device=param.device)), selector)
 
 
 def moved_gate_output(gate_output: GateOutput, selector: int, slot: int, gate: nn.Module | None = None) -> GateOutput:

@@ -221,7 +221,9 @@ def local_search(
         returned; 2: the loss at the start is not finite, nothing was searched), ``success``
         (``status == 0``), ``message``, ``moves`` (list of :class:`Move`; applied in order to the starting
         permutations they lead to ``x``), ``method`` and, for ``'codes'``, ``codes`` (``[task, selector,
-        slot]`` of every static binary selector at the end).
+        slot]`` of every static binary selector at the end), and ``all_reduce`` (``calls``,
+        ``float64_values``: what the search all-reduces under a process group, counted in a single
+        process too; besides, one ``all_gather_object`` at the start and one at the end).
 
     Example:
         >>> import torch
@@ -265,6 +267,7 @@ def local_search(
         return make_result(
             x=objective.current(), fun=objective.fun0, nit=0, nfev=objective.nfev, status=STATUS_NONFINITE,
             message="non-finite loss at the start: nothing searched", fun0=objective.fun0, moves=[], method=method_name,
+            all_reduce={"calls": objective.all_reduce_calls, "float64_values": objective.all_reduce_values},
         )
     search = _Search(objective, opts, generator)
     saved_gates = _gate_parameters(objective) if method_name == "codes" else None
@@ -287,7 +290,8 @@ def local_search(
         _restore_parameters(saved_gates)
     return make_result(
         x=objective.current(), fun=objective.fun, nit=search.nit, nfev=objective.nfev, status=status, message=message,
-        fun0=objective.fun0, moves=search.moves, method=method_name, **extra,
+        fun0=objective.fun0, moves=search.moves, method=method_name,
+        all_reduce={"calls": objective.all_reduce_calls, "float64_values": objective.all_reduce_values}, **extra,
     )
 
 

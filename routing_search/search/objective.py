@@ -130,6 +130,8 @@ class RoutingObjective:
         fun0: the loss at construction.
         nfev: evaluations so far (identical on every rank).
         batch: this rank's number of rows; ``total_rows``: the rows of all ranks together.
+        all_reduce_calls, all_reduce_values: the all-reduces made so far and the float64 values they
+            carried (counted in a single process too: what a process group would exchange).
     """
 
     def __init__(
@@ -148,6 +150,8 @@ class RoutingObjective:
         self.model = model
         self.loss_fn = loss
         self.nfev = 0
+        self.all_reduce_calls = 0
+        self.all_reduce_values = 0
         self._swap_scans: dict[tuple[int, int], SwapScan] = {}
         error: BaseException | None = None
         piece = 0.0
@@ -271,6 +275,11 @@ class RoutingObjective:
         return 0
 
     # ------------------------------------------------------------ reductions
+    def _count(self, values: int) -> None:
+        """Account one all-reduce of ``values`` float64 numbers (counted in a single process too)."""
+        self.all_reduce_calls += 1
+        self.all_reduce_values += int(values)
+
     def _total(self, pieces: float | np.ndarray | torch.Tensor) -> Any:
         """The objective from local pieces (sums of per-example losses, or scalar losses); reduced over ranks.
 
@@ -278,6 +287,7 @@ class RoutingObjective:
         """
         scalar = isinstance(pieces, float)
         t = torch.as_tensor(np.atleast_1d(np.asarray(pieces, dtype=np.float64)) if not isinstance(pieces, torch.Tensor) else pieces, dtype=torch.float64)
+        self._count(t.numel())
         if self.group is not None:
             t = all_reduce_sum(t.to(self.F.device if hasattr(self, "F") else "cpu").clone(), self.group).cpu() / self.total_rows
         elif self.per_example:
@@ -288,12 +298,14 @@ class RoutingObjective:
     def _changes(self, local: torch.Tensor) -> torch.Tensor:
         """``fun`` + (sum over ranks of local loss-change sums) / rows, for a tensor of any shape (collective)."""
         local = local.to(torch.float64)
+        self._count(local.numel())
         if self.group is not None:
             local = all_reduce_sum(local.clone(), self.group)
         return self.fun + local / self.total_rows
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks of the process group (a copy; itself for a single process)."""
+        self._count(tensor.numel())
         return tensor if self.group is None else all_reduce_sum(tensor.clone(), self.group)
 
     def any_rank(self, flag: bool) -> bool:
