@@ -87,17 +87,20 @@ class TensorSource(BatchSource):
             list/dict of tensors, all with the same number of rows.
         batch_size: rows per batch (the last batch may be smaller).
         generator: draws the order of every shuffled pass.
+        shuffle: False for data that is always read in order (validation): ``batches`` then never
+            shuffles and the source has no generator to checkpoint.
     """
 
-    def __init__(self, name: str, data: Any, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(self, name: str, data: Any, batch_size: int, generator: torch.Generator, *, shuffle: bool = True) -> None:
         self.name = name
         self.data = _check_pair(name, data)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.generator = generator
+        self.shuffle = bool(shuffle)
         self.rows = num_rows(self.data)
 
     def batches(self, device: torch.device, *, shuffle: bool) -> Iterator[Batch]:
-        order = torch.randperm(self.rows, generator=self.generator) if shuffle else torch.arange(self.rows)
+        order = torch.randperm(self.rows, generator=self.generator) if shuffle and self.shuffle else torch.arange(self.rows)
         for start in range(0, self.rows, self.batch_size):
             index = order[start : start + self.batch_size]
             yield to_device(take_rows(self.data[0], index), device), to_device(take_rows(self.data[1], index), device), int(index.numel())
@@ -106,7 +109,7 @@ class TensorSource(BatchSource):
         return -(-self.rows // self.batch_size)
 
     def generators(self) -> dict[str, torch.Generator]:
-        return {"shuffle": self.generator}
+        return {"shuffle": self.generator} if self.shuffle else {}
 
 
 class LoaderSource(BatchSource):
@@ -220,7 +223,7 @@ def as_source(name: str, data: Any, batch_size: int, generator: torch.Generator,
         return LoaderSource(name, data)
     if isinstance(data, Dataset):
         return LoaderSource(name, make_loader(data, batch_size=batch_size, seed=seed, shuffle=shuffle, generator=generator))
-    return TensorSource(name, data, batch_size, generator)
+    return TensorSource(name, data, batch_size, generator, shuffle=shuffle)
 
 
 def materialize(source_or_data: Any, batch_size: int = 1024) -> tuple[Any, Any]:

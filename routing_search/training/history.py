@@ -16,6 +16,8 @@ from .checkpoint import to_plain
 
 __all__ = ["History", "FitResult"]
 
+_ADDED_PER_EPOCH = ("metrics", "gates")  # per-epoch fields added after the first checkpoint format
+
 
 @dataclass
 class History:
@@ -66,12 +68,17 @@ class History:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> History:
-        """Inverse of :meth:`to_dict` (unknown keys are an error; missing ones start empty)."""
+        """Inverse of :meth:`to_dict` (unknown keys are an error). A per-epoch field that older versions did
+        not record (``metrics``, ``gates``) gets an empty dict per recorded epoch, so that the lists stay aligned."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown History fields {sorted(unknown)}")
-        return cls(**{k: copy.deepcopy(list(v)) for k, v in data.items()})
+        fields = {k: copy.deepcopy(list(v)) for k, v in data.items()}
+        for name in _ADDED_PER_EPOCH:
+            if name not in fields:
+                fields[name] = [{} for _ in fields.get("epoch", [])]
+        return cls(**fields)
 
     def search_share(self) -> float:
         """Fraction of the recorded epoch wall time spent in searches (0 when nothing was recorded)."""

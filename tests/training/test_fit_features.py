@@ -385,3 +385,27 @@ def test_fit_checkpoints_are_readable_by_teammates(task, tmp_path):
     finally:
         os.umask(old)
     assert (result.checkpoint_path.stat().st_mode & 0o777) == 0o644
+
+
+def test_checkpoints_of_the_previous_format_still_resume(task, tmp_path):
+    """A version-1 checkpoint (no checksum, no optimiser class, no data generators, loss-only selection)."""
+    from routing_search.training import load_checkpoint
+
+    train, val = task
+    kwargs = dict(val_data=val, batch_size=32, progress=False, early_stopping_patience=5)
+    full = fit(build(), train, mse_loss, epochs=3, checkpoint_dir=tmp_path / "full", **kwargs)
+    part = fit(build(), train, mse_loss, epochs=2, checkpoint_dir=tmp_path / "part", **kwargs)
+    state = dict(load_checkpoint(part.checkpoint_path))
+    for key in ("checksum", "optimizer_class"):
+        del state[key]
+    del state["rng"]["data"]
+    selection = state["early_stopping"]
+    state["early_stopping"] = {k: selection[k] for k in ("best_val", "bad_epochs", "best_state")}
+    state["history"] = {k: v for k, v in state["history"].items() if k not in ("metrics", "gates")}
+    state["config"] = {k: state["config"][k] for k in ("batch_size", "seed", "gate_loss_weight")}
+    state["version"] = 1
+    torch.save(state, part.checkpoint_path)
+    resumed = fit(build(), train, mse_loss, epochs=3, checkpoint_dir=tmp_path / "part", resume=True, **kwargs)
+    states_equal(full.model, resumed.model)
+    assert resumed.history.step_loss == full.history.step_loss
+    assert len(resumed.history.metrics) == len(resumed.history.gates) == len(resumed.history.epoch) == 3
