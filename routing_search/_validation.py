@@ -105,13 +105,14 @@ def check_input(
 ) -> torch.Tensor:
     """Check a gate/layer input: a 2-D tensor ``[batch, input_dim]`` (any width when ``input_dim`` is None).
 
-    With ``tokens=True`` leading dimensions are accepted too: ``[batch, tokens, input_dim]`` or any
-    ``[..., input_dim]`` with at least two dimensions. ``validate`` adds the NaN/inf scan.
+    With ``tokens=True`` a token-shaped ``[batch, tokens, input_dim]`` is accepted too (exactly three
+    dimensions, so that image-like input is not silently read as tokens). ``validate`` adds the NaN/inf
+    scan.
     """
     shape_doc = "[batch, features] or [batch, tokens, features]" if tokens else "[batch, features]"
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
-    if x.dim() != 2 and not (tokens and x.dim() > 2):
+    if x.dim() != 2 and not (tokens and x.dim() == 3):
         raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(x.shape)}")
     if input_dim is not None and x.shape[-1] != input_dim:
         raise ValueError(

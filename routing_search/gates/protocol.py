@@ -16,8 +16,8 @@ its gates through :func:`call_gate` with ``checked=True``; a :class:`BaseGate` c
 ``checked=True`` skips its own scan (it still checks the shape). Other gates are called without the
 keyword. So a multi-gate layer pays for one scan per call, not one per task gate.
 
-Token-shaped input. :class:`BaseGate` accepts ``x`` of shape ``[batch, tokens, d]`` (any leading
-dimensions): it flattens them to rows, calls ``forward`` on ``[rows, d]`` and restores them on every
+Token-shaped input. :class:`BaseGate` accepts ``x`` of shape ``[batch, tokens, d]``: it flattens
+the leading dimensions to rows, calls ``forward`` on ``[rows, d]`` and restores them on every
 :class:`GateOutput` field (:func:`flatten_leading`, :func:`restore_leading`). ``task`` and ``key`` may
 then be ``[batch]`` (broadcast over the tokens) or ``[batch, tokens]``.
 

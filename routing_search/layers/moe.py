@@ -149,7 +149,7 @@ class MoE(nn.Module):
             that the gate's rows are on the simplex. Shapes and the output type are always checked.
         track_usage: keep running per-expert usage in training mode (see :meth:`expert_usage`).
 
-    ``x`` may be ``[batch, d]`` or token-shaped ``[batch, tokens, d]`` (any leading dimensions): the
+    ``x`` may be ``[batch, d]`` or token-shaped ``[batch, tokens, d]``: the
     layer routes every token as a row and returns ``output`` ``[batch, tokens, *out]``, ``weights``
     ``[batch, tokens, n]``; ``task``/``key`` are ``[batch]`` (broadcast over tokens) or
     ``[batch, tokens]``. A zero-row batch returns empty outputs of the right shapes.

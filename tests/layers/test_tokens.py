@@ -71,3 +71,11 @@ def test_multigate_on_tokens_equals_flattened_rows(make_gate, dispatch) -> None:
         torch.testing.assert_close(w, e.reshape(BATCH, TOKENS, N))
     torch.testing.assert_close(out.loss, expected.loss)
     assert out.usage(0).soft.shape == (N,)
+
+
+def test_image_like_input_is_not_read_as_tokens(make_gate) -> None:
+    moe = MoE(make_experts(N, D, [5], U).double(), make_gate("topk2", N, D))
+    with pytest.raises(ValueError, match=r"\[batch, features\] or \[batch, tokens, features\], got shape \(2, 4, 5, 3\)"):
+        moe(torch.zeros(2, 4, 5, D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="got shape"):
+        moe.gate(torch.zeros(2, 4, 5, D, dtype=torch.float64))
