@@ -92,7 +92,7 @@ class Permutation(nn.Module):
         """Back to the identity."""
         self.index.copy_(torch.arange(self.num_experts, device=self.index.device).expand_as(self.index))
 
-    def apply(self, gate_output: GateOutput) -> torch.Tensor:
+    def apply(self, gate_output: GateOutput) -> torch.Tensor:  # type: ignore[override]  # (not nn.Module.apply(fn))
         """Expert-space weights ``[batch, num_experts]`` from a gate output."""
         return apply_permutation(gate_output, self.index)
 
@@ -113,6 +113,7 @@ def apply_permutation(gate_output: GateOutput, index: torch.Tensor) -> torch.Ten
         )
     sel = gate_output.selector_weights
     mix = gate_output.selector_mix
+    assert sel is not None and mix is not None  # has_selectors
     if sel.shape[1] != index.shape[0]:
         raise ValueError(f"the gate has {sel.shape[1]} selectors but the permutation has {index.shape[0]} rows")
     permuted = torch.gather(sel, 2, inverse.unsqueeze(0).expand(sel.shape[0], -1, -1))

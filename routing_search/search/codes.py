@@ -30,11 +30,17 @@ def _is_static_binary(gate: nn.Module) -> bool:
 
 def code_sites(gates: list[nn.Module]) -> list[CodeSite]:
     """Every selector of every static binary DSelectK / COMET gate among ``gates`` (one per task)."""
-    return [CodeSite(t, j) for t, g in enumerate(gates) if _is_static_binary(g) for j in range(g.num_selectors)]
+    return [
+        CodeSite(t, j)
+        for t, g in enumerate(gates)
+        if isinstance(g, (DSelectK, COMET)) and _is_static_binary(g)
+        for j in range(g.num_selectors)
+    ]
 
 
 def selector_slot(gate_output: GateOutput, selector: int) -> int:
     """The gate slot a binary selector points at (row 0 of a static gate's output)."""
+    assert gate_output.selector_weights is not None, "a binary DSelectK / COMET gate returns selector weights"
     return int(torch.argmax(gate_output.selector_weights[0, selector]))
 
 
@@ -56,6 +62,7 @@ def moved_gate_output(gate_output: GateOutput, selector: int, slot: int, gate: n
     mixing score is the logit of the leaf it reaches, so pass the static COMET ``gate`` to get the
     exact mix after the move (without it the mix is kept, which is only right for DSelect-k).
     """
+    assert gate_output.selector_weights is not None, "a binary DSelectK / COMET gate returns selector weights"
     sel = gate_output.selector_weights.clone()
     sel[:, selector] = 0
     sel[:, selector, slot] = 1

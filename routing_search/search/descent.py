@@ -19,6 +19,7 @@ from ..batches import eval_mode
 from ..distributed import all_gather_objects, broadcast_object, resolve_group
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE, make_result
 from .codes import code_sites, gate_selector_slot, moved_gate_output, set_selector_slot
+from ..layers.multigate import MultiGateMoE
 from .moves import MOVES, MoveOperator, perturb, swap_moves
 from .objective import Candidate, LossFn, RoutingObjective
 from .options import METHODS, SearchOptions
@@ -110,7 +111,7 @@ class _Search:
         """The ``screen`` swaps (over all rows) with the most negative first-order estimate ⟨∂L/∂y, Δy⟩."""
         grads = self.obj.mixture_gradients()  # this rank's rows; swap_screen sums over the ranks
         a_idx, c_idx = np.triu_indices(self.obj.n, k=1)
-        scored = []
+        scored: list[tuple[float, int, int, int, int]] = []
         for p, index in enumerate(self.obj.state):
             for s in range(index.shape[0]):
                 scores = self.obj.swap_screen(p, s, grads).cpu().numpy()[a_idx, c_idx]
@@ -129,7 +130,7 @@ class _Search:
         groups = [(p, s) for p, index in enumerate(self.obj.state) for s in range(index.shape[0])]
         batches = [groups] if self.s.strategy == "best" else [[g] for g in groups]
         for batch in batches:
-            scored = []
+            scored: list[tuple[float, int, int, int, int]] = []
             for p, s in batch:
                 flat = self.obj.swap_values(p, s).cpu().numpy()[a_idx, c_idx]
                 scored.extend((float(v), p, s, int(a), int(c)) for v, a, c in zip(flat, a_idx, c_idx))
@@ -317,7 +318,7 @@ def _check_ranks_agree(objective: RoutingObjective, search: _Search, group: Any)
 
 def _gates_of(objective: RoutingObjective) -> list[nn.Module]:
     layer = objective.layer
-    return list(layer.gates) if hasattr(layer, "gates") else [layer.gate]
+    return list(layer.gates) if isinstance(layer, MultiGateMoE) else [layer.gate]
 
 
 def _gate_parameters(objective: RoutingObjective) -> list[tuple[torch.Tensor, torch.Tensor]]:

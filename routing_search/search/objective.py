@@ -60,25 +60,31 @@ def _is_routing_layer(module: nn.Module) -> bool:
     return isinstance(module, (MoE, MultiGateMoE))
 
 
-def find_routing_layer(model: nn.Module, layer: nn.Module | str | None = None) -> tuple[nn.Module, bool]:
+RoutingLayer = MoE | MultiGateMoE
+
+
+def find_routing_layer(model: nn.Module, layer: nn.Module | str | None = None) -> tuple[RoutingLayer, bool]:
     """Locate the MoE layer to search. Returns ``(layer, nested)``; nested means the model wraps it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (an MoE, a MultiGateMoE or a model containing one), got {type(model).__name__}")
+    chosen: nn.Module | None
     if isinstance(layer, str):
         named = dict(model.named_modules())
         if layer not in named or not _is_routing_layer(named[layer]):
             options = [name for name, m in model.named_modules() if _is_routing_layer(m)]
             raise ValueError(f"layer={layer!r} is not an MoE layer of the model; MoE layers: {options}")
-        layer = named[layer]
-    if layer is not None:
-        if not _is_routing_layer(layer):
+        chosen = named[layer]
+    else:
+        chosen = layer
+    if chosen is not None:
+        if not isinstance(chosen, (MoE, MultiGateMoE)):
             raise TypeError("layer must be an MoE or MultiGateMoE module of the model")
-        if layer is not model and all(m is not layer for m in model.modules()):
+        if chosen is not model and all(m is not chosen for m in model.modules()):
             raise ValueError("layer is not a submodule of model")
-        return layer, layer is not model
-    if _is_routing_layer(model):
+        return chosen, chosen is not model
+    if isinstance(model, (MoE, MultiGateMoE)):
         return model, False
-    found = [(name, m) for name, m in model.named_modules() if _is_routing_layer(m)]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, (MoE, MultiGateMoE))]
     if not found:
         raise ValueError("model contains no MoE or MultiGateMoE layer to search")
     if len(found) > 1:
@@ -90,6 +96,7 @@ def _selector_contributions(gate_output: GateOutput, num_rows: int) -> torch.Ten
     """``[B, S, n]`` weight each (selector, slot) sends to its expert; S = 1 for one permutation row."""
     if num_rows == 1:
         return gate_output.weights.unsqueeze(1)
+    assert gate_output.selector_mix is not None and gate_output.selector_weights is not None  # checked by the layer
     return gate_output.selector_mix.unsqueeze(2) * gate_output.selector_weights
 
 

@@ -91,6 +91,12 @@ def _renormalise(w: torch.Tensor) -> torch.Tensor:
 class SinkhornState(nn.Module):
     """``log_alpha`` and the schedule / rounding buffers of a learned permutation (shareable)."""
 
+    tau: torch.Tensor
+    num_iters: torch.Tensor
+    schedule_step: torch.Tensor
+    frozen_flag: torch.Tensor
+    index: torch.Tensor
+
     def __init__(self, log_alpha: torch.Tensor, tau_start: float, iters_start: int) -> None:
         super().__init__()
         n = log_alpha.shape[0]
@@ -146,7 +152,7 @@ class SinkhornPermutation(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = check_gate(gate)
-        self.num_experts: int = gate.num_experts
+        self.num_experts: int = int(getattr(gate, "num_experts"))  # checked by check_gate
         self.num_selectors: int = num_selectors_of(gate)
         self.tau_start = check_positive_float("tau_start", tau_start)
         self.tau_end = check_positive_float("tau_end", tau_end)
@@ -177,7 +183,7 @@ class SinkhornPermutation(nn.Module):
         self.register_load_state_dict_post_hook(SinkhornPermutation._sync_requires_grad)
 
     @classmethod
-    def shared(cls, gates: list[nn.Module], **kwargs: object) -> list["SinkhornPermutation"]:
+    def shared(cls, gates: list[nn.Module], **kwargs: Any) -> list["SinkhornPermutation"]:
         """Wrap several gates (e.g. one per task) with ONE learned permutation shared by all of them."""
         gates = list(gates)
         if not gates:

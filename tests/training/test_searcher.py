@@ -87,3 +87,19 @@ def test_bad_arguments():
         LocalSearcher(model, mse_loss, every=0)
     with pytest.raises(ValueError, match="not a LocalSearcher state"):
         LocalSearcher(model, mse_loss).load_state_dict({"rounds_done": 1})
+
+
+def test_option_table_is_the_search_packages_and_process_group_is_checked():
+    from routing_search.search import option_names
+    from routing_search.training.searcher import search_option_names
+
+    for method in ("swap", "ils", "exhaustive", "codes", "callable"):
+        assert search_option_names(method) == option_names(method)
+    model = tiny_moe()
+    with pytest.raises(TypeError, match="process_group must be None"):
+        LocalSearcher(model, mse_loss, process_group=True)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        LocalSearcher(model, mse_loss, process_group=object())
+    alone = LocalSearcher(copy.deepcopy(model), mse_loss, rng=0, process_group=False)
+    default = LocalSearcher(copy.deepcopy(model), mse_loss, rng=0)
+    assert alone(data()).x[0].tolist() == default(data()).x[0].tolist()
