@@ -76,11 +76,14 @@ def depends_on_batch(module: nn.Module) -> bool:
     (True, False)
     """
     for m in module.modules():
-        if getattr(m, "batch_dependent", False):
-            return True
-        if isinstance(m, _BATCH_NORMS) and (m.training or m.running_mean is None):
-            return True
-        if isinstance(m, _INSTANCE_NORMS) and m.training and m.track_running_stats:
+        if isinstance(m, _BATCH_NORMS):
+            if m.training or m.running_mean is None:
+                return True
+        elif isinstance(m, _INSTANCE_NORMS):
+            if m.training and m.track_running_stats:
+                return True
+        # Read the flag without Module.__getattr__ (slow for a missing attribute): instance, then class.
+        if m.__dict__.get("batch_dependent", getattr(type(m), "batch_dependent", False)):
             return True
     return False
 
