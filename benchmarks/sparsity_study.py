@@ -8,8 +8,10 @@ Setting (the demo's): data from :func:`routing_search.make_synthetic_moe` (d = 1
 gate per task over ``n`` MLP experts 10 -> 16 -> 1, Adam 1e-2, batch 128, trained with
 :func:`routing_search.fit`. Arms (each seed fixes data, initialisation and batches for every arm):
 
-* ``dselect``: ``DSelectK(n, k=2)`` with ``--entropy`` (a constant weight) and, when ``--gamma-end`` is
-  below 1, the smooth-step scale annealed geometrically from 1 to ``gamma_end`` over the run;
+* ``dselect`` / ``comet``: static ``DSelectK(n, k=2)`` / ``COMET(n, k=2)`` with their defaults
+  (``gamma`` annealed by ``GammaAnnealing()``: fixed for 500 steps, down to 2e-3 at step 800), or
+  ``--no-anneal`` (gamma fixed at 1), or a custom annealing to ``--gamma-end`` over the fractions
+  ``--schedule`` of the run; entropy weight ``--entropy`` (default: the gate's, 0), optionally ramped;
 * ``topk``: static ``TopK(n, 2)``;
 * ``softmax``: static ``Softmax(n)``, the dense control.
 
@@ -33,26 +35,44 @@ import torch
 from routing_search import fit
 from routing_search.data import make_synthetic_moe
 from routing_search.analysis import harden
-from routing_search.gates import DSelectK, Softmax, TopK
+from routing_search.gates import COMET, DSelectK, Softmax, TopK
 from routing_search.layers import MultiGateMoE, make_experts
 from routing_search.losses import multitask_loss
 from routing_search.metrics import match_experts_by_outputs, support_recovery
 
 
-def geometric_gamma(start: float, end: float, steps: int):
-    """``gamma(calls)``: geometric from ``start`` to ``end`` over ``steps`` training calls, then ``end``."""
+def geometric_gamma(start: float, end: float, steps: int, begin: float = 0.0, stop: float = 1.0):
+    """``gamma(calls)``: ``start`` until ``begin * steps``, geometric to ``end`` at ``stop * steps``, then ``end``."""
 
     def gamma(calls: int) -> float:
-        frac = min(calls / max(steps, 1), 1.0)
-        return start * (end / start) ** frac
+        frac = (calls / max(steps, 1) - begin) / max(stop - begin, 1e-9)
+        return start * (end / start) ** min(max(frac, 0.0), 1.0)
 
     return gamma
 
 
+def ramp(value: float, steps: int, begin: float, stop: float):
+    """``weight(calls)``: 0 until ``begin * steps``, linear to ``value`` at ``stop * steps``, then ``value``."""
+
+    def weight(calls: int) -> float:
+        frac = (calls / max(steps, 1) - begin) / max(stop - begin, 1e-9)
+        return value * min(max(frac, 0.0), 1.0)
+
+    return weight
+
+
 def make_gate(arm: str, n: int, k: int, args: argparse.Namespace, steps: int) -> torch.nn.Module:
-    if arm == "dselect":
-        gamma = geometric_gamma(1.0, args.gamma_end, steps) if args.gamma_end < 1.0 else 1.0
-        return DSelectK(n, k, entropy_weight=args.entropy, gamma=gamma)
+    if arm in ("dselect", "comet"):
+        cls = DSelectK if arm == "dselect" else COMET
+        options: dict = {"entropy_weight": args.entropy}
+        begin, stop = args.schedule
+        if args.gamma_end < 1.0:  # a custom annealing over fractions of this run
+            options["gamma"] = geometric_gamma(1.0, args.gamma_end, steps, begin, stop)
+        elif args.no_anneal:
+            options["anneal"] = None  # the plain gate of the paper (gamma fixed at 1)
+        if args.entropy_ramp:
+            options["entropy_weight"] = ramp(args.entropy, steps, begin, stop)
+        return cls(n, k, **options)
     if arm == "topk":
         return TopK(n, k)
     if arm == "softmax":
@@ -69,7 +89,7 @@ def evaluate(model: MultiGateMoE, data, test, loss) -> dict:
     matching = match_experts_by_outputs(model.expert_outputs(x).squeeze(-1), data.truth.expert_outputs(x))
     rec = support_recovery(task_weights, data.truth.expert_weights, matching=matching, threshold=1e-3)
     gates = list(model.gates)
-    binary = [g.is_binary() for g in gates if isinstance(g, DSelectK)]
+    binary = [g.is_binary() for g in gates if isinstance(g, (DSelectK, COMET))]
     hardened_mse = float("nan")
     if binary:
         hard_model, _ = harden(model, x)
@@ -126,14 +146,21 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 6])
     parser.add_argument("--arms", nargs="+", default=["dselect", "topk", "softmax"])
     parser.add_argument("--entropy", type=float, default=None, help="DSelect-k entropy weight (default: the gate's)")
-    parser.add_argument("--gamma-end", type=float, default=1.0, help="anneal gamma from 1 to this (1: no annealing)")
+    parser.add_argument("--gamma-end", type=float, default=1.0,
+                        help="custom annealing of gamma from 1 to this over --schedule (1: the gate's default)")
+    parser.add_argument("--no-anneal", action="store_true", help="gamma fixed at 1 (anneal=None)")
+    parser.add_argument("--schedule", type=float, nargs=2, default=[0.0, 1.0], metavar=("BEGIN", "STOP"),
+                        help="fractions of training where gamma annealing / the entropy ramp run")
+    parser.add_argument("--entropy-ramp", action="store_true", help="entropy weight 0 until BEGIN, ramped to --entropy at STOP")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.entropy is None:
-        args.entropy = DSelectK(2, 1).entropy_weight
+        args.entropy = DSelectK(2, 1).entropy_weight  # the gate's default
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     print(f"static gates, T={args.tasks} tasks, k=2, {args.epochs} epochs, seeds {list(seeds)}, "
-          f"DSelect-k entropy {args.entropy}, gamma 1 -> {args.gamma_end}")
+          f"DSelect-k/COMET entropy {args.entropy}{' (ramped)' if args.entropy_ramp else ''}, gamma: "
+          + ("fixed 1" if args.no_anneal else f"1 -> {args.gamma_end} over {args.schedule}" if args.gamma_end < 1
+             else "the gates' default annealing"))
     for n in args.experts:
         print(f"\nn = {n} experts ({'power of two' if n & (n - 1) == 0 else 'not a power of two'}); "
               "median [min, max] over seeds")

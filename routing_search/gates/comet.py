@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +13,7 @@ from .._validation import check_num_experts_k, check_positive_float
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .binary_encoding import log_factors, zero_log
 from .router import check_input_dtype
-from .smooth_step import smooth_step, smooth_step_init_
+from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_
 
 __all__ = ["COMET", "leaf_paths"]
 
@@ -72,6 +75,14 @@ class COMET(BaseGate):
     every node output is binary. Loss: ``entropy_weight * mean_batch sum_j H(pi_j)`` (eps 1e-6);
     ``entropy_weight`` may be a callable of the number of training calls so far.
 
+    Smooth-step scale: ``gamma`` (default 1) is annealed by default (``anneal=GammaAnnealing()``):
+    constant for the first 500 training calls, then geometrically down to ``gamma * 2e-3`` at call
+    800, so the codes end binary (at most ``k`` experts) within an ordinary budget while the experts
+    and mixing weights keep training on the hard selection. ``anneal=None`` keeps ``gamma`` fixed
+    (the paper's plain form); ``GammaAnnealing.for_budget(total_steps)`` fits another budget;
+    ``gamma`` may also be a callable of the training-call count. The attribute ``gamma`` is the
+    value in use, computed from the saved call counter.
+
     Static variant (``input_dim=None``): node and leaf logits are plain parameters. Parameters:
     ``k (2n - 1) (d + 1)`` per-example, ``k (2n - 1)`` static. Init: nodes ``U(-gamma/100, gamma/100)``,
     leaves ``U(-0.05, 0.05)``.
@@ -84,16 +95,24 @@ class COMET(BaseGate):
         input_dim: int | None = None,
         *,
         gamma: WeightSchedule = 1.0,
+        anneal: GammaAnnealing | None = GammaAnnealing(),
         entropy_weight: WeightSchedule = 0.0,
         validate: bool = True,
     ) -> None:
         n, k = check_num_experts_k(num_experts, k)
         super().__init__(n, input_dim, validate=validate)
         self.num_selectors = k
-        # gamma may be a schedule of the training-call count (annealing, as the paper suggests);
-        # self.gamma always holds the value in use.
-        self.gamma_schedule = gamma if callable(gamma) else None
-        self.gamma = check_positive_float("gamma", gamma(0) if callable(gamma) else gamma)
+        if anneal is not None and not isinstance(anneal, GammaAnnealing):
+            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
+        self.gamma0 = check_positive_float("gamma", gamma(0) if callable(gamma) else gamma)
+        self.anneal = None if callable(gamma) else anneal
+        self.gamma_schedule: Callable[[int], float] | None
+        if callable(gamma):
+            self.gamma_schedule = gamma
+        elif anneal is not None:
+            self.gamma_schedule = functools.partial(anneal.gamma_at, gamma0=self.gamma0)
+        else:
+            self.gamma_schedule = None
         self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
 
         self.leaf_order: tuple[int, ...] = tuple(leaf for leaf, _ in leaf_paths(n))
@@ -114,6 +133,17 @@ class COMET(BaseGate):
             self.leaf_weight = nn.Parameter(torch.empty(k, n, input_dim))
             self.leaf_bias = nn.Parameter(torch.empty(k, n))
         self.reset_parameters()
+
+    @property
+    def gamma(self) -> float:
+        """The smooth-step scale in use: ``gamma0``, or the schedule's value at the last training call.
+
+        Computed from the training-call counter ``calls`` (a saved buffer), so a gate restored from
+        a checkpoint uses the same ``gamma`` as when it was saved, in training and in eval.
+        """
+        if self.gamma_schedule is None:
+            return self.gamma0
+        return check_positive_float("gamma", self.gamma_schedule(max(int(self.calls) - 1, 0)))
 
     def reset_parameters(self) -> None:
         """Re-draw the parameters: nodes inside the fractional region of S, leaves small."""
@@ -192,8 +222,6 @@ class COMET(BaseGate):
         """Soft COMET gate on a batch ``x`` ``[B, input_dim]`` (any width for a static gate)."""
         x = self._check_x(x)
         calls = self._tick()
-        if self.gamma_schedule is not None and self.training:
-            self.gamma = check_positive_float("gamma", self.gamma_schedule(calls))
         batch = x.shape[0]
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
         nodes, leaves = self._logits(None if self.is_static else x)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +13,7 @@ from .._validation import check_choice, check_num_experts_k, check_positive_floa
 from .binary_encoding import hard_gate, hard_selector, log_code_matrix, num_bits, selector_fast
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .router import check_input_dtype
-from .smooth_step import smooth_step, smooth_step_init_
+from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_
 
 __all__ = ["DSelectK"]
 
@@ -62,6 +65,14 @@ class DSelectK(BaseGate):
     gate's value (and limit) at that binary point under both policies, so they agree with the soft
     gate whenever ``S(Z)`` is binary.
 
+    Smooth-step scale: ``gamma`` (default 1) is annealed by default (``anneal=GammaAnnealing()``):
+    constant for the first 500 training calls, then geometrically down to ``gamma * 2e-3`` at call
+    800, so the codes end binary (at most ``k`` experts) within an ordinary budget while the experts
+    and mixing weights keep training on the hard selection. ``anneal=None`` keeps ``gamma`` fixed
+    (the paper's plain form); ``GammaAnnealing.for_budget(total_steps)`` fits another budget;
+    ``gamma`` may also be a callable of the training-call count. The attribute ``gamma`` is the
+    value in use, computed from the saved call counter.
+
     Init: ``Z`` parameters (weights and biases) ``U(-gamma/100, gamma/100)``, inside the fractional
     region of S; ``alpha`` parameters ``U(-0.05, 0.05)``.
     """
@@ -73,6 +84,7 @@ class DSelectK(BaseGate):
         input_dim: int | None = None,
         *,
         gamma: WeightSchedule = 1.0,
+        anneal: GammaAnnealing | None = GammaAnnealing(),
         entropy_weight: WeightSchedule = 0.0,
         unreachable: str = "renormalize",
         reachability_weight: float = 1.0,
@@ -81,10 +93,17 @@ class DSelectK(BaseGate):
         n, k = check_num_experts_k(num_experts, k)
         super().__init__(n, input_dim, validate=validate)
         self.num_selectors = k
-        # gamma may be a schedule of the training-call count (annealing, as the paper suggests);
-        # self.gamma always holds the value in use.
-        self.gamma_schedule = gamma if callable(gamma) else None
-        self.gamma = check_positive_float("gamma", gamma(0) if callable(gamma) else gamma)
+        if anneal is not None and not isinstance(anneal, GammaAnnealing):
+            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
+        self.gamma0 = check_positive_float("gamma", gamma(0) if callable(gamma) else gamma)
+        self.anneal = None if callable(gamma) else anneal
+        self.gamma_schedule: Callable[[int], float] | None
+        if callable(gamma):
+            self.gamma_schedule = gamma
+        elif anneal is not None:
+            self.gamma_schedule = functools.partial(anneal.gamma_at, gamma0=self.gamma0)
+        else:
+            self.gamma_schedule = None
         self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
         self.unreachable = check_choice("unreachable", unreachable, ("renormalize", "fold"))
         self.reachability_weight = check_positive_float(
@@ -107,6 +126,17 @@ class DSelectK(BaseGate):
     def is_power_of_two(self) -> bool:
         """True when every code names an expert (``num_experts = 2^m``)."""
         return self.num_experts == 2**self.num_bits
+
+    @property
+    def gamma(self) -> float:
+        """The smooth-step scale in use: ``gamma0``, or the schedule's value at the last training call.
+
+        Computed from the training-call counter ``calls`` (a saved buffer), so a gate restored from
+        a checkpoint uses the same ``gamma`` as when it was saved, in training and in eval.
+        """
+        if self.gamma_schedule is None:
+            return self.gamma0
+        return check_positive_float("gamma", self.gamma_schedule(max(int(self.calls) - 1, 0)))
 
     def reset_parameters(self) -> None:
         """Re-draw the parameters: ``Z`` inside the fractional region, ``alpha`` small."""
@@ -196,8 +226,6 @@ class DSelectK(BaseGate):
         """Soft DSelect-k gate on a batch ``x`` ``[B, input_dim]`` (any width for a static gate)."""
         x = self._check_x(x)
         calls = self._tick()
-        if self.gamma_schedule is not None and self.training:
-            self.gamma = check_positive_float("gamma", self.gamma_schedule(calls))
         batch = x.shape[0]
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
         alpha, z = self._logits(None if self.is_static else x)
