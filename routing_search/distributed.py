@@ -17,6 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+
+class RankFailedError(RuntimeError):
+    """Raised on every rank whose own work succeeded when another rank of the group failed (see :func:`agree`)."""
+
 __all__ = [
     "resolve_group",
     "world_size",
@@ -25,6 +29,10 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_object",
     "all_gather_objects",
+    "barrier",
+    "broadcast_tensor_",
+    "RankFailedError",
+    "agree",
 ]
 
 
@@ -81,3 +89,41 @@ def all_gather_objects(obj: Any, group: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def barrier(group: Any) -> None:
+    """Wait until every rank of ``group`` arrives (a no-op for ``None``)."""
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def broadcast_tensor_(tensor: torch.Tensor, group: Any, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank ``src``'s value on every rank of ``group`` (unchanged for ``None``)."""
+    if group is not None:
+        dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not dist.group.WORLD else src, group=group)
+    return tensor
+
+
+def agree(error: BaseException | None, group: Any, what: str) -> None:
+    """Make a failure on one rank a failure on every rank, at once rather than at a collective's timeout.
+
+    Every rank calls ``agree`` at the same point with the exception its own part raised (or ``None``).
+    One ``all_gather_object`` later, a rank that failed re-raises its own exception and every other rank
+    raises :class:`RankFailedError` naming the failed ranks and their messages. Nothing happens when
+    no rank failed; for ``group=None`` the own exception (if any) is re-raised.
+
+    Example:
+        >>> agree(None, None, "loading the checkpoint")  # single process, nothing failed
+    """
+    if group is None:
+        if error is not None:
+            raise error
+        return
+    text = None if error is None else f"{type(error).__name__}: {error}"
+    reports = all_gather_objects(text, group)
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+    if failed:
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+        raise RankFailedError(f"{what} stopped because another rank failed ({detail})")

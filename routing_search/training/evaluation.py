@@ -18,6 +18,7 @@ from ..batches import as_batch, call_model, eval_mode, unwrap_prediction
 from ..layers.moe import MoE
 from ..layers.multigate import MultiGateMoE
 from .data_source import BatchSource, check_finite_targets
+from .distributed_training import reduce_evaluation, resolve_context
 
 __all__ = ["EvalResult", "evaluate", "routing_layers", "permutations_of"]
 
@@ -72,6 +73,7 @@ def evaluate(
     *,
     metrics: Mapping[str, Metric] | None = None,
     capture_rows: int = 0,
+    process_group: Any = False,
 ) -> EvalResult:
     """Evaluate ``model`` (every submodule in eval mode, restored after) on one pass over ``source``.
 
@@ -83,7 +85,12 @@ def evaluate(
         metrics: ``{name: metric(predictions, targets) -> float}`` computed on the whole pass
             (predictions concatenated over batches, as the model's unwrapped output).
         capture_rows: keep up to this many rows of each routing layer's input (0: none).
+        process_group: ``False`` (default): this process alone; ``None``: the world group when
+            ``torch.distributed`` is initialised; or a ``ProcessGroup``. With a group, ``source`` is this
+            rank's shard (see :mod:`~routing_search.training.distributed_training`); sums are added over
+            the ranks, metrics computed on every rank's predictions, and every rank gets the same result.
     """
+    ctx = resolve_context(process_group)
     sums: dict[str, list[list[Any]]] = {}
     captured: dict[str, list[torch.Tensor]] = {}
     captured_rows: dict[str, int] = {}
@@ -119,6 +126,7 @@ def evaluate(
         handles += [layer.register_forward_pre_hook(input_hook(name), with_kwargs=True) for name, layer in layers]
     total, rows = 0.0, 0
     outputs: list[tuple[Any, Any]] = []
+    error: BaseException | None = None
     try:
         with eval_mode(model):
             for inputs, targets, count in source.batches(device, shuffle=False):
@@ -132,9 +140,18 @@ def evaluate(
                 rows += count
                 if metrics:
                     outputs.append((_cpu(prediction), _cpu(targets)))
+    except Exception as exc:  # under a process group every rank must learn of it (reduce_evaluation)
+        if not ctx.active:
+            raise
+        error = exc
     finally:
         for handle in handles:
             handle.remove()
+    if ctx.active:
+        total, rows, sums, outputs, captured = reduce_evaluation(
+            ctx, error, total=total, rows=rows, sums=sums, outputs=outputs, captured=captured,
+            capture_rows=capture_rows, contiguous=getattr(source, "contiguous", True),
+        )
     usage = {
         name: [
             {"soft": (s / n.clamp_min(1)).tolist(), "hard": (h / n.clamp_min(1)).tolist()}

@@ -32,6 +32,27 @@ from ..batches import call_model, num_rows, to_device, unwrap_prediction
 from .callbacks import FitEvent, check_callbacks, dispatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data_source import BatchSource, TensorSource, as_source, check_finite_targets, search_subset
+from .distributed_training import (
+    DistributedStep,
+    RandomnessWatch,
+    RunRecord,
+    agree_on_setup,
+    agree_on_stop,
+    check_world_size_change,
+    gather_rank_rng,
+    pause_buffer_broadcast,
+    resolve_context,
+    restore_rank_rng,
+    resume_buffer_broadcast,
+    save_on_main,
+    set_sampler_epoch,
+    shard_rows,
+    shard_source,
+    sync_buffers,
+    train_order,
+    unwrap_model,
+    wrap_model,
+)
 from .evaluation import EvalResult, evaluate, permutations_of
 from .fit_state import checkpoint_state, module_generators, restore_checkpoint
 from .gate_report import gate_report, harden_model, warn_non_binary
@@ -192,6 +213,7 @@ def fit(
     progress: bool = True,
     gate_loss_weight: float = 1.0,
     max_steps: int | None = None,
+    process_group: Any = None,
 ) -> FitResult:
     """Train ``model`` with first-order steps alternated with permutation local search.
 
@@ -251,6 +273,15 @@ def fit(
         gate_loss_weight: weight of the model output's auxiliary ``.loss`` (the gate regularisers).
         max_steps: stop after this many optimiser steps in total (may end an epoch early; a resumed
             run then starts at the next epoch).
+        process_group: ``None`` (default): the world group when ``torch.distributed`` is initialised
+            (e.g. under ``torchrun``), else a single process; ``False``: this process alone; or a
+            ``ProcessGroup``. Under a group, every rank calls ``fit`` with the same arguments and the
+            whole data; ``batch_size`` is the global batch, each rank trains on its part of every global
+            batch through ``DistributedDataParallel`` (or ``model`` when it already is one), searches on
+            its part of the search rows with the ranks' sums all-reduced (every rank accepts the same
+            moves), evaluates its part of ``val_data`` (sums reduced, metrics on all predictions), and
+            rank 0 alone shows progress, warns and writes checkpoints, which resume at any world size
+            where that is exact. See :mod:`~routing_search.training.distributed_training`.
 
     Returns:
         :class:`~routing_search.training.FitResult`.
@@ -263,6 +294,15 @@ def fit(
     # ---- arguments
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ctx = resolve_context(process_group)
+    user_wrapper: nn.Module | None = None
+    if unwrap_model(model) is not model:
+        if not ctx.active:
+            raise ValueError(
+                f"model is wrapped in {type(model).__name__} but fit runs as a single process (process_group=False or "
+                "torch.distributed not initialised); pass the model itself"
+            )
+        user_wrapper, model = model, unwrap_model(model)
     if not callable(loss):
         raise TypeError(f"loss must be callable(prediction, targets), got {type(loss).__name__}")
     epochs = check_int("epochs", epochs, minimum=1)
@@ -294,19 +334,24 @@ def fit(
     # ---- data, device, optimiser, search
     shuffle = torch.Generator().manual_seed(seed)
     train_source = as_source("train_data", train_data, batch_size, shuffle, seed=seed, shuffle=True)
+    train_source = shard_source(train_source, train_data, ctx, train=True, seed=seed)
     val_source: BatchSource | None = None
     if val_data is not None:
         val_source = as_source("val_data", val_data, batch_size, torch.Generator().manual_seed(seed), seed=seed, shuffle=False)
+        val_source = shard_source(val_source, val_data, ctx, train=False, seed=seed)
     device = _resolve_device(device, model)
     model.to(device)
     optimizer = _make_optimizer(optimizer, model)
-    searcher, unit, search_rows = make_searcher(search, model, loss, seed, stacklevel=3)
+    searcher, unit, search_rows = make_searcher(search, model, loss, seed, stacklevel=3, process_group=ctx.process_group_arg)
+    if searcher is not None and ctx.active and resolve_context(searcher.process_group).group is not ctx.group:
+        raise ValueError("search= LocalSearcher was built with another process_group than fit's; build it with the same one")
     if searcher is not None:
         held_out = val_data if search_data is None else search_data
         if held_out is None:
             raise ValueError("search needs held-out data: pass search_data= or val_data=")
         search_batch = to_device(search_subset(held_out, search_rows, seed), device)
         check_finite_targets(search_batch[1], "search_data")
+        search_batch = shard_rows(search_batch, ctx)  # this rank's part; the search sums over ranks
     generators = module_generators(model)
     data_generators = {
         f"{source.name}.{name}": g
@@ -315,9 +360,9 @@ def fit(
         for name, g in source.generators().items()
         if g is not shuffle
     }
-    # The module the gradient steps call (a distributed wrapper would go here); evaluation, search and
-    # checkpoints always use ``model`` itself.
-    train_module: nn.Module = model
+    record = RunRecord(world_size=ctx.world_size, train_order=train_order(train_data))
+    record.note_batch_norms(model)
+    watch = RandomnessWatch(generators, device)
     restore = (patience is not None or select_by != "val_loss") if restore_best is None else restore_best
     keep_best = restore and val_source is not None
     selection = Selection(select_by, select_mode, patience=patience, keep_best=keep_best)
@@ -327,35 +372,52 @@ def fit(
     start_epoch, step = 0, 0
     path: Path | None = None
     config = {"batch_size": batch_size, "seed": seed, "gate_loss_weight": gate_loss_weight, "select_by": select_by, "select_mode": select_mode}
-    if directory is not None:
-        path = directory / CHECKPOINT_NAME
-        if resume:
-            state = load_checkpoint(path, map_location="cpu")
-            restore_checkpoint(state, path, model=model, optimizer=optimizer, searcher=searcher, shuffle=shuffle,
-                               data_generators=data_generators, generators=generators, device=device)
-            history = History.from_dict(state["history"])
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-            selection.load_state_dict(state["early_stopping"])
-            saved_config = state.get("config", {})
-            for key, setting in config.items():
-                if key in saved_config and saved_config[key] != setting:
-                    warnings.warn(
-                        f"resuming with {key}={setting!r} but the checkpoint was written with "
-                        f"{key}={saved_config[key]!r}; the run will not match an uninterrupted one",
-                        stacklevel=2,
-                    )
-        elif path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{str(path)!r} already exists; pass resume=True to continue that run or overwrite=True to replace it"
-            )
-        directory.mkdir(parents=True, exist_ok=True)
+    setup_error: BaseException | None = None
+    try:  # under a process group, a failure on one rank (e.g. its copy of the checkpoint) stops every rank here
+        if directory is not None:
+            path = directory / CHECKPOINT_NAME
+            if resume:
+                state = load_checkpoint(path, map_location="cpu")
+                record.merge(check_world_size_change(state, path, ctx, record.train_order))
+                restore_checkpoint(state, path, model=model, optimizer=optimizer, searcher=searcher, shuffle=shuffle,
+                                   data_generators=data_generators, generators=generators, device=device)
+                restore_rank_rng(state, ctx, generators, device)
+                history = History.from_dict(state["history"])
+                start_epoch, step = int(state["epoch"]), int(state["step"])
+                selection.load_state_dict(state["early_stopping"])
+                saved_config = state.get("config", {})
+                for key, setting in config.items():
+                    if key in saved_config and saved_config[key] != setting and ctx.is_main:
+                        warnings.warn(
+                            f"resuming with {key}={setting!r} but the checkpoint was written with "
+                            f"{key}={saved_config[key]!r}; the run will not match an uninterrupted one",
+                            stacklevel=2,
+                        )
+            elif path.exists() and not overwrite:
+                raise FileExistsError(
+                    f"{str(path)!r} already exists; pass resume=True to continue that run or overwrite=True to replace it"
+                )
+            if ctx.is_main:
+                directory.mkdir(parents=True, exist_ok=True)
+    except Exception as exc:
+        if not ctx.active:
+            raise
+        setup_error = exc
+    agree_on_setup(ctx, setup_error, train_source.num_batches())
+    # The module the gradient steps call: DistributedDataParallel under a process group (built after the
+    # resume, so that every rank starts from the same state); evaluation, search and checkpoints use ``model``.
+    train_module: nn.Module = user_wrapper if user_wrapper is not None else wrap_model(model, ctx, device)
+    meters = sync_buffers(model, ctx)
+    broadcast_setting = pause_buffer_broadcast(user_wrapper)
+    dstep = DistributedStep(ctx, train_module, loss, gate_loss_weight, device) if ctx.active else None
+    gate_loss_seen = False
 
     # ---- the loop
     per_epoch = train_source.num_batches()
     planned = None if per_epoch is None else epochs * per_epoch
     if planned is not None and max_steps is not None:
         planned = min(planned, max_steps)
-    bar = tqdm(total=planned, initial=step if planned is None else min(step, planned), disable=not progress, desc="fit", unit="step")
+    bar = tqdm(total=planned, initial=step if planned is None else min(step, planned), disable=not progress or not ctx.is_main, desc="fit", unit="step")
     stop_reason: str | None = None
     epochs_run = start_epoch
     evaluation: EvalResult | None = None
@@ -369,7 +431,8 @@ def fit(
                 break
             epoch_start = time.perf_counter()
             train_s = search_s = 0.0
-            history.sinkhorn.extend(anneal_sinkhorn(model, epoch))
+            history.sinkhorn.extend(anneal_sinkhorn(model, epoch, process_group=ctx.process_group_arg))
+            set_sampler_epoch(train_data, epoch)
             epoch_losses: list[float] = []
             callback_stop: str | None = None
 
@@ -381,17 +444,27 @@ def fit(
                     event = dispatch(callbacks, FitEvent("search", epoch, step, model, optimizer, history, search=record))
                     if event.stop_requested:
                         callback_stop = event.stop_reason
+                if ctx.active:  # a stop asked for on any rank stops every rank
+                    callback_stop = agree_on_stop(ctx, callback_stop)
 
             model.train()
-            for inputs, targets, _ in train_source.batches(device, shuffle=True):
+            watch.start()
+            for inputs, targets, rows in train_source.batches(device, shuffle=True):
                 if max_steps is not None and step >= max_steps:
                     break
                 t0 = time.perf_counter()
                 if not isinstance(train_source, TensorSource):  # tensor pairs were checked once, up front
                     check_finite_targets(targets, f"train_data (epoch {epoch}, step {step + 1})")
                 optimizer.zero_grad(set_to_none=True)
-                value = _objective(loss, call_model(train_module, inputs), targets, gate_loss_weight)
-                scalar = float(value.detach())
+                if dstep is not None:  # under a process group: this rank's part, failures on every rank together
+                    value, scalar = dstep(inputs, targets, rows, epoch=epoch, step=step)
+                else:
+                    out = call_model(train_module, inputs)
+                    value = _objective(loss, out, targets, gate_loss_weight)
+                    scalar = float(value.detach())
+                    aux = getattr(out, "loss", None)
+                    if not gate_loss_seen and gate_loss_weight != 0 and isinstance(aux, torch.Tensor) and bool(aux.detach() != 0):
+                        gate_loss_seen = True
                 if not math.isfinite(scalar):
                     raise FloatingPointError(
                         f"the training loss is {scalar} at epoch {epoch}, step {step + 1} (the step was not applied; "
@@ -413,16 +486,21 @@ def fit(
                 bar.set_postfix(_postfix(epoch, scalar, evaluation), refresh=False)
                 if callback_stop is not None:
                     break
+            watch.stop(record)
+            if (gate_loss_seen or (dstep is not None and dstep.gate_loss_seen)) and "gate loss" not in record.batch_statistics:
+                record.batch_statistics.append("gate loss")
             if searcher is not None and unit == "epochs" and callback_stop is None and searcher.due(epoch + 1):
                 t1 = time.perf_counter()
                 result = searcher.step(epoch + 1, search_batch)
                 search_s += time.perf_counter() - t1
                 after_search(result, searcher.log[-1]["seconds"])
 
+            sync_buffers(model, ctx, meters)  # usage meters summed over ranks, other buffers from rank 0
             t2 = time.perf_counter()
             evaluation = None
             if val_source is not None:
-                evaluation = evaluate(model, val_source, loss, device, metrics=metrics, capture_rows=capture)
+                evaluation = evaluate(model, val_source, loss, device, metrics=metrics, capture_rows=capture,
+                                      process_group=ctx.process_group_arg)
                 if not math.isfinite(evaluation.loss):
                     raise FloatingPointError(f"the validation loss is {evaluation.loss} at the end of epoch {epoch}")
             gates = gate_report(model, None if evaluation is None else evaluation.layer_inputs)
@@ -450,15 +528,19 @@ def fit(
                 ))
                 if event.stop_requested and callback_stop is None:
                     callback_stop = event.stop_reason
+            if ctx.active:
+                callback_stop = agree_on_stop(ctx, callback_stop)
             if path is not None:
-                save_checkpoint(
-                    path,
-                    checkpoint_state(model=model, optimizer=optimizer, searcher=searcher, shuffle=shuffle,
-                                     data_generators=data_generators, generators=generators, device=device,
-                                     history=history.to_dict(), epoch=epochs_run, step=step,
-                                     selection=selection.state_dict(), config=config),
-                    overwrite=True,
-                )
+                state = checkpoint_state(model=model, optimizer=optimizer, searcher=searcher, shuffle=shuffle,
+                                         data_generators=data_generators, generators=generators, device=device,
+                                         history=history.to_dict(), epoch=epochs_run, step=step,
+                                         selection=selection.state_dict(), config=config)
+                state["distributed"] = record.to_dict()
+                rank_rng = gather_rank_rng(ctx, generators, device)  # collective: every rank's own streams
+                if rank_rng is not None:
+                    state["rank_rng"] = rank_rng
+                # Rank 0 writes (atomically); the others wait for it and fail with it.
+                save_on_main(ctx, lambda: save_checkpoint(path, state, overwrite=True))
             if callback_stop is not None:
                 stop_reason = f"callback: {callback_stop}" if callback_stop else "callback"
                 break
@@ -470,6 +552,7 @@ def fit(
                 stop_reason = "max_steps"
     finally:
         bar.close()
+        resume_buffer_broadcast(user_wrapper, broadcast_setting)
 
     # ---- the end: best weights, hardening, warnings
     restored = False
@@ -491,15 +574,18 @@ def fit(
         stop_reason=stop_reason,
     )
     final = None
+    group_arg = ctx.process_group_arg
     if val_source is not None and (harden or restored):
-        final = evaluate(model, val_source, loss, device, capture_rows=capture)
+        final = evaluate(model, val_source, loss, device, capture_rows=capture, process_group=group_arg)
     if harden:
-        inputs_seen = final.layer_inputs if final is not None else evaluate(model, train_source, loss, device, capture_rows=capture).layer_inputs
+        inputs_seen = (final.layer_inputs if final is not None
+                       else evaluate(model, train_source, loss, device, capture_rows=capture, process_group=group_arg).layer_inputs)
         result.certificate = harden_model(model, inputs_seen)
         if val_source is not None:
-            hardened = evaluate(model, val_source, loss, device, metrics=metrics)
+            hardened = evaluate(model, val_source, loss, device, metrics=metrics, process_group=group_arg)
             result.hardened_val_loss, result.hardened_metrics = hardened.loss, dict(hardened.metrics)
     else:
         report = gate_report(model, final.layer_inputs) if final is not None else (history.gates[-1] if history.gates else {})
-        warn_non_binary(report, stacklevel=2)
+        if ctx.is_main:
+            warn_non_binary(report, stacklevel=2)
     return result

@@ -102,18 +102,21 @@ class SearchSchedule:
             options=options,
         )
 
-    def searcher(self, model: nn.Module, loss: Callable[[Any, Any], Any], *, seed: int = 0) -> LocalSearcher:
-        """A :class:`LocalSearcher` running this schedule (``every`` in :attr:`unit`) on ``model``."""
+    def searcher(self, model: nn.Module, loss: Callable[[Any, Any], Any], *, seed: int = 0, process_group: Any = None) -> LocalSearcher:
+        """A :class:`LocalSearcher` running this schedule (``every`` in :attr:`unit`) on ``model``
+        (``process_group`` as for :class:`LocalSearcher`)."""
         rng = check_rng(seed if self.rng is None else self.rng, name="SearchSchedule.rng")
-        return LocalSearcher(model, loss, method=self.method, every=self.every, rounds=self.rounds, rng=rng, **dict(self.options))
+        return LocalSearcher(model, loss, method=self.method, every=self.every, rounds=self.rounds, rng=rng,
+                             process_group=process_group, **dict(self.options))
 
 
 def make_searcher(
-    search: Any, model: nn.Module, loss: Callable[[Any, Any], Any], seed: int, *, stacklevel: int = 3
+    search: Any, model: nn.Module, loss: Callable[[Any, Any], Any], seed: int, *, stacklevel: int = 3, process_group: Any = None
 ) -> tuple[LocalSearcher | None, str, int | None]:
     """``fit``'s ``search=`` argument as ``(searcher, unit, rows)``; a dict warns (deprecated alias).
 
-    A user's :class:`LocalSearcher` is scheduled on steps and uses all held-out rows.
+    A user's :class:`LocalSearcher` is scheduled on steps and uses all held-out rows; ``process_group``
+    is given to the searcher a schedule builds.
     """
     if search is None:
         return None, "steps", None
@@ -131,4 +134,4 @@ def make_searcher(
         search = SearchSchedule.from_dict(search)
     if not isinstance(search, SearchSchedule):
         raise TypeError(f"search must be None, a SearchSchedule or a LocalSearcher, got {type(search).__name__}")
-    return search.searcher(model, loss, seed=seed), search.unit, search.rows
+    return search.searcher(model, loss, seed=seed, process_group=process_group), search.unit, search.rows

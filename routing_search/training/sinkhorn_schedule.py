@@ -26,12 +26,14 @@ from ..search.sinkhorn import sinkhorn_modules
 __all__ = ["anneal_sinkhorn"]
 
 
-def anneal_sinkhorn(model: nn.Module, epoch: int) -> list[dict[str, Any]]:
+def anneal_sinkhorn(model: nn.Module, epoch: int, *, process_group: Any = None) -> list[dict[str, Any]]:
     """Anneal (``set_progress(epoch)``) or round (once, at ``epoch >= anneal_steps``) every learned permutation.
 
     Args:
         model: any module; every :class:`~routing_search.search.SinkhornPermutation` inside is scheduled.
         epoch: the schedule step (0-based), normally the epoch about to start.
+        process_group: as for :meth:`~routing_search.search.SinkhornPermutation.round_`: under a process
+            group rank 0 rounds and every rank freezes its permutation (every rank calls this at the same epoch).
 
     Returns:
         One event per module not frozen before the call: ``{'epoch', 'module', 'event': 'progress',
@@ -61,6 +63,6 @@ def anneal_sinkhorn(model: nn.Module, epoch: int) -> list[dict[str, Any]]:
             module.set_progress(epoch)
             events.append({"epoch": epoch, "module": name, "event": "progress", "tau": float(module.tau), "iters": int(module.num_iters)})
         else:
-            perm = module.round_()
+            perm = module.round_(process_group=process_group)
             events.append({"epoch": epoch, "module": name, "event": "round", "permutation": [int(v) for v in perm]})
     return events
