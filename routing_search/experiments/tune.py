@@ -139,7 +139,7 @@ def _plot(summary: dict[str, Any], metric: str, path: Path) -> None:
         for arm, entry in summary[gate]["arms"].items():
             n = np.arange(1, len(entry["best_of_n_with_replacement"]) + 1)
             line = ax.plot(n, entry["best_of_n_with_replacement"], "--", alpha=0.6)[0]
-            ax.plot(np.arange(1, entry["trials"] + 1), entry["best_of_n"], "-", color=line.get_color(), label=f"{arm} (needs {entry['trials_needed']})")
+            ax.plot(np.arange(1, entry["trials"] + 1), entry["best_of_n"], "-", color=line.get_color(), label=f"{arm} (needs {entry['trials_needed'] if entry['trials_needed'] is not None else 'more than any N'})")
         ax.axhline(summary[gate]["target"], color="grey", linewidth=0.8, label="target")
         ax.set_xscale("log")
         ax.set_xlabel("trials N")
