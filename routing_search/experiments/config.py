@@ -278,7 +278,7 @@ def _preset_parts(dataset: str, preset: str) -> tuple[ModelConfig, TrainConfig, 
         if preset == "cpu":
             return (
                 ModelConfig(num_experts=8, k=2, expert_hidden=(16,), expert_output=1, gate_input="static"),
-                TrainConfig(epochs=20, batch_size=128, lr=1e-2),
+                TrainConfig(epochs=20 if dataset == "synthetic" else 10, batch_size=128, lr=1e-2),
                 DataConfig(num_samples=4000, input_dim=10, num_tasks=4),
             )
         return (
@@ -291,8 +291,8 @@ def _preset_parts(dataset: str, preset: str) -> tuple[ModelConfig, TrainConfig, 
             return (
                 ModelConfig(num_experts=8, k=2, expert_hidden=(32,), expert_output=32, tower_hidden=32,
                             embedding_dim=16, dropout=0.0, gate_input="example"),
-                TrainConfig(epochs=5, batch_size=256, lr=2e-3),
-                DataConfig(max_train=40000, max_val=8000, max_test=8000, alpha=0.5),
+                TrainConfig(epochs=3, batch_size=256, lr=2e-3),
+                DataConfig(max_train=20000, max_val=4000, max_test=4000, alpha=0.5),
             )
         # COMET's configuration: 128-d embeddings, 16 experts (Dense 256, ReLU, dropout 0.5), towers Dense 256 -> 1.
         return (
@@ -304,10 +304,10 @@ def _preset_parts(dataset: str, preset: str) -> tuple[ModelConfig, TrainConfig, 
     # multi-mnist / multi-fashion
     if preset == "cpu":
         return (
-            ModelConfig(num_experts=8, k=2, expert_hidden=(32,), expert_channels=(4, 8), expert_output=32,
+            ModelConfig(num_experts=8, k=2, expert_hidden=(16,), expert_channels=(2, 4), expert_output=16,
                         tower_hidden=0, gate_input="static"),
-            TrainConfig(epochs=4, batch_size=128, lr=2e-3),
-            DataConfig(max_train=6000, max_val=1000, max_test=2000),
+            TrainConfig(epochs=3, batch_size=64, lr=3e-3),
+            DataConfig(max_train=2000, max_val=500, max_test=1000),
         )
     # DSelect-k: 8 CNN experts, dense task towers.
     return (
