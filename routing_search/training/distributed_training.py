@@ -562,20 +562,23 @@ def reduce_evaluation(
     total = math.fsum(p[0] for p in pieces)
     rows = sum(p[1] for p in pieces)
     sums = _merge_usage([p[2] for p in pieces])
-    if contiguous:
-        outputs = [batch for p in pieces for batch in p[3]]
-    else:
-        longest = max(len(p[3]) for p in pieces)
-        outputs = [p[3][k] for k in range(longest) for p in pieces if k < len(p[3])]
+
+    def in_order(lists: list[list[Any]]) -> list[Any]:
+        # Contiguous shards: rank after rank. Interleaved batches: rank r's k-th batch is batch r + k * world.
+        if contiguous:
+            return [item for items in lists for item in items]
+        longest = max((len(items) for items in lists), default=0)
+        return [items[k] for k in range(longest) for items in lists if k < len(items)]
+
+    outputs = in_order([p[3] for p in pieces])
     merged: dict[str, list[torch.Tensor]] = {}
-    for p in pieces:
-        for name, parts in p[4].items():
-            have = sum(int(t.shape[0]) for t in merged.get(name, []))
-            for t in parts:
-                if have >= capture_rows:
-                    break
-                merged.setdefault(name, []).append(t[: capture_rows - have])
-                have += int(merged[name][-1].shape[0])
+    for name in dict.fromkeys(name for p in pieces for name in p[4]):
+        have = 0
+        for t in in_order([p[4].get(name, []) for p in pieces]):
+            if have >= capture_rows:
+                break
+            merged.setdefault(name, []).append(t[: capture_rows - have])
+            have += int(merged[name][-1].shape[0])
     return total, rows, sums, outputs, merged
 
 

@@ -9,9 +9,9 @@ full data; ``fit`` shards it. The model builders are shared with the test (impor
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from routing_search.gates import TopK
 from routing_search.layers import MultiGateMoE, make_experts
 from routing_search.training import SearchSchedule, fit, task_metrics
-from routing_search.training.data_source import TensorSource
+from routing_search.training.data_source import as_source
 from routing_search.training.distributed_training import ShardedEvalTensorSource, resolve_context, shard_source
 from routing_search.training.evaluation import evaluate
 
@@ -124,16 +124,24 @@ def case_fit(rank: int, world: int, args: list[str]) -> dict[str, Any]:
     return out
 
 
+VARIANTS = {
+    "plain": (lambda: build_model(0), 0.0),
+    "dropout": (lambda: build_model(0, dropout=0.3), 0.0),
+    "gate_loss": (lambda: build_model(0, load_balance=0.5), 1.0),
+}
+
+
 def case_checkpoint(rank: int, world: int, args: list[str]) -> dict[str, Any]:
-    """Write the epoch-1 checkpoint of a 2-epoch run to args[0]; run the 2 epochs uninterrupted in args[1]."""
-    variant = args[2]
-    build = {"plain": lambda: build_model(0), "dropout": lambda: build_model(0, dropout=0.3),
-             "gate_loss": lambda: build_model(0, load_balance=0.5)}[variant]
-    weight = 1.0 if variant == "gate_loss" else 0.0
+    """For every variant: the epoch-1 checkpoint of a 2-epoch run in args[0]/VARIANT/part, and the 2 epochs
+    run uninterrupted (checkpointing in args[0]/VARIANT/full)."""
     data = make_data(TRAIN_ROWS, 1)
-    fit(build(), data, rows_loss, **fit_kwargs(epochs=1, checkpoint_dir=args[0], gate_loss_weight=weight))
-    full = fit(build(), data, rows_loss, **fit_kwargs(epochs=2, checkpoint_dir=args[1], gate_loss_weight=weight))
-    return run_summary(full)
+    out = {}
+    for variant, (build, weight) in VARIANTS.items():
+        base = Path(args[0]) / variant
+        fit(build(), data, rows_loss, **fit_kwargs(epochs=1, checkpoint_dir=base / "part", gate_loss_weight=weight))
+        full = fit(build(), data, rows_loss, **fit_kwargs(epochs=2, checkpoint_dir=base / "full", gate_loss_weight=weight))
+        out[variant] = run_summary(full)
+    return out
 
 
 def case_resume(rank: int, world: int, args: list[str]) -> dict[str, Any]:
@@ -155,8 +163,6 @@ def case_evaluate(rank: int, world: int, args: list[str]) -> dict[str, Any]:
             "loader": DataLoader(TensorDataset(*data), batch_size=3),
         }
         for name, value in forms.items():
-            from routing_search.training.data_source import as_source
-
             single = as_source("val_data", value, 3, gen(0), seed=0, shuffle=False)
             sharded = shard_source(as_source("val_data", value, 3, gen(0), seed=0, shuffle=False), value, ctx, train=False, seed=0)
             metrics = {"mse1": task_metrics.mse(1)}
@@ -168,25 +174,31 @@ def case_evaluate(rank: int, world: int, args: list[str]) -> dict[str, Any]:
                 entry["reference"] = {"loss": ref.loss, "rows": ref.rows, "usage": ref.usage, "metrics": ref.metrics,
                                       "inputs": {k: v.tolist() for k, v in ref.layer_inputs.items()}}
             out[f"{name}/{rows}"] = entry
-    assert isinstance(TensorSource, type)
     return out
 
 
 def case_raise(rank: int, world: int, args: list[str]) -> dict[str, Any]:
-    """Rank 1's loss raises (args[0] == 'error') or turns non-finite ('nan') at its third training step."""
-    calls = [0]
+    """Rank 1's loss raises ('error'), then turns non-finite ('nan'), at its third training step; each run's
+    error and the wall-clock time it reached this rank. The group stays usable after a failure."""
+    out: dict[str, Any] = {}
+    for kind in ("error", "nan"):
+        calls = [0]
 
-    def loss(preds: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1
-        value = rows_loss(preds, y)
-        if rank == 1 and calls[0] == 3:
-            if args[0] == "error":
-                raise RuntimeError("rank 1's loss failed at its third call")
-            return value * float("inf")
-        return value
+        def loss(preds: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            value = rows_loss(preds, y)
+            if rank == 1 and calls[0] == 3:
+                if kind == "error":
+                    raise RuntimeError("rank 1's loss failed at its third call")
+                return value * float("inf")
+            return value
 
-    fit(build_model(0), make_data(TRAIN_ROWS, 1), loss, **fit_kwargs(search=None, metrics=None))
-    return {}
+        try:
+            fit(build_model(0), make_data(TRAIN_ROWS, 1), loss, **fit_kwargs(search=None, metrics=None))
+            out[kind] = {"error": None}
+        except Exception as exc:
+            out[kind] = {"error": type(exc).__name__, "message": str(exc), "time": time.time()}
+    return out
 
 
 CASES = {"fit": case_fit, "checkpoint": case_checkpoint, "resume": case_resume, "evaluate": case_evaluate, "raise": case_raise}
@@ -209,4 +221,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    _ = copy

@@ -1,0 +1,138 @@
+"""fit under a gloo process group on CPU, 2 and 3 processes (tests/training/ddp_worker.py is one rank).
+
+Every rank must end with the same parameters and permutations, equal (up to float64 rounding) to a single
+process training on the union of the shards with the same global batches; evaluation sums must be right
+for unequal and empty shards; a failing rank must stop every rank at once; checkpoints must resume exactly
+at another world size where the arithmetic allows it and be refused, saying why, where it does not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from routing_search.training import CheckpointError, fit
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "ddp_worker.py"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load("mp_harness", HERE.parent / "mp_harness.py")
+worker = _load("ddp_worker", WORKER)
+
+
+def flat(summary: dict) -> np.ndarray:
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in summary["params"]])
+
+
+def assert_same_run(got: dict, want: dict, *, rtol: float = 1e-10) -> None:
+    """Same permutations and search moves; parameters, losses and meters equal up to float64 rounding."""
+    assert got["perms"] == want["perms"]
+    assert got["moves"] == want["moves"]
+    np.testing.assert_allclose(flat(got), flat(want), rtol=rtol, atol=1e-12)
+    np.testing.assert_allclose(got["step_loss"], want["step_loss"], rtol=rtol)
+    np.testing.assert_allclose(got["val_loss"], want["val_loss"], rtol=rtol)
+    np.testing.assert_allclose(got["meters"], want["meters"], rtol=rtol, atol=1e-9)
+
+
+@pytest.mark.parametrize("world,form", [(2, "tensors"), (3, "dataset_wrapped")])
+def test_fit_with_search_agrees_on_every_rank_and_with_one_process(tmp_path, world, form):
+    ranks = harness.ok(harness.launch(WORKER, "fit", world, tmp_path, args=(form,)))
+    reference = ranks[0]["reference"]
+    assert reference["moves"], "the search accepted no move: the comparison would be trivial"
+    for r, rank in enumerate(ranks):
+        # DDP applies the same averaged gradient everywhere: bit-identical parameters and permutations.
+        assert rank["params"] == ranks[0]["params"], f"rank {r} holds other parameters"
+        assert rank["perms"] == ranks[0]["perms"] and rank["meters"] == ranks[0]["meters"]
+        assert rank["metrics"] == ranks[0]["metrics"] and rank["usage"] == ranks[0]["usage"]
+        assert_same_run(rank, reference)
+    # The AUC is computed on every rank's predictions, not averaged over ranks (the control differs).
+    final_auc = ranks[0]["metrics"][-1]["auc"]
+    assert final_auc == pytest.approx(reference["metrics"][-1]["auc"], abs=1e-12)
+    assert np.mean([rank["shard_auc"] for rank in ranks]) != pytest.approx(final_auc, abs=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluation_sums_over_unequal_and_empty_shards(tmp_path, world):
+    ranks = harness.ok(harness.launch(WORKER, "evaluate", world, tmp_path))
+    for key, entry in ranks[0].items():
+        ref = entry["reference"]
+        for r, rank in enumerate(ranks):
+            got = rank[key]
+            assert got["rows"] == ref["rows"], (key, r)
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-12), (key, r)
+            assert got["metrics"]["mse1"] == pytest.approx(ref["metrics"]["mse1"], rel=1e-12), (key, r)
+            assert got["inputs"] == ref["inputs"], (key, r)
+            for layer, tasks in ref["usage"].items():
+                for g, w in zip(got["usage"][layer], tasks):
+                    np.testing.assert_allclose(g["soft"], w["soft"], rtol=1e-12)
+                    np.testing.assert_allclose(g["hard"], w["hard"], rtol=1e-12)
+    assert "tensors/2" in ranks[0]  # 2 rows over 3 ranks: one rank evaluates an empty shard
+
+
+def test_a_failing_rank_stops_every_rank_at_once(tmp_path):
+    ranks = harness.ok(harness.launch(WORKER, "raise", 3, tmp_path, timeout=60.0))
+    error = [rank["error"] for rank in ranks]
+    assert error[1]["error"] == "RuntimeError" and "third call" in error[1]["message"]
+    for r in (0, 2):
+        assert error[r]["error"] == "RankFailedError" and "rank 1" in error[r]["message"], error[r]
+    nan = [rank["nan"] for rank in ranks]
+    assert all(n["error"] == "FloatingPointError" and "rank(s) [1]" in n["message"] for n in nan), nan
+    for run in (error, nan):  # every rank failed within seconds of the others, not at the 60 s collective timeout
+        times = [entry["time"] for entry in run]
+        assert max(times) - min(times) < 30.0
+
+
+@pytest.fixture(scope="module")
+def two_process_checkpoints(tmp_path_factory):
+    """Checkpoints after epoch 1 (and the uninterrupted 2-epoch runs) of 2-process runs, per variant."""
+    base = tmp_path_factory.mktemp("ddp_checkpoints")
+    ranks = harness.ok(harness.launch(WORKER, "checkpoint", 2, base, args=(str(base),)))
+    return base, ranks
+
+
+def test_a_two_process_checkpoint_resumes_exactly_in_one_process(two_process_checkpoints):
+    base, ranks = two_process_checkpoints
+    resumed = fit(worker.build_model(0), worker.make_data(worker.TRAIN_ROWS, 1), worker.rows_loss,
+                  **worker.fit_kwargs(epochs=2, checkpoint_dir=base / "plain" / "part", resume=True))
+    assert_same_run(worker.run_summary(resumed), ranks[0]["plain"])
+    assert ranks[1]["plain"]["params"] == ranks[0]["plain"]["params"]
+
+
+def test_a_one_process_checkpoint_resumes_exactly_in_two_processes(tmp_path):
+    part = tmp_path / "part"
+    data = worker.make_data(worker.TRAIN_ROWS, 1)
+    fit(worker.build_model(0), data, worker.rows_loss, **worker.fit_kwargs(epochs=1, checkpoint_dir=part))
+    full = fit(worker.build_model(0), data, worker.rows_loss, **worker.fit_kwargs(epochs=2))
+    ranks = harness.ok(harness.launch(WORKER, "resume", 2, tmp_path, args=(str(part),)))
+    for rank in ranks:
+        assert_same_run(rank, worker.run_summary(full))
+
+
+@pytest.mark.parametrize("variant,reason", [("dropout", r"per-rank random streams \['torch'\]"), ("gate_loss", r"\['gate loss'\]")])
+def test_a_checkpoint_that_cannot_resume_exactly_at_another_world_size_is_refused(two_process_checkpoints, variant, reason):
+    base, _ = two_process_checkpoints
+    build, weight = worker.VARIANTS[variant]
+    model = build()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) and cannot be resumed exactly by 1") as info:
+        fit(model, worker.make_data(worker.TRAIN_ROWS, 1), worker.rows_loss,
+            **worker.fit_kwargs(epochs=2, checkpoint_dir=base / variant / "part", resume=True, gate_loss_weight=weight))
+    assert info.match(reason)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was loaded
