@@ -67,10 +67,8 @@ def selector(z: torch.Tensor, num_experts: int) -> torch.Tensor:
     differentiable everywhere. Only the first ``num_experts`` codes are returned; when
     ``num_experts`` is not a power of two the entries may sum to less than 1.
 
-    The ``2^m`` products are built as a Kronecker product of the pairs ``(1 - z_j, z_j)``: bit ``j``
-    doubles the table once, so there are ``m - 1`` small products instead of ``m`` over all codes.
-    Each entry is the product ``f_0 f_1 ... f_{m-1}`` of its factors ``f_j in {z_j, 1 - z_j}``,
-    multiplied in that order.
+    This is the reference form (one factor per bit, multiplied in bit order); the gates use
+    :func:`selector_fast`, which computes the same table in log space with one matrix product.
 
     >>> selector(torch.tensor([1.0, 0.0]), 4)  # code 1 = bits (1, 0)
     tensor([0., 1., 0., 0.])
@@ -80,12 +78,15 @@ def selector(z: torch.Tensor, num_experts: int) -> torch.Tensor:
     m = _check_bits("z", z, num_experts)
     if not z.is_floating_point():
         z = z.to(torch.get_default_dtype())
-    pairs = torch.stack([1 - z, z], dim=-1)  # [..., m, 2]: factor of bit j when the bit is 0 / 1
-    out = pairs[..., 0, :]  # [..., 2]: codes 0 and 1 of bit 0
-    for j in range(1, m):
-        # Codes c + 2^j b for b in {0, 1}: the table so far times bit j's factor.
-        out = (pairs[..., j, :].unsqueeze(-1) * out.unsqueeze(-2)).flatten(-2)
-    return out if out.shape[-1] == num_experts else out[..., :num_experts]
+    codes = code_matrix(num_experts, dtype=z.dtype, device=z.device)  # [n, m]
+    out = None
+    for j in range(m):
+        zj = z[..., j : j + 1]  # [..., 1], broadcasts against the n codes
+        bit = codes[:, j]
+        factor = bit * zj + (1 - bit) * (1 - zj)  # z_j where the bit is set, else 1 - z_j
+        out = factor if out is None else out * factor
+    assert out is not None
+    return out
 
 
 def log_code_matrix(

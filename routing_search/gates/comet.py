@@ -170,8 +170,11 @@ class COMET(BaseGate):
         check_input_dtype(x, self.node_weight, self)
         k, q, d = self.node_weight.shape
         n = self.leaf_weight.shape[1]
-        nodes = F.linear(x, self.node_weight.reshape(k * q, d), self.node_bias.reshape(k * q))
-        leaves = F.linear(x, self.leaf_weight.reshape(k * n, d), self.leaf_bias.reshape(k * n))
+        # One matrix product for all node and leaf logits.
+        weight = torch.cat([self.node_weight.reshape(k * q, d), self.leaf_weight.reshape(k * n, d)])
+        bias = torch.cat([self.node_bias.reshape(k * q), self.leaf_bias.reshape(k * n)])
+        both = F.linear(x, weight, bias)
+        nodes, leaves = both.split([k * q, k * n], dim=-1)
         return nodes.reshape(x.shape[0], k, q), leaves.reshape(x.shape[0], k, n)
 
     def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -207,13 +210,17 @@ class COMET(BaseGate):
     def _combine(
         self, log_pi: torch.Tensor, leaves: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(weights, selector_weights, selector_mix)`` from ``log pi`` and leaf logits ``[B, k, n]``."""
-        reachable = log_pi > zero_log(log_pi.dtype) / 2  # below: a branch on the path is exactly 0
-        scores = torch.where(reachable, leaves + log_pi, torch.finfo(leaves.dtype).min)
-        tree_lse = torch.logsumexp(scores, dim=-1)  # [B, k]; finite since every tree reaches a leaf
-        sel = torch.softmax(scores, dim=-1)
-        mix = torch.softmax(tree_lse, dim=-1)
-        weights = (mix.unsqueeze(-1) * sel).sum(dim=-2)
+        """``(weights, selector_weights, selector_mix)`` from ``log pi`` and leaf logits ``[B, k, n]``.
+
+        One softmax over all ``k * n`` scores ``a + log pi``. A leaf behind a zero branch has
+        ``log pi <= zero_log`` (-1e6 in float32/64), so its weight underflows to exactly 0 unless
+        leaf logits differ by more than about 1e6.
+        """
+        scores = leaves + log_pi
+        joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)  # [B, k, n]
+        weights = joint.sum(dim=-2)
+        mix = joint.sum(dim=-1)
+        sel = torch.softmax(scores, dim=-1)  # per tree (not joint / mix: a tree's mix may underflow to 0)
         return weights, sel, mix
 
     def forward(

@@ -165,8 +165,10 @@ class DSelectK(BaseGate):
             raise ValueError("x is required for a per-example DSelectK gate (input_dim is set)")
         check_input_dtype(x, self.z_weight, self)
         k, m, d = self.z_weight.shape
-        alpha = F.linear(x, self.alpha_weight, self.alpha_bias)
-        z = F.linear(x, self.z_weight.reshape(k * m, d), self.z_bias.reshape(k * m))
+        # One matrix product for the selector logits and all code logits.
+        weight = torch.cat([self.alpha_weight, self.z_weight.reshape(k * m, d)])
+        bias = torch.cat([self.alpha_bias, self.z_bias.reshape(k * m)])
+        alpha, z = F.linear(x, weight, bias).split([k, k * m], dim=-1)
         return alpha, z.reshape(x.shape[0], k, m)
 
     def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:

@@ -144,3 +144,17 @@ def test_hard_gate_errors() -> None:
         selector(torch.rand(4), 5)
     with pytest.raises(ValueError, match="num_experts"):
         code_matrix(0)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 16])
+def test_selector_fast_equals_the_reference_product(n):
+    from routing_search.gates.binary_encoding import selector_fast
+
+    m = num_bits(n)
+    g = torch.Generator().manual_seed(n)
+    z = torch.rand(7, 3, m, generator=g, dtype=torch.float64)
+    z[0] = (z[0] > 0.5).double()  # binary rows: exact one-hot in both
+    z[1, 0, 0] = 0.0  # a single zero factor: exact zeros in both
+    fast, ref = selector_fast(z, n), selector(z, n)
+    torch.testing.assert_close(fast, ref, atol=1e-15, rtol=1e-13)
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1, 0] == 0, ref[1, 0] == 0)

@@ -304,3 +304,13 @@ def test_float64_input_to_float32_gate_names_x_and_both_dtypes() -> None:
     gate = COMET(5, 2, 4)
     with pytest.raises(TypeError, match=r"x has dtype torch\.float64 but the gate COMET has dtype torch\.float32"):
         gate(torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_selector_weights_stay_distributions_when_one_tree_outweighs_the_other() -> None:
+    gate = COMET(4, 2)
+    with torch.no_grad():
+        gate.leaf_logits[0].fill_(300.0)  # tree 1's share exp(-300) underflows to 0 in float32
+    out = gate(torch.zeros(2, 1))
+    assert bool(torch.isfinite(out.selector_weights).all())
+    torch.testing.assert_close(out.selector_weights.sum(-1), torch.ones(2, 2))
+    assert out.selector_mix[0, 1].item() == 0.0
