@@ -173,6 +173,8 @@ def _search_record(result: OptimizeResult, epoch: int, step: int, seconds: float
         "nfev": int(result.nfev),
         "seconds": float(seconds),
         "moves": moves,
+        # what the search all-reduced under a process group (counted in a single process too), when reported
+        "all_reduce": dict(getattr(result, "all_reduce", None) or {}),
     }
 
 
