@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from routing_search.gates import TopK
 from routing_search.layers import MLP, MultiGateMoE, make_experts
 from routing_search.search import Candidate, RoutingObjective, local_search, swap_moves
-from routing_search.training import fit
+from routing_search.training import SearchSchedule, fit
 
 
 def bce(preds: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ def training_share(device: torch.device, batch: int, epochs: int, n: int = 16, k
         val_data=(x[split:], y[split:]),
         epochs=epochs,
         batch_size=256,
-        search={},  # the default schedule
+        search=SearchSchedule(),  # the default schedule
         device=device,
         progress=False,
     )

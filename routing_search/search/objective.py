@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .._validation import check_int, check_permutation
 from ..batches import as_batch, call_model, eval_mode, num_rows, take_rows, unwrap_prediction
@@ -106,7 +107,8 @@ class RoutingObjective:
     Args:
         model: an ``MoE``, a ``MultiGateMoE``, or any module containing one (then ``layer`` picks it
             when there are several). The model is evaluated in eval mode; its modes are restored. A
-            wrapping model must call the layer exactly once per forward.
+            wrapping model must call the layer exactly once per forward. A ``DistributedDataParallel``
+            is unwrapped (its ``.module`` is evaluated, without DDP's own collectives).
         data: ``(inputs, targets)`` or an iterable of such pairs. ``inputs`` is the model's input
             tensor, or a dict of its keyword arguments (e.g. ``{'x': x, 'task': t, 'key': k}``, or any
             names a wrapping model takes).
@@ -154,6 +156,8 @@ class RoutingObjective:
         if not callable(loss):
             raise TypeError(f"loss must be a callable loss(prediction, targets), got {type(loss).__name__}")
         self.group = resolve_group(process_group)
+        if isinstance(model, DistributedDataParallel):
+            model = model.module  # evaluate the wrapped model itself: DDP's forward would add collectives
         self.model = model
         self.loss_fn = loss
         self.nfev = 0

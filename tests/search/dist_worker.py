@@ -117,6 +117,9 @@ def case_searches(rank: int, world: int, shards_name: str) -> dict[str, Any]:
         if rank == 0:
             ref = local_search(copy.deepcopy(base), (x, y), multitask_rows, method, rng=100, process_group=False, **options)
             out[name + "/reference"] = summary(ref)
+    # A model wrapped in DistributedDataParallel is searched through its .module (no DDP collectives).
+    ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+    out["ddp"] = summary(local_search(ddp, (x[mine], y[mine]), multitask_rows, "swap"))
     # A callback that asks to stop on one rank only stops every rank.
     model = copy.deepcopy(base)
     res = local_search(model, (x[mine], y[mine]), multitask_rows, "swap", callback=lambda r: rank == world - 1)
