@@ -29,7 +29,14 @@ __all__ = ["local_search", "Move", "METHODS"]
 
 @dataclass
 class Move:
-    """One accepted move: where, what, and the verified loss before and after."""
+    """One accepted move: where, what, and the verified loss before and after.
+
+    ``kind`` is the neighbourhood (``'swap'``, ``'insertion'``, ``'rotation'``, ``'callable'``): row
+    ``selector`` of permutation module ``slot`` went from ``before`` to ``after``; ``'code'``: selector
+    ``selector`` of task ``slot``'s gate moved from gate slot ``before[0]`` to ``after[0]``; ``'ils'`` and
+    ``'exhaustive'``: a jump to the whole state ``extra['state']`` (``slot = selector = -1``). Applied in
+    order to the starting permutations, a result's moves lead to its ``x``.
+    """
 
     kind: str
     slot: int
