@@ -426,7 +426,7 @@ def shard_source(source: BatchSource, data: Any, ctx: DistributedContext, *, tra
     # A Dataset: the loader fit built with make_loader, rebuilt as this rank's part with the same generators.
     loader = source.loader
     dataset = loader.dataset
-    if isinstance(dataset, IterableDataset):
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
         raise ValueError(f"{source.name}: an IterableDataset cannot be sharded by fit; pass a map-style Dataset or shard it yourself in a DataLoader")
     base = loader.generator
     if train:
@@ -437,9 +437,7 @@ def shard_source(source: BatchSource, data: Any, ctx: DistributedContext, *, tra
         return LoaderSource(source.name, sharded)
     start, stop = shard_bounds(len(dataset), ctx.rank, ctx.world_size)
     part = DataLoader(Subset(dataset, range(start, stop)), batch_size=loader.batch_size, shuffle=False, generator=base)
-    out = LoaderSource(source.name, part)
-    out.contiguous = True  # type: ignore[attr-defined]
-    return out
+    return LoaderSource(source.name, part)  # a contiguous shard: gathered in rank order
 
 
 def shard_rows(batch: tuple[Any, Any], ctx: DistributedContext) -> tuple[Any, Any]:

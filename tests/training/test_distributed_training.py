@@ -1,0 +1,133 @@
+"""The pieces of fit's data-parallel mode in one process: sharding rules, the world-size check of checkpoints,
+and fit under a gloo group of one process (same run as without a group). The multi-process behaviour is in
+test_ddp.py."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from routing_search.gates import TopK
+from routing_search.layers import MoE, make_experts
+from routing_search.training import CheckpointError, SearchSchedule, fit, load_checkpoint
+from routing_search.training.distributed_training import (
+    DistributedContext,
+    GlobalBatchSampler,
+    RunRecord,
+    check_world_size_change,
+    make_distributed_loader,
+    shard_bounds,
+    split_sizes,
+    train_order,
+)
+
+
+@pytest.mark.parametrize("rows,batch", [(50, 16), (7, 3), (2, 5), (0, 4)])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_the_ranks_parts_make_up_exactly_the_single_process_batches(rows, batch, world):
+    parts = [list(GlobalBatchSampler(rows, batch, torch.Generator().manual_seed(3), rank=r, world_size=world)) for r in range(world)]
+    single = [b.tolist() for b in torch.randperm(rows, generator=torch.Generator().manual_seed(3)).split(batch)] if rows else []
+    assert all(len(p) == len(single) for p in parts)  # every rank takes the same number of steps
+    for k, whole in enumerate(single):
+        pieces = [p[k] for p in parts]
+        assert [i for piece in pieces for i in piece] == whole  # contiguous parts, in rank order, nothing dropped or repeated
+        assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
+
+
+def test_split_sizes_and_bounds():
+    assert split_sizes(7, 3) == [3, 2, 2] and split_sizes(1, 3) == [1, 0, 0]
+    assert [shard_bounds(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard_bounds(7, 3, 3)
+
+
+def test_a_distributed_loader_of_one_process_gives_make_loaders_batches():
+    data = TensorDataset(torch.arange(10.0), torch.zeros(10))
+    loader = make_distributed_loader(data, batch_size=4, seed=1, process_group=False)
+    want = torch.randperm(10, generator=torch.Generator().manual_seed(1)).split(4)
+    assert [b[0].tolist() for b in loader] == [torch.arange(10.0)[i].tolist() for i in want]
+    assert train_order(loader) == "global"
+    with pytest.raises(TypeError, match="chooses"):
+        make_distributed_loader(data, batch_size=4, sampler=None)
+
+
+def _state(world: int, **record) -> dict:
+    return {"distributed": RunRecord(world_size=world, **record).to_dict()}
+
+
+def test_the_world_size_check_of_a_checkpoint():
+    one, two = DistributedContext(None, 0, 1), DistributedContext(object(), 0, 2)
+    assert check_world_size_change(_state(2, consumed_rng=["torch"]), "c.pt", DistributedContext(object(), 1, 2), "global").consumed_rng == ["torch"]
+    assert check_world_size_change(_state(2), "c.pt", one, "global").world_size == 2  # nothing world-size dependent
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\).*per-rank random streams \['gate.generator', 'torch'\]"):
+        check_world_size_change(_state(2, consumed_rng=["torch", "gate.generator"]), "c.pt", one, "global")
+    with pytest.raises(CheckpointError, match=r"\[\"BatchNorm 'bn'\"\] are computed over each rank's part"):
+        check_world_size_change(_state(1, batch_statistics=["BatchNorm 'bn'"]), "c.pt", two, "global")
+    with pytest.raises(CheckpointError, match="distributed sampler DataLoader"):
+        check_world_size_change(_state(2, train_order="distributed_sampler"), "c.pt", one, "global")
+    with pytest.raises(CheckpointError, match="this run's training batches come from a loader"):
+        check_world_size_change(_state(1), "c.pt", two, "loader")
+    with pytest.raises(CheckpointError, match="does not record"):
+        check_world_size_change({}, "c.pt", two, "global")
+    assert check_world_size_change({}, "c.pt", one, "loader").world_size == 1  # an older single-process file, resumed alone
+
+
+# ------------------------------------------------------------------------------- a group of one process
+@pytest.fixture
+def group_of_one():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _model() -> MoE:
+    torch.manual_seed(0)
+    return MoE(make_experts(4, 3, [6], 2, generator=torch.Generator().manual_seed(0)), TopK(4, 2, 3)).double()
+
+
+def _data(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 3, generator=g, dtype=torch.float64), torch.randn(rows, 2, generator=g, dtype=torch.float64)
+
+
+def _rows(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((pred - y) ** 2).mean(dim=1)
+
+
+def test_fit_in_a_group_of_one_process_equals_fit_alone(group_of_one, tmp_path):
+    kwargs = dict(val_data=_data(20, 2), epochs=2, batch_size=8, search=SearchSchedule(), progress=False, gate_loss_weight=0.0)
+    alone = fit(_model(), _data(30, 1), _rows, process_group=False, **kwargs)
+    grouped = fit(_model(), _data(30, 1), _rows, checkpoint_dir=tmp_path, **kwargs)  # default: the initialised world group
+    for a, b in zip(alone.model.parameters(), grouped.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert alone.history.permutations == grouped.history.permutations
+    assert grouped.history.val_loss == pytest.approx(alone.history.val_loss, rel=1e-12)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["distributed"]["world_size"] == 1 and len(state["rank_rng"]) == 1
+
+
+def test_fit_in_a_group_refuses_loaders_that_would_train_or_evaluate_wrongly(group_of_one):
+    data = TensorDataset(*_data(30, 1))
+    with pytest.raises(ValueError, match="training DataLoader must give each rank its own part"):
+        fit(_model(), DataLoader(data, batch_size=8), _rows, epochs=1, progress=False)
+    sharded = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, shuffle=False))
+    with pytest.raises(ValueError, match="sharded DataLoader cannot be used for evaluation"):
+        fit(_model(), data, _rows, val_data=sharded, epochs=1, progress=False)
+    result = fit(_model(), sharded, _rows, val_data=data, epochs=2, progress=False)  # a DistributedSampler trains
+    assert result.epochs_run == 2 and train_order(sharded) == "distributed_sampler"
+
+
+def test_a_model_wrapped_for_ddp_needs_a_group():
+    wrapped = torch.nn.DataParallel(_model())
+    with pytest.raises(ValueError, match="single process"):
+        fit(wrapped, _data(10, 1), _rows, epochs=1, progress=False)
