@@ -268,18 +268,19 @@ def build_start(cfg: EscapeConfig, family: str, seed: int, *, init_seed: int | N
         signal = outputs.gather(1, relabel[table[keys]].unsqueeze(1)).squeeze(1)
         signal = signal / signal.std().clamp_min(1e-12)
         y = (signal + cfg.noise * torch.randn(signal.shape, generator=gen, dtype=torch.float64)).to(torch.float32).unsqueeze(1)
-        model: nn.Module = MoE(_experts(cfg, seed), Hash(n, num_keys=cfg.num_keys, seed=data_seed))
+        moe = MoE(_experts(cfg, seed), Hash(n, num_keys=cfg.num_keys, seed=data_seed))
         train, val, test = _splits({"x": data.x, "key": keys}, y)
-        start = Start(family, seed, model, train, val, test, mse_loss)
+        start = Start(family, seed, moe, train, val, test, mse_loss)
         _pretrain(cfg, start)
         perm = _derangement(n, np.random.default_rng(30_000 + seed))
-        model.permutation.set(model.permutation.get()[:, perm])
+        moe.permutation.set(moe.permutation.get()[:, perm])
         start.info["derangement"] = perm.tolist()
         return start
 
     data = make_synthetic_moe(num_samples=cfg.num_samples, input_dim=cfg.input_dim, num_experts=n, k=k, num_tasks=T,
                               hidden=cfg.hidden, noise=cfg.noise, seed=data_seed)
     loss = multitask_loss(["mse"] * T)
+    gates: list[nn.Module]
     if family in ("dselect_collapsed", "comet_collapsed"):
         kind = DSelectK if family == "dselect_collapsed" else COMET
         gates = [kind(n, k) for _ in range(T)]
@@ -294,6 +295,7 @@ def build_start(cfg: EscapeConfig, family: str, seed: int, *, init_seed: int | N
     if family == "topk_margin":
         with torch.no_grad():
             for gate in gates:
+                assert isinstance(gate, TopK) and gate.router is not None
                 gate.router.bias[:k] += cfg.margin
     if family == "trained_shuffled":
         _pretrain(cfg, start)
@@ -380,7 +382,8 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
     moves = 0
     if arm == "random":
         rng = np.random.default_rng(40_000 + start.seed)
-        for module in model.permutations if hasattr(model, "permutations") else []:
+        assert isinstance(model, (MoE, MultiGateMoE))
+        for module in model.permutations:
             module.set(np.stack([rng.permutation(module.num_experts) for _ in range(module.num_selectors)]))
     elif arm == "search":
         searcher = LocalSearcher(model, start.loss, method="swap", every=cfg.search_every, rng=start.seed)
@@ -399,6 +402,7 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
         "start_test_loss": _test_loss(start.model, start.test, start.loss),
         "moves": moves, "seconds": time.perf_counter() - begin, "search_seconds": search_seconds,
         "epochs_run": int(result.epochs_run), "best_val": None if result.best_val is None else float(result.best_val),
+        "val_losses": [None if v is None else float(v) for v in result.history.val_loss],
     }
 
 
@@ -446,12 +450,11 @@ def summarise(rows: list[dict[str, Any]], cfg: EscapeConfig) -> dict[str, Any]:
 def _sentence(family: str, arm: str, e: dict[str, Any], seeds: int) -> str:
     vr, vs = e["vs_random"], e["vs_sgd"]
     verdict = "meets" if e["meets_criterion"] else "does not meet"
-    return (f"{family}, {arm}: better than the random-permutation control by >= 1 % on {vr['wins']}/{seeds} seeds "
-            f"(worse by > 1 % on {vr['losses']}), median test-loss ratio to random {vr['median_ratio']:.3f}; "
-            f"against SGD alone better on {vs['wins']}/{seeds}, worse on {vs['losses']}/{seeds} "
-            f"(median ratio {vs['median_ratio']:.3f}); it {verdict} the criterion (>= 8/10-style majority of wins "
-            f"over random, never worse than SGD).")
-
+    return (f"{family}, {arm}: at least 1 % lower test loss than the random-permutation control on {vr['wins']}/{seeds} "
+            f"seeds (more than 1 % higher on {vr['losses']}), median ratio to random {vr['median_ratio']:.3f}; against "
+            f"SGD alone lower on {vs['wins']}/{seeds} and higher on {vs['losses']}/{seeds} (median ratio "
+            f"{vs['median_ratio']:.3f}). It {verdict} the criterion: at least 1 % better than random on at least 80 % "
+            "of the seeds, and never more than 1 % worse than SGD alone.")
 
 
 # ----------------------------------------------------------------------------------- tuning budget
@@ -508,7 +511,13 @@ def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], s
     (run_dir / "report.json").write_text(json.dumps(payload, indent=2, default=_json_number))
     lines = ["# Escaping bad starts", "",
              f"Seeds {list(cfg.seeds)}; n = {cfg.num_experts}, k = {cfg.k}, T = {cfg.num_tasks}, {cfg.num_samples} rows, "
-             f"{cfg.epochs} epochs; test loss = mean per-example MSE (summed over tasks) on the held-out test split.", ""]
+             f"{cfg.epochs} epochs (early stopping patience {cfg.patience}); test loss = mean per-example MSE (summed over "
+             "tasks) on the held-out test split, at the best validation epoch.", "",
+             "How to read the tables: every arm starts from the same bad start, data and batch order as the others "
+             "with the same seed. 'wins/losses vs random' counts the seeds where the arm's test loss is at least 1 % "
+             "lower / more than 1 % higher than the random-permutation control's; a median ratio below 1 means the arm "
+             "usually ends lower. The control is the cheapest explanation of a gain (it breaks a collapse as well as any "
+             "search); an arm helps only if it beats it.", ""]
     for family, fam in summary.items():
         seeds = len(fam["seeds"])
         lines += [f"## {family}", "",

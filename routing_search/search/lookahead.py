@@ -116,11 +116,11 @@ def lookahead_search(
         value = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr)
         if best is None or value < best[0]:
             best = (value, p, s, new)
-    for slot, index in zip(obj.slots, originals):
-        slot.set(index)
+    for slot, original in zip(obj.slots, originals):
+        slot.set(original)
     moves: list[RefitMove] = []
     fun = base
-    state = obj.state
+    state: list[torch.Tensor] = obj.state
     if best is not None and best[0] < base - tol:
         value, p, s, new = best
         moves.append(RefitMove("lookahead-swap", p, s, obj.state[p][s].tolist(), new[p][s].tolist(), base, value,

@@ -254,9 +254,9 @@ class RefitObjective:
             for t, g in enumerate(part.gate_outs):
                 if self.task_slot[t] != slot:
                     continue
-                if rows == 1:
+                if rows == 1 or not g.has_selectors:
                     active |= (g.weights != 0).any(dim=0).cpu()
-                else:
+                elif g.selector_mix is not None and g.selector_weights is not None:
                     contrib = g.selector_mix[:, selector].unsqueeze(1) * g.selector_weights[:, selector]
                     active |= (contrib != 0).any(dim=0).cpu()
         return active
