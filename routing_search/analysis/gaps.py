@@ -59,7 +59,7 @@ def frozen_arrays(model: nn.Module, data: Any, *, layer: nn.Module | str | None 
         True
     """
 
-    objective = RoutingObjective(model, data, lambda p, t: torch.zeros(()), layer=layer)
+    objective = RoutingObjective(model, data, lambda p, t: torch.zeros(()), layer=layer, process_group=False)
     _check_task(task, len(objective.gate_outs))
     g = objective.gate_outs[task]
     w = apply_permutation(g, objective.state[objective.task_slot[task]])
@@ -349,7 +349,7 @@ def _permutation_gap(
 ) -> OptimizeResult:
     max_states = check_int("max_states", options.get("max_states", 50_000), minimum=1)
     loss_fn = _named_loss(loss) if isinstance(loss, str) else loss
-    objective = RoutingObjective(model, data, loss_fn, layer=options.get("layer"))
+    objective = RoutingObjective(model, data, loss_fn, layer=options.get("layer"), process_group=False)
     separable = _separable(objective, loss, options.get("separable"))
     active = _active_slots(objective)
     plan = _plan(objective, active, separable)
@@ -377,7 +377,7 @@ def _permutation_gap(
     else:
         result = local_search(
             model, data, loss_fn, "ils", rng=rng, perturbations=options.get("perturbations", 30),
-            layer=options.get("layer"), apply=False,
+            layer=options.get("layer"), apply=False, process_group=False,
         )
         x, optimum, nit, nfev = result.x, min(float(result.fun), objective.fun), int(result.nit), int(result.nfev)
         status, certified = int(result.status), False
@@ -405,7 +405,7 @@ def _permutation_gap(
 # ----------------------------------------------------------------------------- subset gap
 def _subset_gap(model: nn.Module, data: Any, loss: Any, method: str, options: dict[str, Any]) -> OptimizeResult:
     solver = "exhaustive" if method == "auto" else method
-    objective = RoutingObjective(model, data, lambda p, t: torch.zeros(()), layer=options.get("layer"))
+    objective = RoutingObjective(model, data, lambda p, t: torch.zeros(()), layer=options.get("layer"), process_group=False)
     layer = objective.layer
     if objective.nested:
         raise ValueError(
