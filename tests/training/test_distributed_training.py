@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from routing_search.gates import TopK
 from routing_search.layers import MoE, make_experts
+from routing_search.search import SinkhornPermutation
 from routing_search.training import CheckpointError, SearchSchedule, fit, load_checkpoint
 from routing_search.training.distributed_training import (
     DistributedContext,
@@ -131,3 +132,12 @@ def test_a_model_wrapped_for_ddp_needs_a_group():
     wrapped = torch.nn.DataParallel(_model())
     with pytest.raises(ValueError, match="single process"):
         fit(wrapped, _data(10, 1), _rows, epochs=1, progress=False)
+
+
+def test_a_learned_sinkhorn_permutation_is_rounded_once_inside_a_group(group_of_one):
+    torch.manual_seed(0)
+    gate = SinkhornPermutation(TopK(4, 2, 3), anneal_steps=1, generator=torch.Generator().manual_seed(0))
+    model = MoE(make_experts(4, 3, [6], 2, generator=torch.Generator().manual_seed(0)), gate).double()
+    result = fit(model, _data(30, 1), _rows, val_data=_data(20, 2), epochs=3, batch_size=8, progress=False)
+    rounds = [e for e in result.history.sinkhorn if e["event"] == "round"]
+    assert len(rounds) == 1 and rounds[0]["epoch"] == 1 and gate.frozen  # trained on after rounding (log_alpha frozen)
