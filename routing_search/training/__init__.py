@@ -6,6 +6,7 @@ from . import task_metrics
 from .callbacks import FitEvent
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .data_source import make_loader
+from .distributed_training import GlobalBatchSampler, make_distributed_loader
 from .gate_report import gate_report, harden_model
 from .history import FitResult, History
 from .loop import fit
@@ -22,6 +23,8 @@ __all__ = [
     "SearchSchedule",
     "FitEvent",
     "make_loader",
+    "make_distributed_loader",
+    "GlobalBatchSampler",
     "anneal_sinkhorn",
     "gate_report",
     "harden_model",
