@@ -72,6 +72,10 @@ def make_gate(arm: str, n: int, k: int, args: argparse.Namespace, steps: int) ->
             options["anneal"] = None  # the plain gate of the paper (gamma fixed at 1)
         if args.entropy_ramp:
             options["entropy_weight"] = ramp(args.entropy, steps, begin, stop)
+        if arm == "dselect" and args.unreachable is not None:
+            options["unreachable"] = args.unreachable
+        if arm == "dselect" and args.reachability is not None:
+            options["reachability_weight"] = args.reachability
         return cls(n, k, **options)
     if arm == "topk":
         return TopK(n, k)
@@ -149,6 +153,9 @@ def main() -> None:
     parser.add_argument("--gamma-end", type=float, default=1.0,
                         help="custom annealing of gamma from 1 to this over --schedule (1: the gate's default)")
     parser.add_argument("--no-anneal", action="store_true", help="gamma fixed at 1 (anneal=None)")
+    parser.add_argument("--unreachable", choices=["renormalize", "fold"], default=None,
+                        help="DSelect-k policy for codes >= n (default: the gate's)")
+    parser.add_argument("--reachability", type=float, default=None, help="DSelect-k reachability_weight (default: the gate's)")
     parser.add_argument("--schedule", type=float, nargs=2, default=[0.0, 1.0], metavar=("BEGIN", "STOP"),
                         help="fractions of training where gamma annealing / the entropy ramp run")
     parser.add_argument("--entropy-ramp", action="store_true", help="entropy weight 0 until BEGIN, ramped to --entropy at STOP")

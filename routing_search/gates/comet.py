@@ -203,9 +203,14 @@ class COMET(BaseGate):
         return self._reach(self.node_outputs(x))
 
     def is_binary(self, x: torch.Tensor | None = None, atol: float = 0.0) -> bool:
-        """Whether every node output is within ``atol`` of 0 or 1 (then each tree picks one leaf)."""
-        s = self.node_outputs(x)
-        return bool(((s <= atol) | (s >= 1 - atol)).all())
+        """Whether each tree picks one leaf: every reach probability within ``atol`` of 0 or 1.
+
+        With ``atol=0`` this holds exactly when every node on a path the tree takes is binary; nodes
+        behind a branch of probability 0 do not matter (they never receive gradient, so they may
+        stay fractional forever without changing the gate's output).
+        """
+        pi = self.reach_probabilities(x)
+        return bool(((pi <= atol) | (pi >= 1 - atol)).all())
 
     def _combine(
         self, log_pi: torch.Tensor, leaves: torch.Tensor

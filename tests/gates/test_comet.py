@@ -314,3 +314,14 @@ def test_selector_weights_stay_distributions_when_one_tree_outweighs_the_other()
     assert bool(torch.isfinite(out.selector_weights).all())
     torch.testing.assert_close(out.selector_weights.sum(-1), torch.ones(2, 2))
     assert out.selector_mix[0, 1].item() == 0.0
+
+
+def test_is_binary_ignores_nodes_behind_a_zero_branch() -> None:
+    gate = COMET(4, 1)  # nodes 0 (root), 1 (left child), 2 (right child)
+    with torch.no_grad():
+        gate.node_logits.copy_(torch.tensor([[1.0, -1.0, 0.001]]))  # root goes left: node 2 is off the path
+    assert gate.reach_probabilities().tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert gate.is_binary()
+    with torch.no_grad():
+        gate.node_logits[0, 1] = 0.001  # a fractional node on the path
+    assert not gate.is_binary()
