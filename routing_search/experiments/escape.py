@@ -426,6 +426,9 @@ def summarise(rows: list[dict[str, Any]], cfg: EscapeConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for family in cfg.families:
         by_arm = {arm: {r["seed"]: r for r in rows if r["family"] == family and r["arm"] == arm} for arm in cfg.arms}
+        by_arm = {arm: results for arm, results in by_arm.items() if results}  # arms not run on this family
+        if "sgd" not in by_arm or "random" not in by_arm:
+            continue
         seeds = sorted(set.intersection(*(set(v) for v in by_arm.values()))) if by_arm else []
         fam: dict[str, Any] = {"seeds": seeds, "arms": {}}
         for arm, results in by_arm.items():

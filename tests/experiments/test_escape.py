@@ -64,12 +64,14 @@ def test_config_errors_name_the_field() -> None:
 
 
 def test_summary_counts_paired_wins() -> None:
-    cfg = EscapeConfig(families=("topk_margin",), arms=("sgd", "random", "refit"), seeds=(0, 1, 2))
+    cfg = EscapeConfig(families=("topk_margin",), arms=("sgd", "random", "search", "refit"), seeds=(0, 1, 2))
     rows = []
     for seed, (sgd, rnd, ref) in enumerate([(2.0, 1.0, 0.5), (2.0, 1.0, 0.995), (1.0, 1.0, 1.2)]):
         rows += [{"family": "topk_margin", "seed": seed, "arm": a, "test_loss": v, "moves": 0, "seconds": 0.0}
                  for a, v in (("sgd", sgd), ("random", rnd), ("refit", ref))]
-    entry = summarise(rows, cfg)["topk_margin"]["arms"]["refit"]
+    arms = summarise(rows, cfg)["topk_margin"]["arms"]
+    assert "search" not in arms  # an arm not run on a family is left out, not an empty comparison
+    entry = arms["refit"]
     assert entry["vs_random"]["wins"] == 1 and entry["vs_random"]["losses"] == 1
     assert entry["vs_sgd"]["wins"] == 2 and entry["vs_sgd"]["losses"] == 1
     assert entry["meets_criterion"] is False
