@@ -109,7 +109,7 @@ def _order(scores: Sequence[float], higher_is_better: bool) -> np.ndarray:
 def best_of_n_weights(num_trials: int, n: int, *, replace: bool = False) -> np.ndarray:
     """``P_i`` (i = 1..T, worst to best) that the i-th ranked trial is the best of ``n`` draws.
 
-    >>> [round(w, 6) for w in best_of_n_weights(3, 2)]
+    >>> [round(float(w), 6) for w in best_of_n_weights(3, 2)]
     [0.0, 0.333333, 0.666667]
     """
     if num_trials < 1 or n < 1 or (not replace and n > num_trials):
