@@ -1,4 +1,4 @@
-"""Command-line entry points (``routing-search demo``, ``routing-search study``)."""
+"""Command-line entry points: ``routing-search demo``, ``study``, ``experiment``, ``tune`` and ``escape``."""
 
 from .main import build_parser, main
 
