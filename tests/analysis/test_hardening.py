@@ -142,7 +142,7 @@ def test_snap_folds_unreachable_codes() -> None:
     hard_before = gate.hard(torch.zeros(1, 1)).weights
     snap_codes_(gate)
     assert torch.equal(gate.z_logits, torch.tensor([[1.0, 1.0, -1.0], [1.0, -1.0, -1.0]]))
-    unsnapped_penalty = float(DSelectK(5, 2)(torch.zeros(1, 1)).loss.detach())
+    unsnapped_penalty = float(DSelectK(5, 2, reachability_weight=1.0)(torch.zeros(1, 1)).loss.detach())
     out = gate(torch.zeros(1, 1))
     assert torch.equal(out.weights, hard_before)
     # All mass is reachable, so the reachability penalty vanishes (up to float rounding of its constant).

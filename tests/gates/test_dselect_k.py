@@ -86,7 +86,7 @@ def test_rows_on_simplex_and_selector_identity(n: int, k: int, static: bool) -> 
 @pytest.mark.parametrize("unreachable", ["renormalize", "fold"])
 @pytest.mark.parametrize("static", [True, False])
 def test_unreachable_policies_stay_on_simplex(unreachable: str, static: bool) -> None:
-    gate = make_gate(5, 2, static, unreachable=unreachable)
+    gate = make_gate(5, 2, static, unreachable=unreachable, reachability_weight=1.0)
     x = torch.randn(4, D)
     out = gate(x)
     assert torch.allclose(out.selector_weights.sum(-1), torch.ones(4, 2), atol=1e-6)
@@ -300,7 +300,7 @@ def test_renormalize_is_continuous_where_reachable_mass_reaches_zero() -> None:
 
 def test_renormalize_gradients_bounded_near_zero_reachable_mass() -> None:
     """Regression: gradients of about 5e8 (the 1/mass penalty) just before the mass reached 0."""
-    gate = DSelectK(3, 1).double()
+    gate = DSelectK(3, 1, reachability_weight=1.0).double()
     x = torch.zeros(1, 1, dtype=torch.float64)
     worst = 0.0
     for t0 in torch.linspace(0.3, 0.5, 2001, dtype=torch.float64).tolist():
