@@ -291,8 +291,8 @@ def _preset_parts(dataset: str, preset: str) -> tuple[ModelConfig, TrainConfig, 
             return (
                 ModelConfig(num_experts=8, k=2, expert_hidden=(32,), expert_output=32, tower_hidden=32,
                             embedding_dim=16, dropout=0.0, gate_input="example"),
-                TrainConfig(epochs=3, batch_size=256, lr=2e-3),
-                DataConfig(max_train=20000, max_val=4000, max_test=4000, alpha=0.5),
+                TrainConfig(epochs=5, batch_size=256, lr=1e-2),
+                DataConfig(max_train=80000, max_val=4000, max_test=4000, alpha=0.5),
             )
         # COMET's configuration: 128-d embeddings, 16 experts (Dense 256, ReLU, dropout 0.5), towers Dense 256 -> 1.
         return (
@@ -333,7 +333,7 @@ def make_config(dataset: str, preset: str = "cpu", **overrides: Any) -> Experime
     model, train, data = _preset_parts(dataset, preset)
     # MovieLens' MoE sits behind the embeddings, so each candidate re-runs the model's head on the search
     # rows: a smaller search budget keeps the search arm within minutes on two cores.
-    search = SearchConfig(rows=1024, max_iter=20) if dataset == "movielens" and preset == "cpu" else SearchConfig()
+    search = SearchConfig(rows=512, max_iter=20) if dataset == "movielens" and preset == "cpu" else SearchConfig()
     parts: dict[str, Any] = {"model": model, "train": train, "data": data, "search": search, "sinkhorn": SinkhornConfig()}
     top: dict[str, Any] = {}
     for key, value in overrides.items():
