@@ -264,10 +264,10 @@ def _plot_usage(result: ExperimentResult, gate: str, path: Path) -> None:
 def _plot_heatmap(result: ExperimentResult, gate: str, path: Path) -> None:
     cfg = result.config
     groups = _runs_by(result)
-    fig = Figure(figsize=(3.0 * len(cfg.arms), 0.5 * len(result.task_names) + 1.8))
-    axes = fig.subplots(1, len(cfg.arms), squeeze=False)[0]
+    fig = Figure(figsize=(2.6 * len(cfg.arms) + 1.5, 0.45 * len(result.task_names) + 2.0), layout="constrained")
+    axes = fig.subplots(1, len(cfg.arms), squeeze=False, sharey=True)[0]
     image = None
-    for ax, arm in zip(axes, cfg.arms):
+    for i, (ax, arm) in enumerate(zip(axes, cfg.arms)):
         runs = groups.get((gate, arm), [])
         if not runs:
             continue
@@ -275,7 +275,8 @@ def _plot_heatmap(result: ExperimentResult, gate: str, path: Path) -> None:
         image = ax.imshow(weights, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_title(arm, fontsize=9)
         ax.set_xlabel("expert")
-        ax.set_yticks(range(len(result.task_names)), result.task_names, fontsize=7)
+        if i == 0:
+            ax.set_yticks(range(len(result.task_names)), result.task_names, fontsize=7)
     if image is not None:
         fig.colorbar(image, ax=list(axes), shrink=0.8)
     fig.suptitle(f"{cfg.dataset}, {gate}: mean test weight per task and expert (first seed)", fontsize=9)
