@@ -179,7 +179,8 @@ def main() -> None:
             cols = [summary([r[key] for r in rows]) for key in ("mse", "hard_mse", "binary", "experts", "f1")]
             print(f"{arm:8s} " + " ".join(f"{c:>22s}" for c in cols) + f"   ({time.perf_counter() - start:.0f} s)")
             per_seed = " ".join(f"{r['f1']:.2f}" for r in rows)
-            print(f"{'':8s} per-seed F1: {per_seed}")
+            per_seed_mse = " ".join(f"{r['mse']:.3f}" for r in rows)
+            print(f"{'':8s} per-seed F1: {per_seed}; per-seed test MSE: {per_seed_mse}")
 
 
 if __name__ == "__main__":
