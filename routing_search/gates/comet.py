@@ -145,6 +145,14 @@ class COMET(BaseGate):
             return self.gamma0
         return check_positive_float("gamma", self.gamma_schedule(max(int(self.calls) - 1, 0)))
 
+    def set_annealing(self, anneal: GammaAnnealing | None) -> None:
+        """Replace the gamma annealing (e.g. ``GammaAnnealing.for_budget(total_steps)`` once the
+        training budget is known; ``None`` keeps ``gamma0`` fixed). Counts from call 0 of ``calls``."""
+        if anneal is not None and not isinstance(anneal, GammaAnnealing):
+            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
+        self.anneal = anneal
+        self.gamma_schedule = None if anneal is None else functools.partial(anneal.gamma_at, gamma0=self.gamma0)
+
     def reset_parameters(self) -> None:
         """Re-draw the parameters: nodes inside the fractional region of S, leaves small."""
         with torch.no_grad():

@@ -9,7 +9,7 @@ from torch.func import functional_call
 from routing_search.gates.binary_encoding import num_bits, selector
 from routing_search.gates.dselect_k import DSelectK
 from routing_search.gates.protocol import GateOutput
-from routing_search.gates.smooth_step import smooth_step
+from routing_search.gates.smooth_step import GammaAnnealing, smooth_step
 
 D = 3  # input width of per-example gates
 CASES = [(n, k) for n in (2, 3, 5, 8, 16) for k in sorted({1, 2, n})]
@@ -403,3 +403,17 @@ def test_gamma_schedule_anneals_in_training_only_and_forces_binary_codes() -> No
     assert bool(((s == 0) | (s == 1) | (gate.z_logits.abs() < gate.gamma / 2)).all())
     with pytest.raises(ValueError, match="gamma"):
         make_gate(8, 2, True, gamma=lambda calls: -1.0)
+
+
+def test_default_annealing_and_set_annealing() -> None:
+    gate = make_gate(4, 1, True)
+    assert gate.anneal is not None and gate.gamma == 1.0
+    gate.set_annealing(GammaAnnealing(begin=1, end=3, final_ratio=0.01))
+    x = torch.zeros(1, 1)
+    for _ in range(4):
+        gate(x)
+    assert gate.gamma == pytest.approx(0.01)
+    gate.set_annealing(None)
+    assert gate.gamma == 1.0
+    with pytest.raises(TypeError, match="anneal"):
+        gate.set_annealing(0.5)  # type: ignore[arg-type]
