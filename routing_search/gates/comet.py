@@ -88,6 +88,8 @@ class COMET(BaseGate):
     leaves ``U(-0.05, 0.05)``.
     """
 
+    _paths: torch.Tensor
+
     def __init__(
         self,
         num_experts: int,
@@ -99,7 +101,9 @@ class COMET(BaseGate):
         entropy_weight: WeightSchedule = 0.0,
         validate: bool = True,
     ) -> None:
-        n, k = check_num_experts_k(num_experts, k)
+        n, k_checked = check_num_experts_k(num_experts, k)
+        assert k_checked is not None
+        k = k_checked
         super().__init__(n, input_dim, validate=validate)
         self.num_selectors = k
         if anneal is not None and not isinstance(anneal, GammaAnnealing):

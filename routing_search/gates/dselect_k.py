@@ -81,6 +81,8 @@ class DSelectK(BaseGate):
     region of S; ``alpha`` parameters ``U(-0.05, 0.05)``.
     """
 
+    _log_codes: torch.Tensor
+
     def __init__(
         self,
         num_experts: int,
@@ -94,7 +96,9 @@ class DSelectK(BaseGate):
         reachability_weight: float = 0.0,
         validate: bool = True,
     ) -> None:
-        n, k = check_num_experts_k(num_experts, k)
+        n, k_checked = check_num_experts_k(num_experts, k)
+        assert k_checked is not None
+        k = k_checked
         super().__init__(n, input_dim, validate=validate)
         self.num_selectors = k
         if anneal is not None and not isinstance(anneal, GammaAnnealing):
