@@ -73,8 +73,9 @@ class EscapeConfig:
 
     Attributes:
         families: bad-start families to run (see the module docstring), a subset of :data:`FAMILIES`.
-        arms: arms to run, a subset of :data:`ARMS`; ``sgd`` and ``random`` are the controls the
-            summary compares against and must be included.
+        arms: arms to run, a subset of :data:`ARMS` (default: the two controls, ``search`` and
+            ``refit``; ``refit_route`` and ``lookahead`` are ablations that cost more); ``sgd`` and
+            ``random`` are the controls the summary compares against and must be included.
         seeds: seeds; each fixes the data, initialisation, bad start and batch order of every arm.
         num_experts: experts n (learned and true).
         k: experts per task (selectors of the DSelect-k / COMET gates, k of Top-k, true support size).
@@ -116,7 +117,7 @@ class EscapeConfig:
     """
 
     families: tuple[str, ...] = FAMILIES
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = ("sgd", "random", "search", "refit")
     seeds: tuple[int, ...] = tuple(range(10))
     num_experts: int = 8
     k: int = 2
