@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..batches import call_model
-from ..gates.comet import COMET
+from ..gates.comet import COMET, leaf_paths
 from ..gates.dselect_k import DSelectK
 from ..gates.protocol import GateOutput
 from ..gates.task_aware import TaskAware
@@ -174,8 +174,22 @@ def _dummy_input(gate: nn.Module) -> torch.Tensor:
 
 
 def _codes(gate: Any, x: torch.Tensor | None) -> torch.Tensor:
-    """``S(Z)`` (DSelect-k) or node outputs (COMET); ``x=None`` only for static gates."""
-    return gate.smooth_codes(x) if _is_dselect(gate) else gate.node_outputs(x)
+    """``S(Z)`` (DSelect-k) or the node outputs on the paths each COMET tree takes; ``x=None`` only for
+    static gates.
+
+    A COMET node behind a branch of probability 0 never changes the output (and never trains), so it is
+    reported as binary (1): the gate is binary exactly when every tree picks one leaf.
+    """
+    if _is_dselect(gate):
+        return gate.smooth_codes(x)
+    s = gate.node_outputs(x)
+    n = gate.num_experts
+    on_path = torch.zeros(n - 1, n, dtype=s.dtype, device=s.device)  # node q on expert i's root path
+    for expert, (_, path) in enumerate(leaf_paths(n)):
+        for node, _ in path:
+            on_path[node, expert] = 1.0
+    reached = gate.reach_probabilities(x) @ on_path.t() > 0  # [..., k, n-1]
+    return torch.where(reached, s, torch.ones_like(s))
 
 
 def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0, name: str = "") -> HardenCertificate:

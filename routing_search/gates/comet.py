@@ -48,8 +48,6 @@ def leaf_paths(num_experts: int) -> list[tuple[int, list[tuple[int, bool]]]]:
     return leaves
 
 
-_leaf_paths = leaf_paths  # the former private name, still imported elsewhere
-
 
 class COMET(BaseGate):
     """COMET gate: ``k`` soft binary trees over the ``n`` experts, merged by one softmax.

@@ -376,3 +376,20 @@ def test_harden_model_with_dict_inputs_and_a_static_gate_only() -> None:
     assert [p.name for p in cert.parts] == ["moe.gate"] and cert.after.agree
     hard_static, _ = harden(model)  # static gates need no data
     torch.testing.assert_close(hard_static.moe.gate.z_logits, hard.moe.gate.z_logits)
+
+
+def test_comet_nodes_behind_a_zero_branch_do_not_count_as_fractional() -> None:
+    # Regression: certify counted every COMET node, so a tree that picks one leaf but keeps a fractional
+    # node in a subtree it never enters was reported non-binary (and fit warned about a binary gate).
+    gate = COMET(num_experts=4, k=1)
+    with torch.no_grad():
+        big = 10.0 * float(gate.gamma)
+        gate.node_logits.copy_(torch.tensor([[big, big, 0.0]]))  # root: left; node 1: left; node 2 (right subtree): 1/2
+    assert bool(gate.node_outputs()[0, 2] == 0.5)
+    assert gate.is_binary()
+    cert = certify(gate)
+    assert cert.is_binary and cert.num_fractional_entries == 0 and cert.agree
+    with torch.no_grad():
+        gate.node_logits[0, 0] = 0.0  # now the root is fractional: both subtrees are entered
+    cert = certify(gate)
+    assert not cert.is_binary and cert.num_fractional_entries == 2  # the root and node 2 (node 1 is binary)
