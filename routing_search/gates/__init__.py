@@ -10,7 +10,7 @@ from .dselect_k import DSelectK
 from .gumbel import GumbelSoftmax
 from .hash import Hash
 from .protocol import BaseGate, Gate, GateOutput
-from .smooth_step import smooth_step
+from .smooth_step import GammaAnnealing, smooth_step
 from .softmax import Softmax
 from .task_aware import TaskAware
 from .topk import TopK
@@ -20,6 +20,7 @@ __all__ = [
     "Gate",
     "BaseGate",
     "smooth_step",
+    "GammaAnnealing",
     "Softmax",
     "TopK",
     "Hash",
