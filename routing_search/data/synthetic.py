@@ -108,7 +108,9 @@ def make_synthetic_moe(
             ``min_weight * k < 1``.
         seed: seed of the private generator (nothing global is touched).
     """
-    n, k = check_num_experts_k(num_experts, k)
+    n, checked_k = check_num_experts_k(num_experts, k)
+    assert checked_k is not None  # k was given
+    k = checked_k
     # At least two rows: each task's signal is scaled by its sample std, undefined (NaN) for one row.
     num_samples = check_int("num_samples", num_samples, minimum=2)
     input_dim = check_int("input_dim", input_dim, minimum=1)

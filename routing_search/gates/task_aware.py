@@ -16,7 +16,7 @@ Call ``gate(x, task=task, key=key)`` with ``task`` an int (whole batch) or an in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,6 +52,10 @@ class TaskAware(BaseGate):
     The embedding is initialised N(0, 1), the scale of standardised input features.
     """
 
+    gates: nn.ModuleList | None
+    gate: nn.Module | None
+    task_embedding: nn.Embedding | None
+
     def __init__(
         self,
         gates: Sequence[nn.Module] | None = None,
@@ -78,14 +82,14 @@ class TaskAware(BaseGate):
             if len(gates) == 0:
                 raise ValueError("gates must hold at least one gate (one per task)")
             checked = [check_gate(g, name=f"gates[{t}]") for t, g in enumerate(gates)]
-            n = checked[0].num_experts
+            n = cast(int, checked[0].num_experts)
             for t, g in enumerate(checked):
                 if g.num_experts != n:
                     raise ValueError(
                         f"all gates must have the same num_experts; gates[0] has {n}, "
                         f"gates[{t}] has {g.num_experts}"
                     )
-            dims = {getattr(g, "input_dim", None) for g in checked} - {None}
+            dims: set[int] = {d for d in (getattr(g, "input_dim", None) for g in checked) if d is not None}
             if len(dims) > 1:
                 raise ValueError(f"the gates' input_dim values disagree: {sorted(dims)}")
             super().__init__(n, dims.pop() if dims else None, validate=validate)
@@ -120,7 +124,7 @@ class TaskAware(BaseGate):
                 f"gate.input_dim must equal input_dim + task_embedding_dim = {input_dim} + "
                 f"{task_embedding_dim} = {expected}, got {inner_dim}"
             )
-        super().__init__(gate.num_experts, input_dim, validate=validate)
+        super().__init__(cast(int, gate.num_experts), input_dim, validate=validate)
         self.mode = "embedding"
         self.num_tasks = num_tasks
         self.gates = None
@@ -256,6 +260,7 @@ class TaskAware(BaseGate):
             selector_weights = first.new_zeros(batch, k, self.num_experts)
             selector_mix = first.new_zeros(batch, k)
             for rows, out in parts:
+                assert out.selector_weights is not None and out.selector_mix is not None  # shapes checked above
                 selector_weights = selector_weights.index_copy(0, rows, out.selector_weights)
                 selector_mix = selector_mix.index_copy(0, rows, out.selector_mix)
         return GateOutput(

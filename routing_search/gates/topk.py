@@ -88,7 +88,7 @@ class TopK(BaseGate):
         self.noise_router: nn.Linear | None = None
         if self.noisy and input_dim is None:
             self.noise_logits = nn.Parameter(torch.zeros(n))
-        elif self.noisy:
+        elif self.noisy and input_dim is not None:
             self.noise_router = nn.Linear(input_dim, n, bias=False)
             nn.init.zeros_(self.noise_router.weight)
 
