@@ -21,7 +21,8 @@ Arms (all trained with the same Adam steps and batch order):
   every ``search_every`` steps.
 * ``refit``: the same schedule, each search = the frozen swap search (fast first stage) followed by
   :func:`routing_search.search.refit.refit_search` (moves scored after a closed-form refit of the
-  touched experts' last layers on training rows, judged on held-out rows).
+  touched experts' last layers on training rows, judged on held-out rows) — ``fit``'s own
+  ``SearchSchedule(refit=RefitOptions(...), at_start=True)``.
 * ``refit_route``: as ``refit``, but only the chosen permutations are written (the refitted layers
   are discarded): an ablation that separates the routing choice from the closed-form head start.
 * ``lookahead``: the same schedule, each search = the frozen swap search followed by
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_int, check_positive_float
+from .._validation import check_choice, check_int, check_positive_float, check_rng
 from ..batches import as_batch, call_model, eval_mode, unwrap_prediction
 from ..data import make_synthetic_moe
 from ..gates import COMET, DSelectK, Hash, TopK
@@ -57,8 +58,9 @@ from ..losses import mse_loss, multitask_loss
 from ..search import RoutingObjective, local_search
 from ..search.codes import set_selector_slot
 from ..search.lookahead import lookahead_search
-from ..search.refit import refit_search
-from ..training import LocalSearcher, fit
+from ..search.refit import RefitOptions
+from ..training import LocalSearcher, SearchSchedule, fit
+from ..training.searcher import generator_state, set_generator_state
 
 __all__ = ["EscapeConfig", "FAMILIES", "ARMS", "run_escape", "build_start", "run_arm", "summarise", "run_tuning",
            "trials_needed", "expected_best", "write_report"]
@@ -307,21 +309,27 @@ def build_start(cfg: EscapeConfig, family: str, seed: int, *, init_seed: int | N
 
 
 # -------------------------------------------------------------------------------------------- arms
-class _StagedSearcher(LocalSearcher):
-    """Frozen swap search (fast first stage), then a refit- or lookahead-scored stage."""
+class _LookaheadSearcher:
+    """Frozen swap search (fast first stage), then :func:`lookahead_search`; a searcher for ``fit`` (the
+    :class:`~routing_search.training.searcher.Searcher` protocol), scheduled every ``cfg.search_every`` steps."""
 
-    def __init__(self, model: nn.Module, loss: Any, cfg: EscapeConfig, stage: str, fit_data: Any, seed: int) -> None:
-        super().__init__(model, loss, method="swap", every=cfg.search_every, rng=seed)
+    def __init__(self, model: nn.Module, loss: Any, cfg: EscapeConfig, fit_data: Any, seed: int) -> None:
+        self.model = model
+        self.loss = loss
         self.cfg = cfg
-        self.stage = stage
         self.fit_data = fit_data
         self.seed = seed
+        self.rng = check_rng(seed, name="seed")
+        self.rounds_done = 0
+        self.log: list[dict[str, Any]] = []
+
+    def due(self, step: int) -> bool:
+        """Whether :meth:`step` searches at ``step``."""
+        return step % self.cfg.search_every == 0
 
     def step(self, step: int, data: Any) -> Any:
-        """Search on ``data`` when due (see :class:`LocalSearcher`)."""
-        if not self.due(step):
-            return None
-        return self._staged(data, step)
+        """Search on ``data`` when due."""
+        return self._staged(data, step) if self.due(step) else None
 
     def __call__(self, data: Any) -> Any:
         """Search now on ``data``."""
@@ -330,28 +338,31 @@ class _StagedSearcher(LocalSearcher):
     def _staged(self, data: Any, step: int | None) -> Any:
         start = time.perf_counter()
         first = local_search(self.model, data, self.loss, "swap", rng=self.rng)
-        moves = list(first.moves)
-        if self.stage in ("refit", "refit_route"):
-            second = refit_search(self.model, self.fit_data, data, self.loss, ridge=self.cfg.ridge, max_iter=self.cfg.refit_max_iter,
-                                  write_layers=self.stage == "refit")
-        else:
-            second = lookahead_search(
-                self.model, self.fit_data, data, self.loss, candidates=self.cfg.lookahead_candidates,
-                steps=self.cfg.lookahead_steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr, ridge=self.cfg.ridge,
-                rng=self.seed * 7919 + self.rounds_done,
-            )
-        moves += list(second.moves)
+        second = lookahead_search(
+            self.model, self.fit_data, data, self.loss, candidates=self.cfg.lookahead_candidates,
+            steps=self.cfg.lookahead_steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr, ridge=self.cfg.ridge,
+            rng=self.seed * 7919 + self.rounds_done,
+        )
         result = copy.copy(second)
         result.fun0 = float(first.fun0)
         result.fun = float(RoutingObjective(self.model, data, self.loss).fun)
         result.nit = int(first.nit) + int(second.nit)
         result.nfev = int(first.nfev) + int(second.nfev)
-        result.moves = moves
+        result.moves = list(first.moves) + list(second.moves)
         self.rounds_done += 1
-        self.last_result = result
         self.log.append({"step": step, "fun0": result.fun0, "fun": result.fun, "nit": result.nit, "nfev": result.nfev,
                          "seconds": time.perf_counter() - start})
         return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """Round count, log and random state."""
+        return {"rounds_done": self.rounds_done, "log": [dict(e) for e in self.log], "rng": generator_state(self.rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.rng = set_generator_state(self.rng, state["rng"])
+        self.rounds_done = int(state["rounds_done"])
+        self.log = [dict(e) for e in state["log"]]
 
 
 def _subset(data: tuple[Any, torch.Tensor], rows: int, seed: int) -> tuple[Any, torch.Tensor]:
@@ -378,7 +389,8 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
     model = copy.deepcopy(start.model)
     search_data = _subset(start.val, cfg.search_rows, start.seed + 1)
     fit_data = _subset(start.train, cfg.fit_rows, start.seed + 2)
-    searcher: LocalSearcher | None = None
+    searcher: LocalSearcher | _LookaheadSearcher | None = None
+    schedule: SearchSchedule | None = None
     begin = time.perf_counter()
     moves = 0
     if arm == "random":
@@ -388,15 +400,24 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
             module.set(np.stack([rng.permutation(module.num_experts) for _ in range(module.num_selectors)]))
     elif arm == "search":
         searcher = LocalSearcher(model, start.loss, method="swap", every=cfg.search_every, rng=start.seed)
-    elif arm in ("refit", "refit_route", "lookahead"):
-        searcher = _StagedSearcher(model, start.loss, cfg, arm, fit_data, start.seed)
+    elif arm in ("refit", "refit_route"):
+        # fit's own refit schedule: a search before training, then every search_every steps; the refits use
+        # fit_rows training rows (the same seeded subset as fit_data above), moves are scored on search_data.
+        schedule = SearchSchedule(every_steps=cfg.search_every, rows=cfg.search_rows, at_start=True, fit_rows=cfg.fit_rows,
+                                  refit=RefitOptions(ridge=cfg.ridge, max_iter=cfg.refit_max_iter, write_layers=arm == "refit"))
+    elif arm == "lookahead":
+        searcher = _LookaheadSearcher(model, start.loss, cfg, fit_data, start.seed)
     if searcher is not None:
         moves += int(searcher(search_data).nit)  # a search before training: the bad start itself
     result = fit(model, start.train, start.loss, val_data=start.val, search_data=search_data, epochs=cfg.epochs,
                  batch_size=cfg.batch_size, optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr),
-                 search=searcher, seed=start.seed, progress=False, early_stopping_patience=cfg.patience, restore_best=True)
+                 search=searcher if schedule is None else schedule, seed=start.seed, progress=False,
+                 early_stopping_patience=cfg.patience, restore_best=True)
     moves += sum(int(s["accepted"]) for s in result.history.searches)
-    search_seconds = 0.0 if searcher is None else float(sum(e["seconds"] for e in searcher.log))
+    if schedule is not None:
+        search_seconds = float(sum(s["seconds"] for s in result.history.searches))
+    else:
+        search_seconds = 0.0 if searcher is None else float(sum(e["seconds"] for e in searcher.log))
     return {
         "family": start.family, "seed": start.seed, "arm": arm,
         "test_loss": _test_loss(model, start.test, start.loss),

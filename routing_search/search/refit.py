@@ -22,7 +22,7 @@ score is whatever per-example loss the user passes (exactly right for squared lo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
-from .._validation import check_int, check_positive_float
+from .._validation import check_int, check_no_unknown_options, check_positive_float
 from ..batches import as_batch, eval_mode
 from ..gates.protocol import GateOutput
 from ..layers.multigate import MultiGateMoE
@@ -38,7 +38,52 @@ from ..layers.permutation import apply_permutation
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, make_result
 from .objective import LossFn, find_routing_layer
 
-__all__ = ["RefitObjective", "RefitMove", "refit_search", "last_linear_layers"]
+__all__ = ["RefitObjective", "RefitMove", "RefitOptions", "refit_search", "last_linear_layers"]
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    """The options of :func:`refit_search` as a typed, checked object (e.g. for ``fit``'s schedule).
+
+    Attributes:
+        ridge: pull of each refit towards the current last layer (see :class:`RefitObjective`).
+        max_iter: accepted refit moves per search at most.
+        tol: a move must lower the held-out loss by more than this (see :func:`refit_search`).
+        write_layers: also write the refitted last layers into the model (``False``: only the chosen
+            permutations; the refit is then a scoring device).
+
+    Example:
+        >>> RefitOptions(max_iter=8)
+        RefitOptions(ridge=0.001, max_iter=8, tol=0.0, write_layers=True)
+        >>> RefitOptions.from_dict({"ridge": 0.1, "steps": 3})
+        Traceback (most recent call last):
+        ...
+        TypeError: RefitOptions got unknown option(s) 'steps'; accepted options are: max_iter, ridge, tol, write_layers
+    """
+
+    ridge: float = 1e-3
+    max_iter: int = 20
+    tol: float = 0.0
+    write_layers: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive_float("RefitOptions.ridge", self.ridge, allow_zero=True)
+        check_int("RefitOptions.max_iter", self.max_iter, minimum=0)
+        check_positive_float("RefitOptions.tol", self.tol, allow_zero=True)
+        if not isinstance(self.write_layers, bool):
+            raise TypeError(f"RefitOptions.write_layers must be True or False, got {self.write_layers!r}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> RefitOptions:
+        """The options a dict names; an unknown name raises ``TypeError`` listing the accepted ones."""
+        if not isinstance(options, Mapping):
+            raise TypeError(f"refit options must be a dict or a RefitOptions, got {type(options).__name__}")
+        check_no_unknown_options("RefitOptions", options, [f.name for f in fields(cls)])
+        return cls(**dict(options))
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of :func:`refit_search`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass

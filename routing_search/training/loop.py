@@ -58,7 +58,7 @@ from .fit_state import checkpoint_state, module_generators, restore_checkpoint
 from .gate_report import gate_report, harden_model, warn_non_binary
 from .history import FitResult, History
 from .schedule import SearchSchedule, make_searcher
-from .searcher import LocalSearcher
+from .searcher import LocalSearcher, Searcher
 from .selection import Selection, resolve_select_mode
 from .sinkhorn_schedule import anneal_sinkhorn
 
@@ -178,6 +178,24 @@ def _search_record(result: OptimizeResult, epoch: int, step: int, seconds: float
     }
 
 
+def _logged_seconds(searcher: Any, measured: float) -> float:
+    """The seconds the searcher logged for its last search (``measured`` when it logs none)."""
+    last = searcher.log[-1] if searcher.log else None
+    return float(last["seconds"]) if isinstance(last, Mapping) and "seconds" in last else float(measured)
+
+
+def _search_at_start(searcher: Any, data: Any, history: History, callbacks: Any, model: nn.Module,
+                     optimizer: torch.optim.Optimizer) -> None:
+    """The schedule's search before the first optimiser step (``SearchSchedule.at_start``), recorded at
+    epoch 0, step 0; a stop requested by a callback here is not honoured (training has not started)."""
+    t0 = time.perf_counter()
+    result = searcher(data)
+    record = _search_record(result, 0, 0, _logged_seconds(searcher, time.perf_counter() - t0))
+    history.searches.append(record)
+    if callbacks:
+        dispatch(callbacks, FitEvent("search", 0, 0, model, optimizer, history, search=record))
+
+
 def _postfix(epoch: int, loss: float | None, evaluation: EvalResult | None) -> dict[str, str]:
     shown = {"epoch": str(epoch)}
     if loss is not None:
@@ -199,7 +217,7 @@ def fit(
     epochs: int = 10,
     batch_size: int = 256,
     optimizer: Any = None,
-    search: SearchSchedule | LocalSearcher | Mapping[str, Any] | None = None,
+    search: SearchSchedule | LocalSearcher | Searcher | Mapping[str, Any] | None = None,
     metrics: Mapping[str, Callable[[Any, Any], float]] | None = None,
     select_by: str = "val_loss",
     select_mode: str | None = None,
@@ -240,8 +258,10 @@ def fit(
         optimizer: None (Adam, lr 1e-3), a ``torch.optim.Optimizer`` over the model's parameters (built
             after moving the model to ``device``), or a callable ``params -> optimizer``.
         search: None (no search); a :class:`~routing_search.training.SearchSchedule` (method, every
-            steps or epochs, rounds, rows, rng, ``local_search`` options); or a
-            :class:`~routing_search.training.LocalSearcher` (scheduled on steps, uses all of
+            steps or epochs, rounds, rows, rng, ``local_search`` options, and optionally a refit stage on
+            training rows and a search before training); or a
+            :class:`~routing_search.training.LocalSearcher` or any object with the
+            :class:`~routing_search.training.searcher.Searcher` protocol (scheduled on steps, uses all of
             ``search_data``). A dict of the schedule's old keys still works but is deprecated.
         metrics: ``{name: metric(predictions, targets) -> float}`` computed every epoch on the whole of
             ``val_data`` (predictions concatenated over batches, as the model's unwrapped output: a list
@@ -344,9 +364,15 @@ def fit(
     device = _resolve_device(device, model)
     model.to(device)
     optimizer = _make_optimizer(optimizer, model)
-    searcher, unit, search_rows = make_searcher(search, model, loss, seed, stacklevel=3, process_group=ctx.process_group_arg)
-    if searcher is not None and ctx.active and resolve_context(searcher.process_group).group is not ctx.group:
-        raise ValueError("search= LocalSearcher was built with another process_group than fit's; build it with the same one")
+    plan = make_searcher(search, model, loss, seed, stacklevel=3, process_group=ctx.process_group_arg,
+                         train_data=train_data, device=device)
+    searcher, unit, search_rows = plan.searcher, plan.unit, plan.rows
+    if searcher is not None and ctx.active:
+        if not hasattr(searcher, "process_group"):
+            raise ValueError(f"search= {type(searcher).__name__} has no process_group attribute; under a process group "
+                             "fit needs a searcher built for fit's group (one that accepts the same moves on every rank)")
+        if resolve_context(searcher.process_group).group is not ctx.group:
+            raise ValueError("search= LocalSearcher was built with another process_group than fit's; build it with the same one")
     if searcher is not None:
         held_out = val_data if search_data is None else search_data
         if held_out is None:
@@ -413,6 +439,9 @@ def fit(
     broadcast_setting = pause_buffer_broadcast(user_wrapper)
     dstep = DistributedStep(ctx, train_module, loss, gate_loss_weight, device) if ctx.active else None
     gate_loss_seen = False
+
+    if searcher is not None and plan.at_start and start_epoch == 0 and step == 0:
+        _search_at_start(searcher, search_batch, history, callbacks, model, optimizer)
 
     # ---- the loop
     per_epoch = train_source.num_batches()
@@ -483,7 +512,7 @@ def fit(
                     t1 = time.perf_counter()
                     result = searcher.step(step, search_batch)
                     search_s += time.perf_counter() - t1
-                    after_search(result, searcher.log[-1]["seconds"])
+                    after_search(result, _logged_seconds(searcher, time.perf_counter() - t1))
                 bar.update(1)
                 bar.set_postfix(_postfix(epoch, scalar, evaluation), refresh=False)
                 if callback_stop is not None:
@@ -495,7 +524,7 @@ def fit(
                 t1 = time.perf_counter()
                 result = searcher.step(epoch + 1, search_batch)
                 search_s += time.perf_counter() - t1
-                after_search(result, searcher.log[-1]["seconds"])
+                after_search(result, _logged_seconds(searcher, time.perf_counter() - t1))
 
             sync_buffers(model, ctx, meters)  # usage meters summed over ranks, other buffers from rank 0
             t2 = time.perf_counter()

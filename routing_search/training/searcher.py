@@ -14,13 +14,20 @@ Example (wrapping an existing PyTorch loop)::
 
 Save ``searcher.state_dict()`` with your checkpoint and restore it with ``load_state_dict`` to resume
 the same random stream and round count.
+
+``LocalSearcher(..., refit=RefitOptions(), fit_data=(x_fit, y_fit))`` follows every search with
+:func:`routing_search.search.refit.refit_search` (moves scored on the held-out rows after a closed-form
+refit of the touched experts' last layers on the training rows ``fit_data``).
+
+:func:`~routing_search.training.fit` takes any object with the small :class:`Searcher` protocol, not only
+a ``LocalSearcher``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from scipy.optimize import OptimizeResult
@@ -28,10 +35,50 @@ from torch import nn
 
 from .._validation import check_choice, check_int, check_no_unknown_options, check_rng
 from ..distributed import resolve_group
-from ..search import METHODS, SearchOptions, local_search, option_names
+from ..result import make_result
+from ..search import METHODS, RoutingObjective, SearchOptions, local_search, option_names
+from ..search.refit import RefitOptions, refit_search
 from .checkpoint import to_plain
 
-__all__ = ["LocalSearcher", "search_option_names", "generator_state", "set_generator_state"]
+__all__ = ["LocalSearcher", "Searcher", "check_searcher", "search_option_names", "generator_state", "set_generator_state"]
+
+
+@runtime_checkable
+class Searcher(Protocol):
+    """What :func:`~routing_search.training.fit` needs of a ``search=`` object (``LocalSearcher`` is one).
+
+    * ``due(step) -> bool``: whether ``step(step, data)`` would search at this 1-based optimiser step.
+    * ``step(step, data) -> OptimizeResult | None``: search on the held-out ``data`` when due; the result
+      has ``fun0``, ``fun``, ``nit``, ``nfev`` and optionally ``moves`` (objects with ``kind``, ``slot``,
+      ``selector``, ``before``, ``after``, ``fun_before``, ``fun_after``), as ``local_search`` returns.
+    * ``log``: a list with one dict per search; ``fit`` records the last one's ``'seconds'`` when present.
+    * ``state_dict()`` / ``load_state_dict(state)``: plain Python values saved in ``fit``'s checkpoints
+      (restored on resume, so that a resumed run searches as the uninterrupted one).
+    * optionally ``process_group``: under a process group ``fit`` requires it and requires it to resolve
+      to ``fit``'s group (the searcher must then accept the same moves on every rank).
+    """
+
+    log: list[dict[str, Any]]
+
+    def due(self, step: int) -> bool: ...
+
+    def step(self, step: int, data: Any) -> OptimizeResult | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def check_searcher(obj: Any, name: str = "search") -> Searcher:
+    """``obj`` if it implements :class:`Searcher`; otherwise a ``TypeError`` naming what is missing."""
+    missing = [m for m in ("due", "step", "state_dict", "load_state_dict") if not callable(getattr(obj, m, None))]
+    if not isinstance(getattr(obj, "log", None), list):
+        missing.append("log (a list)")
+    if missing:
+        raise TypeError(f"{name} must be None, a SearchSchedule or a LocalSearcher (or any searcher with due(step), "
+                        f"step(step, data), log, state_dict() and load_state_dict(state)); {type(obj).__name__} lacks "
+                        f"{', '.join(missing)}")
+    return obj  # type: ignore[no-any-return]
 
 
 def search_option_names(method: str) -> tuple[str, ...]:
@@ -74,6 +121,11 @@ class LocalSearcher:
             ``False``: each process searches alone; or a ``ProcessGroup``. Every rank then calls
             :meth:`step` at the same steps with its shard of the data and all ranks accept the same
             moves (see ``local_search``).
+        refit: ``None`` or :class:`~routing_search.search.refit.RefitOptions`: after every search, run
+            :func:`~routing_search.search.refit.refit_search` (refits on ``fit_data``, moves scored on the
+            search's held-out data). Not available under a process group (the ridge solves would use
+            each rank's own rows): refused at construction.
+        fit_data: ``(inputs, targets)`` training rows the refits are fitted on (required with ``refit``).
         **search_options: passed to ``local_search`` (checked now; an unknown name raises ``TypeError``).
 
     Attributes:
@@ -92,6 +144,8 @@ class LocalSearcher:
         rounds: int | None = None,
         rng: Any = None,
         process_group: Any = None,
+        refit: RefitOptions | None = None,
+        fit_data: Any = None,
         **search_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -114,7 +168,22 @@ class LocalSearcher:
         self.rounds = None if rounds is None else check_int("rounds", rounds, minimum=0)
         self.options = dict(search_options)
         self.rng = check_rng(rng, name="rng")
-        resolve_group(process_group)  # check it now (a group without an initialised job raises)
+        group = resolve_group(process_group)  # check it now (a group without an initialised job raises)
+        if refit is not None:
+            if not isinstance(refit, RefitOptions):
+                raise TypeError(f"refit must be None or a RefitOptions, got {type(refit).__name__}")
+            if group is not None:
+                raise ValueError(
+                    "refit search is not available under a process group: its ridge solves use the rows of each "
+                    "rank and would differ between ranks; run it in a single process (process_group=False outside "
+                    "a distributed job) or search without refit"
+                )
+            if fit_data is None:
+                raise ValueError("refit needs fit_data: the (inputs, targets) training rows the refits are fitted on")
+        elif fit_data is not None:
+            raise ValueError("fit_data is used only with refit=RefitOptions(...); pass refit or drop fit_data")
+        self.refit = refit
+        self.fit_data = fit_data
         self.process_group = process_group
         self.rounds_done = 0
         self.log: list[dict[str, Any]] = []
@@ -145,6 +214,8 @@ class LocalSearcher:
         result = local_search(
             self.model, data, self.loss, self.method, rng=self.rng, process_group=self.process_group, **self.options
         )
+        if self.refit is not None:
+            result = self._refit_stage(result, data)
         seconds = time.perf_counter() - start
         self.rounds_done += 1
         self.last_result = result
@@ -159,6 +230,18 @@ class LocalSearcher:
             }
         )
         return result
+
+    def _refit_stage(self, first: OptimizeResult, data: Any) -> OptimizeResult:
+        """``refit_search`` after the first stage; one result for both (``fun0`` the first stage's start,
+        ``fun`` the model's held-out loss at the end, moves of both stages in order)."""
+        assert self.refit is not None
+        second = refit_search(self.model, self.fit_data, data, self.loss, **self.refit.kwargs())
+        return make_result(
+            x=second.x, fun=float(RoutingObjective(self.model, data, self.loss).fun), nit=int(first.nit) + int(second.nit),
+            nfev=int(first.nfev) + int(second.nfev), status=second.status, message=f"refit: {second.message}",
+            fun0=float(first.fun0), moves=list(getattr(first, "moves", [])) + list(second.moves), method="refit",
+            stages={"search": first, "refit": second}, all_reduce=dict(getattr(first, "all_reduce", None) or {}),
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

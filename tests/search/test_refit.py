@@ -107,3 +107,23 @@ def test_scope_errors_name_the_problem() -> None:
         RefitObjective(wrapped, fit_data, score_data, loss)
     with pytest.raises(ValueError, match="ridge"):
         RefitObjective(model, fit_data, score_data, loss, ridge=-1.0)
+
+
+def test_refit_options_are_refit_searchs_keywords() -> None:
+    from routing_search.search.refit import RefitOptions
+
+    opts = RefitOptions(ridge=0.01, max_iter=2, tol=0.0, write_layers=False)
+    a, fit_a, score_a = _collapsed_multigate()
+    b, _, _ = _collapsed_multigate()
+    loss = multitask_loss(["mse"] * 3)
+    ra = refit_search(a, fit_a, score_a, loss, **opts.kwargs())
+    rb = refit_search(b, fit_a, score_a, loss, ridge=0.01, max_iter=2, write_layers=False)
+    assert ra.nit == rb.nit == 2 and ra.fun == rb.fun
+    # write_layers=False: only the permutations change, the last layers stay as they were
+    fresh, _, _ = _collapsed_multigate()
+    for la, lf in zip(last_linear_layers(list(a.experts)), last_linear_layers(list(fresh.experts))):
+        assert torch.equal(la.weight, lf.weight)
+    with pytest.raises(TypeError, match="RefitOptions got unknown option"):
+        RefitOptions.from_dict({"ridge": 1.0, "lr": 0.1})
+    with pytest.raises(TypeError, match="write_layers must be True or False"):
+        RefitOptions(write_layers="no")  # type: ignore[arg-type]

@@ -1,0 +1,183 @@
+"""fit's refit schedule (SearchSchedule(refit=RefitOptions(...))), the searcher protocol, and their resume."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from routing_search import MultiGateMoE, make_experts
+from routing_search.gates import DSelectK
+from routing_search.losses import multitask_loss
+from routing_search.search import local_search
+from routing_search.search.codes import set_selector_slot
+from routing_search.search.refit import RefitOptions, refit_search
+from routing_search.training import LocalSearcher, SearchSchedule, fit
+from routing_search.training.schedule import refit_rows
+from routing_search.training.searcher import Searcher, generator_state, set_generator_state
+
+LOSS = multitask_loss(["mse"] * 3)
+
+
+def _collapsed(seed: int = 0) -> MultiGateMoE:
+    """Static DSelect-k task gates all saturated on expert 0: only a search can wake the other experts."""
+    torch.manual_seed(seed)
+    gates = [DSelectK(4, 1) for _ in range(3)]
+    for g in gates:
+        set_selector_slot(g, 0, 0)
+    return MultiGateMoE(make_experts(4, 3, [6], 1, generator=torch.Generator().manual_seed(seed)), gates)
+
+
+def _data(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 3, generator=g)
+    y = torch.stack([torch.sin(x[:, 0] * (t + 1)) + x[:, t] for t in range(3)], dim=1)
+    return x, y
+
+
+TRAIN, VAL = _data(160, 1), _data(60, 2)
+KW: dict[str, Any] = dict(val_data=VAL, batch_size=40, progress=False, gate_loss_weight=0.0,
+                          optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+
+
+def _schedule(**kw: Any) -> SearchSchedule:
+    return SearchSchedule(every_steps=4, fit_rows=100, at_start=True, refit=RefitOptions(max_iter=3), **kw)
+
+
+def test_refit_schedule_equals_swap_then_refit_search_by_hand() -> None:
+    """One search before training through fit == local_search('swap') then refit_search on the same rows."""
+    auto = _collapsed()
+    result = fit(auto, TRAIN, LOSS, epochs=1, max_steps=1, search=_schedule(), **KW)
+    by_hand = _collapsed()
+    local_search(by_hand, VAL, LOSS, "swap", rng=0)
+    second = refit_search(by_hand, refit_rows(TRAIN, 100, 0), VAL, LOSS, max_iter=3)
+    assert second.nit >= 1  # the refit woke an expert: the comparison is not vacuous
+    first = result.history.searches[0]
+    assert (first["epoch"], first["step"]) == (0, 0)
+    assert [m["after"] for m in first["moves"]][-second.nit:] == [m.after for m in second.moves]
+    # the search before training is the by-hand one; replay the single Adam step on the by-hand model
+    fit(by_hand, TRAIN, LOSS, epochs=1, max_steps=1, **KW)
+    for (name, a), b in zip(auto.state_dict().items(), by_hand.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_refit_rows_are_a_fixed_seeded_training_subset_distinct_from_the_held_out_one() -> None:
+    x, _ = refit_rows(TRAIN, 100, 3)
+    again, _ = refit_rows(TRAIN, 100, 3)
+    assert x.shape[0] == 100 and torch.equal(x, again)
+    g = torch.Generator().manual_seed(5)  # seed + 2; the held-out subset uses seed + 1
+    assert torch.equal(x, TRAIN[0][torch.randperm(160, generator=g)[:100].sort().values])
+    assert refit_rows(TRAIN, None, 3)[0].shape[0] == 160
+
+
+def test_refit_schedule_beats_frozen_search_from_a_collapsed_start() -> None:
+    plain = fit(_collapsed(), TRAIN, LOSS, epochs=2, search=SearchSchedule(every_steps=4, at_start=True), **KW)
+    refit = fit(_collapsed(), TRAIN, LOSS, epochs=2, search=_schedule(), **KW)
+    assert all(m["kind"] != "refit-swap" for s in plain.history.searches for m in s["moves"])
+    assert sum(m["kind"] == "refit-swap" for s in refit.history.searches for m in s["moves"]) >= 1
+    assert refit.history.val_loss[-1] < plain.history.val_loss[-1]
+
+
+def test_resume_with_the_refit_schedule_is_exact(tmp_path) -> None:
+    full = fit(_collapsed(), TRAIN, LOSS, epochs=3, search=_schedule(), **KW)
+    fit(_collapsed(), TRAIN, LOSS, epochs=1, search=_schedule(), checkpoint_dir=tmp_path, **KW)
+    resumed_model = _collapsed()
+    resumed = fit(resumed_model, TRAIN, LOSS, epochs=3, search=_schedule(), checkpoint_dir=tmp_path, resume=True, **KW)
+    assert resumed.history.val_loss == full.history.val_loss
+    assert [s["moves"] for s in resumed.history.searches] == [s["moves"] for s in full.history.searches]
+    assert len([s for s in resumed.history.searches if s["step"] == 0]) == 1  # the start search is not repeated
+    for (name, a), b in zip(full.model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_refit_options_are_typed_and_checked() -> None:
+    with pytest.raises(TypeError, match="unknown option.*'steps'.*max_iter, ridge, tol, write_layers"):
+        RefitOptions.from_dict({"steps": 2})
+    with pytest.raises(TypeError, match="SearchSchedule.refit must be None or a RefitOptions"):
+        SearchSchedule(refit={"ridge": 1.0})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="RefitOptions.ridge"):
+        RefitOptions(ridge=-1.0)
+    with pytest.raises(ValueError, match="fit_rows"):
+        SearchSchedule(refit=RefitOptions(), fit_rows=0)
+    with pytest.raises(ValueError, match="must not hold.*refit"):
+        SearchSchedule(options={"refit": True})
+    with pytest.raises(TypeError, match="at_start must be True or False"):
+        SearchSchedule(at_start=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="refit needs fit_data"):
+        LocalSearcher(_collapsed(), LOSS, refit=RefitOptions())
+    with pytest.raises(ValueError, match="fit_data is used only with refit"):
+        LocalSearcher(_collapsed(), LOSS, fit_data=TRAIN)
+    assert SearchSchedule(refit=RefitOptions(ridge=0.5)).refit == RefitOptions.from_dict({"ridge": 0.5})
+
+
+def test_refit_schedule_refuses_a_model_it_cannot_refit_before_training() -> None:
+    wrapped = torch.nn.Sequential(_collapsed())
+    with pytest.raises(ValueError, match="MoE / MultiGateMoE layer itself"):
+        fit(wrapped, TRAIN, LOSS, epochs=1, search=_schedule(), **KW)
+
+
+@pytest.fixture
+def group_of_one():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_refit_schedule_is_refused_under_a_process_group(group_of_one) -> None:
+    model = _collapsed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="refit search is not available under a process group"):
+        fit(model, TRAIN, LOSS, epochs=1, search=_schedule(), **KW)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any training
+    fit(model, TRAIN, LOSS, epochs=1, search=_schedule(), process_group=False, **KW)  # alone: allowed
+
+
+class _EveryOther:
+    """A minimal searcher that is not a LocalSearcher: the frozen swap search on even steps."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.rng = torch.Generator()  # unused; the state below is numpy's
+        import numpy as np
+
+        self.np_rng = np.random.default_rng(0)
+        self.log: list[dict[str, Any]] = []
+
+    def due(self, step: int) -> bool:
+        return step % 2 == 0
+
+    def step(self, step: int, data: Any) -> Any:
+        if not self.due(step):
+            return None
+        result = local_search(self.model, data, LOSS, "swap", rng=self.np_rng)
+        self.log.append({"step": step})
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log": list(self.log), "rng": generator_state(self.np_rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log = list(state["log"])
+        self.np_rng = set_generator_state(self.np_rng, state["rng"])
+
+
+def test_fit_takes_any_searcher_with_the_protocol(tmp_path) -> None:
+    model = _collapsed(1)
+    searcher = _EveryOther(model)
+    assert isinstance(searcher, Searcher)
+    result = fit(model, TRAIN, LOSS, epochs=2, search=searcher, checkpoint_dir=tmp_path, **KW)
+    assert [s["step"] for s in result.history.searches] == [2, 4, 6, 8]
+    assert all(s["seconds"] >= 0 for s in result.history.searches)  # measured by fit: the log has no seconds
+    with pytest.raises(ValueError, match="different model"):
+        fit(_collapsed(1), TRAIN, LOSS, epochs=1, search=_EveryOther(_collapsed(2)), **KW)
+    with pytest.raises(TypeError, match="lacks step, state_dict, load_state_dict, log"):
+        fit(_collapsed(1), TRAIN, LOSS, epochs=1, search=type("Half", (), {"due": lambda self, s: True})(), **KW)
