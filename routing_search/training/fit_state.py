@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, check_compatible
-from .searcher import LocalSearcher
+from .searcher import Searcher
 
 __all__ = ["module_generators", "optimizer_class_name", "checkpoint_state", "restore_checkpoint", "REQUIRED_KEYS"]
 
@@ -47,7 +47,7 @@ def checkpoint_state(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    searcher: LocalSearcher | None,
+    searcher: Searcher | None,
     shuffle: torch.Generator,
     data_generators: dict[str, torch.Generator],
     generators: dict[str, torch.Generator],
@@ -116,7 +116,7 @@ def restore_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    searcher: LocalSearcher | None,
+    searcher: Searcher | None,
     shuffle: torch.Generator,
     data_generators: dict[str, torch.Generator],
     generators: dict[str, torch.Generator],
