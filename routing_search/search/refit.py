@@ -31,7 +31,7 @@ from scipy.optimize import OptimizeResult
 from torch import nn
 
 from .._validation import check_int, check_no_unknown_options, check_positive_float
-from ..batches import as_batch, eval_mode
+from ..batches import as_batch, eval_mode, to_device
 from ..gates.protocol import GateOutput
 from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
@@ -182,7 +182,9 @@ class RefitObjective:
         else:
             self.task_slot = [0]
         # θ_e = [W_e | b_e]ᵀ : [p, u] float64 per expert.
-        self.theta = [torch.cat([lin.weight.detach().t(), _bias(lin).unsqueeze(0)], dim=0).to(torch.float64) for lin in self.linears]
+        # Everything the search computes lives on the CPU in float64, whatever the model's device.
+        self.theta = [torch.cat([lin.weight.detach().t(), _bias(lin).unsqueeze(0)], dim=0).to("cpu", torch.float64)
+                      for lin in self.linears]
         self.fit_part = self._cache(fit_data)
         self.score_part = self._cache(score_data)
         self.state = [slot.index.detach().clone().cpu() for slot in self.slots]
@@ -206,14 +208,16 @@ class RefitObjective:
         if len(captured) != self.n:
             raise ValueError("refit needs each expert's last nn.Linear to run exactly once per expert call")
         rows = x.shape[0]
-        feats = torch.stack([c.reshape(rows, -1) for c in captured], dim=1).to(torch.float64)
+        feats = torch.stack([c.reshape(rows, -1) for c in captured], dim=1).to("cpu", torch.float64)
         feats = torch.cat([feats, torch.ones(rows, self.n, 1, dtype=torch.float64)], dim=2)
         recomputed = torch.einsum("bnp,npu->bnu", feats, torch.stack(self.theta))
-        if not torch.allclose(recomputed, outputs.reshape(rows, self.n, -1).to(torch.float64), atol=1e-5, rtol=1e-4):
+        if not torch.allclose(recomputed, outputs.reshape(rows, self.n, -1).to("cpu", torch.float64), atol=1e-5, rtol=1e-4):
             raise ValueError("refit needs experts whose output is their last nn.Linear (nothing may follow it)")
-        gate_outs = [GateOutput(g.weights.detach(), g.loss.detach(),
-                                None if g.selector_weights is None else g.selector_weights.detach(),
-                                None if g.selector_mix is None else g.selector_mix.detach()) for g in gate_outs]
+        cpu = torch.device("cpu")
+        gate_outs = [GateOutput(g.weights.detach().to(cpu), g.loss.detach().to(cpu),
+                                None if g.selector_weights is None else g.selector_weights.detach().to(cpu),
+                                None if g.selector_mix is None else g.selector_mix.detach().to(cpu)) for g in gate_outs]
+        targets = to_device(targets, cpu)
         task_targets = [_task_target(targets, t, self.num_tasks, rows) for t in range(self.num_tasks)]
         return _Part(gate_outs, feats, targets, task_targets)
 

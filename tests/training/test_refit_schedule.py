@@ -181,3 +181,11 @@ def test_fit_takes_any_searcher_with_the_protocol(tmp_path) -> None:
         fit(_collapsed(1), TRAIN, LOSS, epochs=1, search=_EveryOther(_collapsed(2)), **KW)
     with pytest.raises(TypeError, match="lacks step, state_dict, load_state_dict, log"):
         fit(_collapsed(1), TRAIN, LOSS, epochs=1, search=type("Half", (), {"due": lambda self, s: True})(), **KW)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refit_schedule_on_cuda_matches_cpu() -> None:
+    cpu = fit(_collapsed(), TRAIN, LOSS, epochs=1, search=_schedule(), device="cpu", **KW)
+    gpu = fit(_collapsed(), TRAIN, LOSS, epochs=1, search=_schedule(), device="cuda", **KW)
+    assert [s["moves"] for s in gpu.history.searches][0] == [s["moves"] for s in cpu.history.searches][0]
+    assert gpu.history.val_loss[-1] == pytest.approx(cpu.history.val_loss[-1], rel=1e-3)
