@@ -28,6 +28,8 @@ __all__ = [
     "log_code_matrix",
     "log_factors",
     "zero_log",
+    "selector_softmax",
+    "mix_selectors",
 ]
 
 
@@ -190,6 +192,32 @@ def hard_selector(
     return torch.nn.functional.one_hot(codes, num_experts).to(dtype)
 
 
+def selector_softmax(alpha: torch.Tensor) -> torch.Tensor:
+    """``softmax(alpha)`` over the last dimension (the ``k`` selectors), as whole-tensor ops.
+
+    For the short rows of the selector logits this is several times faster on the CPU than
+    ``torch.softmax`` (whose kernel is built for long rows); the numbers agree to rounding. DSelect-k's
+    soft and hard gates both use it, so they agree bit for bit on binary codes.
+
+    >>> selector_softmax(torch.tensor([0.0, 0.0]))
+    tensor([0.5000, 0.5000])
+    """
+    e = torch.exp(alpha - alpha.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def mix_selectors(mix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``sum_i mix[..., i] rows[..., i, :]`` (``[..., k]``, ``[..., k, n]`` -> ``[..., n]``), one term per selector in order.
+
+    >>> mix_selectors(torch.tensor([0.25, 0.75]), torch.eye(3)[:2])
+    tensor([0.2500, 0.7500, 0.0000])
+    """
+    out = rows[..., 0, :] * mix[..., 0:1]
+    for i in range(1, rows.shape[-2]):
+        out = out + rows[..., i, :] * mix[..., i : i + 1]
+    return out
+
+
 def hard_gate(
     alpha: torch.Tensor, Z: torch.Tensor, num_experts: int, *, validate: bool = True
 ) -> torch.Tensor:
@@ -221,5 +249,4 @@ def hard_gate(
                 "every row of Z must encode a code < num_experts"
             )
     one_hot = hard_selector(Z, num_experts, validate=False).to(alpha.dtype)
-    mix = torch.softmax(alpha, dim=-1)
-    return (mix.unsqueeze(-1) * one_hot).sum(dim=-2)
+    return mix_selectors(selector_softmax(alpha), one_hot)

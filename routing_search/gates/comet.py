@@ -6,14 +6,13 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_num_experts_k, check_positive_float
-from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
+from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
 from .binary_encoding import log_factors, zero_log
 from .router import check_input_dtype
-from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_
+from .smooth_step import GammaAnnealing, padded_linear, smooth_step, smooth_step_init_, smooth_step_slope
 
 __all__ = ["COMET", "leaf_paths"]
 
@@ -47,6 +46,109 @@ def leaf_paths(num_experts: int) -> list[tuple[int, list[tuple[int, bool]]]]:
     visit(0, [])
     return leaves
 
+
+
+def _path_product_t(rows: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """``rows @ paths.T`` (``[..., n] -> [..., 2(n-1)]``), computed as ``(paths @ rows.T).T`` (the narrow
+    product is several times faster in that orientation on the CPU)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    return (paths @ flat.t()).t().reshape(*rows.shape[:-1], paths.shape[0])
+
+
+class _CometGate(torch.autograd.Function):
+    """The whole soft COMET gate with one hand-written backward.
+
+    Inputs node logits ``[..., k, n-1]`` and leaf logits ``[..., k, n]``; outputs ``weights``
+    ``[..., n]``, ``selector_weights`` ``[..., k, n]``, ``selector_mix`` ``[..., k]`` and, when asked,
+    the reach entropy ``sum_j H(pi_j)`` ``[...]`` (eps inside the log). Forward: ``log pi`` as one
+    product of the branch log-probabilities ``(log s, log(1 - s))`` with the path matrix (``log 0``
+    is :func:`zero_log`), then per tree ``lse_j = logsumexp(a_j + log pi_j)``, ``sel_j = exp(a_j +
+    log pi_j - lse_j)`` and ``mix = softmax(lse)``. Same numbers as one joint softmax over all
+    ``k n`` scores to rounding. Backward: a branch of probability exactly 0 passes no gradient (as
+    the autograd of :func:`log_factors` gives).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        nodes: torch.Tensor,
+        leaves: torch.Tensor,
+        gamma: float,
+        paths: torch.Tensor,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)  # type: ignore[attr-defined]
+        s, slope = smooth_step_slope(nodes, gamma)
+        right = 1 - s
+        floor = zero_log(s.dtype)
+        # log pi = log(s) @ P_left + log(1 - s) @ P_right (log 0 raised to zero_log by the clamp).
+        q = s.shape[-1]
+        log_pi = torch.log(s).clamp_min_(floor) @ paths[:q]
+        log_pi = log_pi + torch.log(right).clamp_min_(floor) @ paths[q:]
+        scores = leaves + log_pi
+        # One joint softmax over all k n scores gives weights and mix (the same numbers as
+        # :meth:`COMET.hard`, bit for bit, once pi is binary); per tree softmax for sel (not joint / mix:
+        # a tree's mix may underflow to 0).
+        joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)
+        weights = joint.sum(dim=-2)
+        mix = joint.sum(dim=-1)
+        sel = torch.softmax(scores, dim=-1)
+        ent_rows = None
+        if with_entropy:
+            pi = torch.exp(log_pi)
+            shifted = pi + _EPS
+            pi_log = pi * torch.log(shifted)
+            ent = -pi_log.sum(dim=(-2, -1))
+            # pi * d(-pi log(pi + eps))/dpi: the entropy's part of dL/d log pi (times its incoming gradient).
+            ent_rows = pi_log + pi * pi / shifted
+        else:
+            ent = weights.new_zeros(weights.shape[:-1])
+        ctx.save_for_backward(sel, mix, s, right, slope, paths, ent_rows)  # type: ignore[arg-type]
+        return weights, sel, mix, ent
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        g_weights: torch.Tensor | None,
+        g_sel: torch.Tensor | None,
+        g_mix: torch.Tensor | None,
+        g_ent: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        sel, mix, s, right, slope, paths, ent_rows = ctx.saved_tensors  # type: ignore[attr-defined]
+        # d/d sel_j (total) and d/d mix_j (total), with weights = sum_j mix_j sel_j.
+        mix_col = mix.unsqueeze(-1)
+        g_sel_total = None  # sel * dL/dsel (elementwise), and its row sums
+        grad_mix = g_mix
+        if g_weights is not None:
+            sel_gw = sel * g_weights.unsqueeze(-2)
+            from_w = sel_gw.sum(dim=-1)
+            grad_mix = from_w if grad_mix is None else grad_mix + from_w
+            g_sel_total = sel_gw * mix_col
+        if g_sel is not None:
+            g_sel_total = sel * g_sel if g_sel_total is None else torch.addcmul(g_sel_total, sel, g_sel)
+        # lse_j -> mix = softmax(lse); sel_j = softmax(scores_j): d/d scores = sel * (g_sel - <sel, g_sel> + d/d lse).
+        coef = None
+        if grad_mix is not None:
+            coef = mix * (grad_mix - (mix * grad_mix).sum(dim=-1, keepdim=True))
+        if g_sel_total is not None:
+            inner = g_sel_total.sum(dim=-1)
+            coef = -inner if coef is None else coef - inner
+        grad_scores = None
+        if coef is not None:
+            grad_scores = sel * coef.unsqueeze(-1)
+            if g_sel_total is not None:
+                grad_scores = grad_scores + g_sel_total
+        grad_log_pi = grad_scores
+        if g_ent is not None and ent_rows is not None:
+            neg = (-g_ent).unsqueeze(-1).unsqueeze(-1)
+            grad_log_pi = ent_rows * neg if grad_log_pi is None else torch.addcmul(grad_log_pi, ent_rows, neg)
+        grad_nodes = None
+        if grad_log_pi is not None:
+            glog = _path_product_t(grad_log_pi, paths)
+            q = s.shape[-1]
+            tiny = torch.finfo(s.dtype).tiny
+            grad_nodes = (glog[..., :q] / s.clamp_min(tiny) - glog[..., q:] / right.clamp_min(tiny)) * slope
+        return grad_nodes, grad_scores, None, None, None
 
 
 class COMET(BaseGate):
@@ -87,6 +189,7 @@ class COMET(BaseGate):
     """
 
     _paths: torch.Tensor
+    _expert_of_leaf: torch.Tensor
 
     def __init__(
         self,
@@ -118,13 +221,17 @@ class COMET(BaseGate):
         self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
 
         self.leaf_order: tuple[int, ...] = tuple(leaf for leaf, _ in leaf_paths(n))
-        # Path matrix: row 2q (2q + 1) marks the leaves whose path goes left (right) at node q, so
-        # log pi = [log s_q, log(1 - s_q)]_q @ paths sums each leaf's log branch probabilities.
+        # Path matrix: row q (n - 1 + q) marks the leaves whose path goes left (right) at node q, so
+        # log pi = [log s, log(1 - s)] @ paths sums each leaf's log branch probabilities.
         paths = torch.zeros(2 * (n - 1), n)
         for i, (_, path) in enumerate(leaf_paths(n)):
             for q, went_left in path:
-                paths[2 * q + (0 if went_left else 1), i] = 1.0
+                paths[q + (0 if went_left else n - 1), i] = 1.0
         self.register_buffer("_paths", paths, persistent=False)
+        expert_of_leaf = torch.empty(n, dtype=torch.long)  # heap leaf n-1+i -> its expert index
+        for expert, leaf in enumerate(self.leaf_order):
+            expert_of_leaf[leaf - (n - 1)] = expert
+        self.register_buffer("_expert_of_leaf", expert_of_leaf, persistent=False)
 
         if input_dim is None:
             self.node_logits = nn.Parameter(torch.empty(k, n - 1))
@@ -181,10 +288,11 @@ class COMET(BaseGate):
         k, q, d = self.node_weight.shape
         n = self.leaf_weight.shape[1]
         # One matrix product for all node and leaf logits.
-        weight = torch.cat([self.node_weight.reshape(k * q, d), self.leaf_weight.reshape(k * n, d)])
-        bias = torch.cat([self.node_bias.reshape(k * q), self.leaf_bias.reshape(k * n)])
-        both = F.linear(x, weight, bias)
-        nodes, leaves = both.split([k * q, k * n], dim=-1)
+        nodes, leaves = padded_linear(
+            x,
+            [self.node_weight.reshape(k * q, d), self.leaf_weight.reshape(k * n, d)],
+            [self.node_bias.reshape(k * q), self.leaf_bias.reshape(k * n)],
+        )
         return nodes.reshape(x.shape[0], k, q), leaves.reshape(x.shape[0], k, n)
 
     def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -196,7 +304,7 @@ class COMET(BaseGate):
         One matrix product of the branch log-probabilities with the path matrix; a leaf behind a
         branch of probability exactly 0 gets at most ``zero_log`` (so ``exp`` gives exactly 0).
         """
-        branches = torch.stack([s, 1 - s], dim=-1).flatten(-2)  # [..., 2(n-1)]: left, right per node
+        branches = torch.cat([s, 1 - s], dim=-1)  # [..., 2(n-1)]: left of every node, then right
         return log_factors(branches) @ self._paths
 
     def _reach(self, s: torch.Tensor) -> torch.Tensor:
@@ -247,12 +355,10 @@ class COMET(BaseGate):
         batch = x.shape[0]
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
         nodes, leaves = self._logits(None if self.is_static else x)
-        log_pi = self._log_reach(smooth_step(nodes, self.gamma))
-        weights, sel, mix = self._combine(log_pi, leaves)
-        loss = self._zero_loss(weights)
         lam = resolve_weight(self.entropy_weight, calls)
+        weights, sel, mix, per_example = _CometGate.apply(nodes, leaves, self.gamma, self._paths.to(nodes.dtype), lam != 0.0)
+        loss = self._zero_loss(weights)
         if lam != 0.0:
-            per_example = entropy(torch.exp(log_pi), eps=_EPS).sum(dim=-1)
             if self.is_static:
                 term = per_example if batch > 0 else per_example * 0.0
             else:
@@ -264,20 +370,48 @@ class COMET(BaseGate):
             mix = mix.expand(batch, -1).contiguous()
         return GateOutput(weights=weights, loss=loss, selector_weights=sel, selector_mix=mix)
 
+    def reached_leaves(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert (leaf, in expert order) that each tree reaches when every node decision is rounded.
+
+        Node ``q`` sends a row left when ``S(w.x + b) > 0.5`` (ties go right). Walks the heap from
+        the root, one gather per level: int64 ``[k]`` (static, ``x`` None) or ``[B, k]``.
+        """
+        nodes, _ = self._logits(self._maybe_check(x))
+        return self._walk(nodes)
+
+    def _walk(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Leaf (expert order) reached by each tree from node logits ``[..., k, n-1]``."""
+        n = self.num_experts
+        with torch.no_grad():
+            right = (~(smooth_step(nodes, self.gamma) > 0.5)).to(torch.long)  # 1 where the row goes right
+            node = torch.zeros(nodes.shape[:-1], dtype=torch.long, device=nodes.device)
+            for _ in range((2 * n - 1).bit_length() - 1):  # depth of the deepest leaf
+                step = 2 * node + 1 + right.gather(-1, node.clamp_max(n - 2).unsqueeze(-1)).squeeze(-1)
+                node = step if n & (n - 1) == 0 else torch.where(node < n - 1, step, node)
+            return self._expert_of_leaf[node - (n - 1)]
+
     def hard(self, x: torch.Tensor) -> GateOutput:
         """Gate with every node decision rounded to 0/1 (``s > 0.5`` goes left): at most ``k`` nonzeros.
 
-        Equals :meth:`forward` exactly when the node outputs are already binary. Does not advance
-        the call counter; the loss is 0.
+        Each tree is walked from the root by the signs of its rounded node decisions (one gather
+        per level, :meth:`reached_leaves`); the reached leaves' logits are merged by the same joint
+        softmax over all ``k n`` scores as the soft gate, with the other scores at ``-inf``. So the
+        numbers are those of the soft gate with the rounded ``pi`` plugged in, bit for bit (up to
+        leaf logits that differ by more than 1e6, where the soft gate's ``zero_log`` stops being
+        ``-inf``). Equals :meth:`forward` exactly when the node outputs are already binary. Does not
+        advance the call counter; the loss is 0; gradients reach the reached leaves' logits only.
         """
         x = self._check_x(x)
         nodes, leaves = self._logits(x)
-        s = smooth_step(nodes, self.gamma)
-        weights, sel, mix = self._combine(self._log_reach((s > 0.5).to(s.dtype)), leaves)
+        expert = self._walk(nodes).unsqueeze(-1)  # [B, k, 1]
+        reached = leaves.gather(-1, expert)
+        scores = torch.full_like(leaves, float("-inf")).scatter(-1, expert, reached)
+        joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)
+        weights = joint.sum(dim=-2)
+        sel = torch.zeros_like(leaves).scatter_(-1, expert, 1.0)
         return GateOutput(
-            weights=weights, loss=self._zero_loss(weights), selector_weights=sel, selector_mix=mix
+            weights=weights, loss=self._zero_loss(weights), selector_weights=sel, selector_mix=joint.sum(dim=-1)
         )
-
 
     def extra_repr(self) -> str:
         return (

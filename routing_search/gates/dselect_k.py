@@ -6,14 +6,22 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_choice, check_num_experts_k, check_positive_float
-from .binary_encoding import hard_gate, hard_selector, log_code_matrix, num_bits, selector_fast
+from .binary_encoding import (
+    hard_gate,
+    hard_selector,
+    log_code_matrix,
+    mix_selectors,
+    num_bits,
+    selector_softmax,
+    zero_log,
+)
 from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .router import check_input_dtype
-from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_
+from .smooth_step import padded_linear
+from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_, smooth_step_slope
 
 __all__ = ["DSelectK"]
 
@@ -24,6 +32,130 @@ _ALPHA_INIT = 0.05
 def _batch_mean(per_example: torch.Tensor) -> torch.Tensor:
     """Mean over the leading (batch) dimension; 0 for an empty batch."""
     return per_example.sum() / max(per_example.shape[0], 1)
+
+
+class _SmoothSelector(torch.autograd.Function):
+    """``selector_fast(S(z))`` over all ``2^m`` codes with one fused backward.
+
+    Forward: the factors ``(1 - s_j, s_j)`` of ``s = S(z)``, their logs (:func:`log_factors`), one
+    matrix product with the 0/1 code matrix and ``exp``. Backward: ``dL/dz_j = sum_c G_c r_c
+    (S'_j / s_j [bit j of c set] - S'_j / (1 - s_j) [bit unset])``: one matrix product with the
+    transposed code matrix, the per-factor slopes ``S' / f`` (0 where the factor is 0, as the
+    autograd of :func:`log_factors` gives) kept from the forward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor, gamma: float, log_codes: torch.Tensor
+    ) -> torch.Tensor:
+        factors, signed = _code_factors(z, gamma)
+        r = _log_selector(factors, log_codes)
+        ctx.save_for_backward(r, factors, signed, log_codes)
+        return r
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        r, factors, signed, log_codes = ctx.saved_tensors  # type: ignore[attr-defined]
+        return _factor_grad(_code_product_t(grad * r, log_codes), factors, signed), None, None
+
+
+def _code_factors(z: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(1 - s, s)`` ``[..., m, 2]`` of ``s = S(z)`` and the signed slopes ``(-S'(z), S'(z))``."""
+    s, slope = smooth_step_slope(z, gamma)
+    return torch.stack([1 - s, s], dim=-1), torch.stack([-slope, slope], dim=-1)
+
+
+def _log_selector(factors: torch.Tensor, log_codes: torch.Tensor) -> torch.Tensor:
+    """``r = exp(log(factors) @ log_codes)`` with :func:`zero_log` for zero factors (exact zeros in ``r``).
+
+    ``log 0 = -inf`` is raised to ``zero_log`` by the clamp; every positive factor's log is far above it.
+    """
+    logs = torch.log(factors).clamp_min_(zero_log(factors.dtype))
+    return torch.exp(logs.flatten(-2) @ log_codes)
+
+
+def _code_product_t(rows: torch.Tensor, log_codes: torch.Tensor) -> torch.Tensor:
+    """``rows @ log_codes.T`` (``[..., 2^m] -> [..., 2m]``), computed as ``(log_codes @ rows.T).T``
+    (the narrow product is several times faster in that orientation on the CPU)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    return (log_codes @ flat.t()).t().reshape(*rows.shape[:-1], log_codes.shape[0])
+
+
+def _factor_grad(glog: torch.Tensor, factors: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+    """``dL/dz`` ``[..., m]`` from ``dL/d log factor`` ``[..., 2m]``: ``sum_b glog_b S'_b / f_b``.
+
+    A zero factor's ``glog`` is exactly 0 (every code behind it has ``r = 0``), and dividing by the
+    factor clamped to the smallest normal number keeps it 0: no gradient, as the autograd of
+    :func:`log_factors` gives.
+    """
+    tiny = torch.finfo(factors.dtype).tiny
+    return (glog.view_as(factors) / factors.clamp_min(tiny) * signed).sum(dim=-1)
+
+
+class _DSelectKGate(torch.autograd.Function):
+    """The whole soft gate when every code names an expert (``n = 2^m``), with one hand-written backward.
+
+    Inputs ``alpha`` ``[..., k]``, code logits ``z`` ``[..., k, m]``; outputs ``weights`` ``[..., n]``,
+    the selector distributions ``r`` ``[..., k, n]``, ``mix = softmax(alpha)`` and, when asked, the
+    entropy ``sum_i H(r_i)`` ``[...]`` (eps inside the log). Same numbers as the composed autograd
+    form (``weights = sum_i mix_i r_i``) to rounding. Backward: ``dL/dz_j = sum_c G_c r_c
+    (S'_j / s_j [bit j of c set] - S'_j / (1 - s_j) [unset])``, one matrix product with the transposed
+    code matrix; a zero factor passes no gradient, as the autograd of :func:`log_factors` gives.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        alpha: torch.Tensor,
+        z: torch.Tensor,
+        gamma: float,
+        log_codes: torch.Tensor,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)  # type: ignore[attr-defined]
+        factors, signed = _code_factors(z, gamma)
+        r = _log_selector(factors, log_codes)
+        mix = selector_softmax(alpha)
+        weights = mix_selectors(mix, r)
+        ent_rows = None
+        if with_entropy:
+            shifted = r + _EPS
+            r_log = r * torch.log(shifted)
+            ent = -r_log.sum(dim=(-2, -1))
+            # r * d(-r log(r + eps))/dr = -(r log(r + eps) + r^2 / (r + eps)), the entropy's rows for the
+            # code-matrix product of the backward (times the incoming gradient there).
+            ent_rows = r_log + r * r / shifted
+        else:
+            ent = r.new_zeros(r.shape[:-2])
+        ctx.save_for_backward(r, mix, factors, signed, log_codes, ent_rows)  # type: ignore[arg-type]
+        return weights, r, mix, ent
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        g_weights: torch.Tensor | None,
+        g_r: torch.Tensor | None,
+        g_mix: torch.Tensor | None,
+        g_ent: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        r, mix, factors, signed, log_codes, ent_rows = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_mix = g_mix
+        rg = None  # dL/dr * r, the rows of the code-matrix product
+        if g_weights is not None:
+            r_gw = r * g_weights.unsqueeze(-2)
+            from_w_mix = r_gw.sum(dim=-1)
+            grad_mix = from_w_mix if grad_mix is None else grad_mix + from_w_mix
+            rg = r_gw * mix.unsqueeze(-1)
+        if g_r is not None:
+            rg = g_r * r if rg is None else torch.addcmul(rg, g_r, r)
+        if g_ent is not None and ent_rows is not None:
+            neg = (-g_ent).unsqueeze(-1).unsqueeze(-1)
+            rg = ent_rows * neg if rg is None else torch.addcmul(rg, ent_rows, neg)
+        grad_alpha = None
+        if grad_mix is not None:
+            grad_alpha = mix * (grad_mix - (mix * grad_mix).sum(dim=-1, keepdim=True))
+        grad_z = None if rg is None else _factor_grad(_code_product_t(rg, log_codes), factors, signed)
+        return grad_alpha, grad_z, None, None, None
 
 
 class DSelectK(BaseGate):
@@ -182,9 +314,9 @@ class DSelectK(BaseGate):
         check_input_dtype(x, self.z_weight, self)
         k, m, d = self.z_weight.shape
         # One matrix product for the selector logits and all code logits.
-        weight = torch.cat([self.alpha_weight, self.z_weight.reshape(k * m, d)])
-        bias = torch.cat([self.alpha_bias, self.z_bias.reshape(k * m)])
-        alpha, z = F.linear(x, weight, bias).split([k, k * m], dim=-1)
+        alpha, z = padded_linear(
+            x, [self.alpha_weight, self.z_weight.reshape(k * m, d)], [self.alpha_bias, self.z_bias.reshape(k * m)]
+        )
         return alpha, z.reshape(x.shape[0], k, m)
 
     def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -222,13 +354,13 @@ class DSelectK(BaseGate):
         return (bits.to(torch.long) * powers).sum(dim=-1)
 
     # ------------------------------------------------------------------ distributions
-    def _selector_distribution(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-selector distributions ``[..., n]`` from ``S(z)`` ``[..., m]`` and the reachable mass."""
+    def _selector_distribution(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-selector distributions ``[..., n]`` from the code logits ``z`` ``[..., m]`` and the reachable mass."""
         n = self.num_experts
+        full = _SmoothSelector.apply(z, self.gamma, self._log_codes.to(z.dtype))
         if self.is_power_of_two:
-            return selector_fast(s, n, log_codes=self._log_codes), None
+            return full, None
         half = 2 ** (self.num_bits - 1)
-        full = selector_fast(s, 2 * half, log_codes=self._log_codes)
         reach = full[..., :n]
         mass = reach.sum(dim=-1)
         lo = n - half  # unreachable code c in [n, 2*half) folds onto c - half in [lo, half)
@@ -247,13 +379,18 @@ class DSelectK(BaseGate):
         batch = x.shape[0]
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
         alpha, z = self._logits(None if self.is_static else x)
-        r, mass = self._selector_distribution(smooth_step(z, self.gamma))
-        mix = torch.softmax(alpha, dim=-1)
-        weights = (mix.unsqueeze(-1) * r).sum(dim=-2)
-        loss = self._zero_loss(weights)
         lam = resolve_weight(self.entropy_weight, calls)
+        if self.is_power_of_two:
+            weights, r, mix, ent = _DSelectKGate.apply(alpha, z, self.gamma, self._log_codes.to(z.dtype), lam != 0.0)
+            mass = None
+        else:
+            r, mass = self._selector_distribution(z)
+            mix = selector_softmax(alpha)
+            weights = mix_selectors(mix, r)
+            ent = entropy(r, eps=_EPS).sum(dim=-1) if lam != 0.0 else None
+        loss = self._zero_loss(weights)
         if lam != 0.0:
-            loss = loss + lam * self._mean_over_batch(entropy(r, eps=_EPS).sum(dim=-1), batch)
+            loss = loss + lam * self._mean_over_batch(ent, batch)
         if mass is not None and self.reachability_weight != 0.0:
             penalty = -torch.log((mass + _EPS) / (1.0 + _EPS)).sum(dim=-1)
             loss = loss + self.reachability_weight * self._mean_over_batch(penalty, batch)
@@ -284,7 +421,7 @@ class DSelectK(BaseGate):
             weights=weights,
             loss=self._zero_loss(weights),
             selector_weights=one_hot,
-            selector_mix=torch.softmax(alpha, dim=-1),
+            selector_mix=selector_softmax(alpha),
         )
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .._validation import check_int, check_positive_float
 
-__all__ = ["smooth_step", "smooth_step_init_", "GammaAnnealing"]
+__all__ = ["smooth_step", "smooth_step_slope", "smooth_step_init_", "GammaAnnealing", "padded_linear"]
 
 
 @dataclass(frozen=True)
@@ -60,17 +62,79 @@ class GammaAnnealing:
         return gamma0 * self.final_ratio**frac
 
 
+def _clamped_ratio(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``u = clamp(t / gamma, -1/2, 1/2)``: the smooth step is a cubic of ``u`` that is exactly 0 / 1 at the ends."""
+    return (t / gamma).clamp(-0.5, 0.5)
+
+
+def smooth_step_slope(t: torch.Tensor, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S(t), S'(t))`` without autograd, for fused backward passes (:func:`smooth_step` is the differentiable form).
+
+    ``S'(t) = (3/2 - 6 u^2) / gamma`` with ``u = clamp(t / gamma, -1/2, 1/2)``: exactly 0 outside the cubic region.
+    """
+    u = _clamped_ratio(t, gamma)
+    u2 = u * u
+    s = u * (1.5 - 2.0 * u2) + 0.5
+    return s, (1.5 - 6.0 * u2) / gamma
+
+
+class _SmoothStep(torch.autograd.Function):
+    """One elementwise forward and one elementwise backward (the slope is kept from the forward)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        s, slope = smooth_step_slope(t, gamma)
+        ctx.save_for_backward(slope)
+        return s
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (slope,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * slope, None
+
+
 def smooth_step(t: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """S(t): 0 for t <= -gamma/2, 1 for t >= gamma/2, and the C¹ cubic -2t³/γ³ + 3t/(2γ) + 1/2 between.
 
-    The gradient is exactly zero outside the cubic region, so a saturated unit stops learning.
+    Computed as the cubic ``u (3/2 - 2u²) + 1/2`` of ``u = clamp(t/γ, -1/2, 1/2)`` (exactly 0 and 1 at
+    the ends). The gradient is exactly zero outside the cubic region, so a saturated unit stops learning.
+
+    >>> smooth_step(torch.tensor([-1.0, 0.0, 0.25, 1.0]))
+    tensor([0.0000, 0.5000, 0.8438, 1.0000])
     """
-    cubic = -2.0 * t**3 / gamma**3 + 1.5 * t / gamma + 0.5
-    out = torch.where(t <= -gamma / 2, torch.zeros_like(t), cubic)
-    return torch.where(t >= gamma / 2, torch.ones_like(t), out)
+    if torch.is_grad_enabled() and t.requires_grad:
+        return _SmoothStep.apply(t, gamma)
+    return _clamped_ratio_cubic(t, gamma)
+
+
+def _clamped_ratio_cubic(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    u = _clamped_ratio(t, gamma)
+    return u * (1.5 - 2.0 * u * u) + 0.5
 
 
 def smooth_step_init_(tensor: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Initialise in place inside the fractional region, U(-γ/100, γ/100) as in the official code."""
     with torch.no_grad():
         return tensor.uniform_(-gamma / 100.0, gamma / 100.0)
+
+
+def padded_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` as one matrix product.
+
+    The stacked output is padded with zero rows to a multiple of 16 columns: on the CPU a product
+    with, say, 10 or 62 output columns takes about as long as one with 32 or 80 (the odd width
+    falls off the fast kernels), so the gates' fused logits are computed 16 columns at a time.
+    The padding's output is dropped (it receives no gradient).
+
+    >>> a, b = padded_linear(torch.ones(2, 3), [torch.ones(1, 3), torch.ones(2, 3)], [torch.zeros(1), torch.ones(2)])
+    >>> a.tolist(), b.tolist()
+    ([[3.0], [3.0]], [[4.0, 4.0], [4.0, 4.0]])
+    """
+    sizes = [w.shape[0] for w in weights]
+    pad = -sum(sizes) % 16
+    parts_w, parts_b = list(weights), list(biases)
+    if pad:
+        parts_w.append(weights[0].new_zeros(pad, weights[0].shape[1]))
+        parts_b.append(biases[0].new_zeros(pad))
+    out = F.linear(x, torch.cat(parts_w), torch.cat(parts_b))
+    return list(out.split(sizes + ([pad] if pad else []), dim=-1)[: len(sizes)])

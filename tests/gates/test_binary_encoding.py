@@ -158,3 +158,15 @@ def test_selector_fast_equals_the_reference_product(n):
     fast, ref = selector_fast(z, n), selector(z, n)
     torch.testing.assert_close(fast, ref, atol=1e-15, rtol=1e-13)
     assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1, 0] == 0, ref[1, 0] == 0)
+
+
+def test_selector_softmax_and_mix_selectors_match_the_plain_forms() -> None:
+    from routing_search.gates.binary_encoding import mix_selectors, selector_softmax
+
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.randn(6, 3, generator=g, dtype=torch.float64) * 20
+    rows = torch.rand(6, 3, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(selector_softmax(alpha), torch.softmax(alpha, -1), atol=1e-15, rtol=1e-14)
+    mix = selector_softmax(alpha)
+    torch.testing.assert_close(mix_selectors(mix, rows), (mix.unsqueeze(-1) * rows).sum(-2), atol=1e-15, rtol=1e-14)
+    assert mix_selectors(torch.ones(1), torch.eye(4)[:1]).tolist() == [1.0, 0.0, 0.0, 0.0]  # k = 1, no batch

@@ -325,3 +325,92 @@ def test_is_binary_ignores_nodes_behind_a_zero_branch() -> None:
     with torch.no_grad():
         gate.node_logits[0, 1] = 0.001  # a fractional node on the path
     assert not gate.is_binary()
+
+
+# ---------------------------------------------------------------- fused forward/backward and the hard walk
+def _all_outputs(gate: COMET, x: torch.Tensor):
+    """A function of the gate's parameters returning every output, for gradcheck."""
+    names = [name for name, _ in gate.named_parameters()]
+
+    def run(*params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = functional_call(gate, dict(zip(names, params)), (x,))
+        return out.weights, out.selector_weights, out.selector_mix, out.loss
+
+    return run, tuple(p.detach().clone().requires_grad_() for p in gate.parameters())
+
+
+@pytest.mark.parametrize(("n", "k"), [(2, 1), (5, 2), (8, 3)])
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("entropy_weight", [0.0, 0.3])
+def test_fused_gate_passes_gradcheck_on_every_output(n: int, k: int, static: bool, entropy_weight: float) -> None:
+    """The hand-written backward (one autograd Function for the whole gate) against finite differences,
+    output by output (so the paths where the other outputs get no gradient are checked too)."""
+    gate = make_gate(n, k, static, seed=n + k, entropy_weight=entropy_weight, anneal=None).double()
+    with torch.no_grad():
+        for name, p in gate.named_parameters():
+            p.uniform_(-0.3, 0.3) if name.startswith("node") else p.normal_()
+    run, params = _all_outputs(gate, torch.randn(4, D, dtype=torch.float64))
+    assert torch.autograd.gradcheck(run, params, eps=1e-6, atol=1e-7)
+
+
+def test_fused_backward_gives_no_gradient_through_a_zero_branch() -> None:
+    """A node whose branch has probability exactly 0 (saturated parent) passes no gradient, finite everywhere."""
+    gate = make_gate(5, 2, True, entropy_weight=0.5, anneal=None).double()
+    with torch.no_grad():
+        gate.node_logits.uniform_(-0.2, 0.2)
+        gate.node_logits[0, 0] = 10.0  # tree 0 always goes left at the root: the right subtree is unreachable
+    out = gate(torch.zeros(3, 1, dtype=torch.float64))
+    total = out.weights[:, 1].sum() + out.selector_weights.sum() * 0.1 + out.selector_mix[:, 0].sum() + out.loss
+    total.backward()
+    grad = gate.node_logits.grad
+    assert grad is not None and bool(torch.isfinite(grad).all())
+    assert grad[0, 0] == 0 and grad[0, 2] == 0  # saturated root; node 2 is behind the zero branch
+
+
+def _rounded_reference(gate: COMET, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hard gate as the soft formula with the rounded node decisions plugged in (the former implementation)."""
+    from routing_search.gates.binary_encoding import log_factors
+
+    nodes, leaves = gate._logits(x)
+    s = gate.node_outputs(x)
+    bits = (s > 0.5).to(s.dtype)
+    log_pi = log_factors(torch.cat([bits, 1 - bits], dim=-1)) @ gate._paths
+    scores = leaves + log_pi
+    joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)
+    return joint.sum(-2), torch.softmax(scores, dim=-1), joint.sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "k"), [(2, 1), (3, 2), (5, 3), (7, 2), (16, 2), (16, 4)])
+@pytest.mark.parametrize("scale", [0.0, 1e-12, 1e-3, 1.0, 30.0])
+def test_hard_walk_equals_the_rounded_soft_formula_bit_for_bit(dtype: torch.dtype, n: int, k: int, scale: float) -> None:
+    """hard() walks each tree by its rounded node decisions; the result is bit for bit the soft formula with
+    the rounded reach plugged in, on random inputs with ties (logits exactly 0, or so small that S rounds to 1/2)."""
+    torch.manual_seed(n * 10 + k)
+    gate = COMET(n, k, D, gamma=0.7, anneal=None).to(dtype)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_().mul_(scale)
+            p.view(-1)[::4] = 0.0
+    x = torch.randn(300, D, dtype=dtype)
+    x[::3] = 0.0  # every node logit is its bias: many exact zeros
+    x[1::7] *= 1e-30
+    hard = gate.hard(x)
+    ref_w, ref_sel, ref_mix = _rounded_reference(gate, x)
+    assert torch.equal(hard.weights, ref_w)
+    assert torch.equal(hard.selector_weights, ref_sel)
+    assert torch.equal(hard.selector_mix, ref_mix)
+    assert torch.equal(gate.reached_leaves(x), ref_sel.argmax(-1))
+    probe = torch.randn(n, dtype=dtype)
+    leaf_params = [gate.leaf_weight, gate.leaf_bias]
+    got = torch.autograd.grad((hard.weights @ probe).sum(), leaf_params)
+    want = torch.autograd.grad((ref_w @ probe).sum(), leaf_params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=1e-6)
+
+
+def test_reached_leaves_static_and_in_expert_order() -> None:
+    gate = COMET(3, 2)  # heap leaves 3, 4 (under node 1) and 2; experts in left-to-right order (3, 4, 2)
+    with torch.no_grad():
+        gate.node_logits.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))  # tree 0: left, right -> heap 4
+    assert gate.reached_leaves().tolist() == [1, 2]  # tree 1: right at the root -> heap 2 = expert 2

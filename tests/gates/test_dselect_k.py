@@ -417,3 +417,69 @@ def test_default_annealing_and_set_annealing() -> None:
     assert gate.gamma == 1.0
     with pytest.raises(TypeError, match="anneal"):
         gate.set_annealing(0.5)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- fused forward/backward
+def test_smooth_step_gradcheck_and_exact_ends() -> None:
+    """The one-Function smooth step against finite differences, exactly 0/1 with zero slope at and beyond ±γ/2."""
+    t = torch.tensor([-0.4, -0.1, 0.0, 0.05, 0.3, 0.44], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: smooth_step(u, 0.9), (t,))
+    ends = torch.tensor([-5.0, -0.45, 0.45, 5.0], dtype=torch.float64, requires_grad=True)
+    s = smooth_step(ends, 0.9)
+    assert s.tolist() == [0.0, 0.0, 1.0, 1.0]
+    (grad,) = torch.autograd.grad(s.sum(), ends)
+    assert grad.tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def _all_outputs(gate: DSelectK, x: torch.Tensor):
+    names = [name for name, _ in gate.named_parameters()]
+
+    def run(*params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = functional_call(gate, dict(zip(names, params)), (x,))
+        return out.weights, out.selector_weights, out.selector_mix, out.loss
+
+    return run, tuple(p.detach().clone().requires_grad_() for p in gate.parameters())
+
+
+@pytest.mark.parametrize(("n", "k", "unreachable"), [(2, 1, "renormalize"), (8, 2, "renormalize"), (16, 3, "fold"), (6, 2, "renormalize"), (5, 2, "fold")])
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("entropy_weight", [0.0, 0.3])
+def test_fused_gate_passes_gradcheck_on_every_output(n: int, k: int, unreachable: str, static: bool, entropy_weight: float) -> None:
+    """The hand-written backward (the whole gate for n = 2^m, the selector table otherwise) against finite
+    differences, output by output (so the paths where the other outputs get no gradient are checked too)."""
+    gate = make_gate(
+        n, k, static, seed=n + k, entropy_weight=entropy_weight, unreachable=unreachable,
+        reachability_weight=0.5, anneal=None,
+    ).double()
+    with torch.no_grad():
+        for name, p in gate.named_parameters():
+            p.uniform_(-0.3, 0.3) if name.startswith("z") else p.normal_()
+    run, params = _all_outputs(gate, torch.randn(4, D, dtype=torch.float64))
+    assert torch.autograd.gradcheck(run, params, eps=1e-6, atol=1e-7)
+
+
+def test_fused_backward_through_zero_factors_equals_the_composed_autograd() -> None:
+    """Saturated bits (a factor exactly 0), and S rounding to 1 inside the cubic region (a slope that is not 0
+    next to a factor 1 - s that is): the fused backward is finite and equals autograd through the composed
+    ops (smooth step, selector_fast, softmax), where a zero factor passes no gradient."""
+    from routing_search.gates.binary_encoding import mix_selectors, selector_fast, selector_softmax
+
+    gate = make_gate(8, 2, True, anneal=None).double()
+    with torch.no_grad():
+        gate.z_logits.uniform_(-0.2, 0.2)
+        gate.z_logits[0, 0] = 10.0
+        gate.z_logits[1, 1] = 0.5 - 1e-9  # S = 1 - 6e-18 rounds to 1 in float64, slope about 6e-9
+    assert gate.smooth_codes()[1, 1] == 1.0
+    out = gate(torch.zeros(3, 1, dtype=torch.float64))
+    r = selector_fast(smooth_step(gate.z_logits, gate.gamma), 8)
+    mix = selector_softmax(gate.alpha_logits)
+    probe_w, probe_r = torch.randn(8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    params = [gate.alpha_logits, gate.z_logits]
+    got = torch.autograd.grad(
+        (out.weights[0] @ probe_w) + (out.selector_weights[0] * probe_r).sum() + out.selector_mix[0, 0], params
+    )
+    want = torch.autograd.grad((mix_selectors(mix, r) @ probe_w) + (r * probe_r).sum() + mix[0], params)
+    for a, b in zip(got, want):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert got[1][0, 0] == 0  # the saturated bit
