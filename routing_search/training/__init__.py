@@ -12,7 +12,8 @@ from .history import FitResult, History
 from .loop import fit
 from ..losses import bce_with_logits_loss, cross_entropy_loss, mse_loss, multitask_loss
 from .schedule import SearchSchedule
-from .searcher import LocalSearcher
+from ..search.refit import RefitOptions
+from .searcher import LocalSearcher, Searcher
 from .sinkhorn_schedule import anneal_sinkhorn
 from .task_metrics import TaskMetric
 
@@ -29,6 +30,8 @@ __all__ = [
     "gate_report",
     "harden_model",
     "LocalSearcher",
+    "Searcher",
+    "RefitOptions",
     "task_metrics",
     "TaskMetric",
     "save_checkpoint",
