@@ -48,48 +48,46 @@ class _SmoothSelector(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor, gamma: float, log_codes: torch.Tensor
     ) -> torch.Tensor:
-        factors, signed = _code_factors(z, gamma)
+        factors, slope = _code_factors(z, gamma)
         r = _log_selector(factors, log_codes)
-        ctx.save_for_backward(r, factors, signed, log_codes)
+        ctx.save_for_backward(r, factors, slope, log_codes)
         return r
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        r, factors, signed, log_codes = ctx.saved_tensors  # type: ignore[attr-defined]
-        return _factor_grad(_code_product_t(grad * r, log_codes), factors, signed), None, None
+        r, factors, slope, log_codes = ctx.saved_tensors  # type: ignore[attr-defined]
+        return _selector_backward(grad * r, factors, slope, log_codes), None, None
 
 
 def _code_factors(z: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors ``(1 - s, s)`` ``[..., m, 2]`` of ``s = S(z)`` and the signed slopes ``(-S'(z), S'(z))``."""
+    """Factors ``[1 - s, s]`` ``[..., 2m]`` (all ``1 - s_j`` first) of ``s = S(z)``, and ``S'(z)`` ``[..., m]``."""
     s, slope = smooth_step_slope(z, gamma)
-    return torch.stack([1 - s, s], dim=-1), torch.stack([-slope, slope], dim=-1)
+    return torch.cat([1 - s, s], dim=-1), slope
 
 
-def _log_selector(factors: torch.Tensor, log_codes: torch.Tensor) -> torch.Tensor:
-    """``r = exp(log(factors) @ log_codes)`` with :func:`zero_log` for zero factors (exact zeros in ``r``).
+def _log_selector(factors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``r = exp(log(factors) @ codes)`` with :func:`zero_log` for zero factors (exact zeros in ``r``).
 
     ``log 0 = -inf`` is raised to ``zero_log`` by the clamp; every positive factor's log is far above it.
     """
     logs = torch.log(factors).clamp_min_(zero_log(factors.dtype))
-    return torch.exp(logs.flatten(-2) @ log_codes)
+    return torch.exp(logs @ codes)
 
 
-def _code_product_t(rows: torch.Tensor, log_codes: torch.Tensor) -> torch.Tensor:
-    """``rows @ log_codes.T`` (``[..., 2^m] -> [..., 2m]``), computed as ``(log_codes @ rows.T).T``
-    (the narrow product is several times faster in that orientation on the CPU)."""
-    flat = rows.reshape(-1, rows.shape[-1])
-    return (log_codes @ flat.t()).t().reshape(*rows.shape[:-1], log_codes.shape[0])
+def _selector_backward(rows: torch.Tensor, factors: torch.Tensor, slope: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``dL/dz`` ``[..., m]`` from ``rows = dL/dr * r`` ``[..., 2^m]``.
 
-
-def _factor_grad(glog: torch.Tensor, factors: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
-    """``dL/dz`` ``[..., m]`` from ``dL/d log factor`` ``[..., 2m]``: ``sum_b glog_b S'_b / f_b``.
-
-    A zero factor's ``glog`` is exactly 0 (every code behind it has ``r = 0``), and dividing by the
-    factor clamped to the smallest normal number keeps it 0: no gradient, as the autograd of
+    ``dL/d log f = rows @ codes.T``, computed as ``(codes @ rows.T).T`` (several times faster in that
+    orientation on the CPU), then ``dL/dz_j = S'_j (g_{s_j} / s_j - g_{1-s_j} / (1 - s_j))``. A zero
+    factor's ``g`` is exactly 0 (every code behind it has ``r = 0``), and dividing by the factor
+    clamped to the smallest normal number keeps it 0: no gradient, as the autograd of
     :func:`log_factors` gives.
     """
-    tiny = torch.finfo(factors.dtype).tiny
-    return (glog.view_as(factors) / factors.clamp_min(tiny) * signed).sum(dim=-1)
+    m = slope.shape[-1]
+    glog = codes @ rows.reshape(-1, rows.shape[-1]).t()  # [2m, rows]
+    f = factors.reshape(-1, 2 * m).clamp_min(torch.finfo(factors.dtype).tiny)
+    grad = glog[m:].t() / f[:, m:] - glog[:m].t() / f[:, :m]
+    return (grad * slope.reshape(-1, m)).reshape(slope.shape)
 
 
 class _DSelectKGate(torch.autograd.Function):
@@ -113,7 +111,7 @@ class _DSelectKGate(torch.autograd.Function):
         with_entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)  # type: ignore[attr-defined]
-        factors, signed = _code_factors(z, gamma)
+        factors, slope = _code_factors(z, gamma)
         r = _log_selector(factors, log_codes)
         mix = selector_softmax(alpha)
         weights = mix_selectors(mix, r)
@@ -127,7 +125,7 @@ class _DSelectKGate(torch.autograd.Function):
             ent_rows = r_log + r * r / shifted
         else:
             ent = r.new_zeros(r.shape[:-2])
-        ctx.save_for_backward(r, mix, factors, signed, log_codes, ent_rows)  # type: ignore[arg-type]
+        ctx.save_for_backward(r, mix, factors, slope, log_codes, ent_rows)  # type: ignore[arg-type]
         return weights, r, mix, ent
 
     @staticmethod
@@ -138,7 +136,7 @@ class _DSelectKGate(torch.autograd.Function):
         g_mix: torch.Tensor | None,
         g_ent: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
-        r, mix, factors, signed, log_codes, ent_rows = ctx.saved_tensors  # type: ignore[attr-defined]
+        r, mix, factors, slope, log_codes, ent_rows = ctx.saved_tensors  # type: ignore[attr-defined]
         grad_mix = g_mix
         rg = None  # dL/dr * r, the rows of the code-matrix product
         if g_weights is not None:
@@ -154,7 +152,7 @@ class _DSelectKGate(torch.autograd.Function):
         grad_alpha = None
         if grad_mix is not None:
             grad_alpha = mix * (grad_mix - (mix * grad_mix).sum(dim=-1, keepdim=True))
-        grad_z = None if rg is None else _factor_grad(_code_product_t(rg, log_codes), factors, signed)
+        grad_z = None if rg is None else _selector_backward(rg, factors, slope, log_codes)
         return grad_alpha, grad_z, None, None, None
 
 
@@ -251,7 +249,9 @@ class DSelectK(BaseGate):
         )
         self.num_bits = num_bits(n)
         m = self.num_bits
-        self.register_buffer("_log_codes", log_code_matrix(m), persistent=False)
+        # Rows of log_code_matrix reordered to the factor layout [1 - s_0 .. 1 - s_{m-1}, s_0 .. s_{m-1}].
+        order = [2 * j for j in range(m)] + [2 * j + 1 for j in range(m)]
+        self.register_buffer("_log_codes", log_code_matrix(m)[order], persistent=False)
         if input_dim is None:
             self.alpha_logits = nn.Parameter(torch.empty(k))
             self.z_logits = nn.Parameter(torch.empty(k, m))
