@@ -5,9 +5,11 @@ experts selected per task and support recovery against the truth.
 
 Part 2 is the case local search exists for: every task's static DSelect-k gate starts collapsed onto
 the same two experts with saturated codes, where the smooth-step has zero gradient, so first-order
-training cannot move the selection. It compares first-order training alone, first-order training
-alternated with permutation local search, and learned Sinkhorn permutations (COMET+), over several
-seeds (every task gate has its own permutation in both, searched or learned), and saves a plot of each task's expert weights over training (the DSelect-k Fig. 2 view).
+training cannot move the selection. It compares, paired by seed, first-order training alone, the
+control (one random permutation before training, then first-order training), first-order training
+alternated with the frozen-expert local search, the same with the refit-aware search, and learned
+Sinkhorn permutations (COMET+); it prints each arm's per-seed wins against the control and says in words
+what they mean, and saves a plot of each task's expert weights over training (the DSelect-k Fig. 2 view).
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from ..gates import COMET, DSelectK, GumbelSoftmax, Softmax, TopK
 from ..layers import MultiGateMoE, make_experts
 from ..metrics import match_experts_by_outputs, support_recovery
 from ..search import SinkhornPermutation
+from ..search.refit import RefitOptions
 from ..search.codes import set_selector_slot
 from ..training import SearchSchedule, fit, multitask_loss
 from .output import new_run_dir
 
-__all__ = ["run_demo", "DemoConfig", "train_and_score"]
+__all__ = ["run_demo", "DemoConfig", "train_and_score", "permute_randomly", "paired_against_control", "verdict"]
 
 
 @dataclass
@@ -127,6 +130,79 @@ def train_and_score(
     return scores
 
 
+FIRST_ORDER_ARM = "first-order only"
+RANDOM_ARM = "random permutation (control)"
+SEARCH_ARM = "first-order + local search"
+REFIT_ARM = "first-order + refit search"
+SINKHORN_ARM = "learned Sinkhorn (COMET+)"
+COLLAPSE_ARMS = (FIRST_ORDER_ARM, RANDOM_ARM, SEARCH_ARM, REFIT_ARM, SINKHORN_ARM)
+
+
+def _collapse_gate(arm: str, cfg: DemoConfig) -> Callable[[], nn.Module]:
+    if arm == SINKHORN_ARM:
+        return lambda: SinkhornPermutation(DSelectK(num_experts=cfg.num_experts, k=cfg.k), anneal_steps=3)
+    return lambda: DSelectK(num_experts=cfg.num_experts, k=cfg.k)
+
+
+def _collapse_search(arm: str) -> SearchSchedule | None:
+    if arm == SEARCH_ARM:
+        # Frequent searches early matter here: a move pays off only once the target expert has learnt something.
+        return SearchSchedule(method="swap", every_steps=10)
+    if arm == REFIT_ARM:
+        # Scores each swap after a closed-form refit of the moved experts' last layer, so an untrained
+        # expert is judged by what it could fit; once before training, then every 100 steps.
+        return SearchSchedule(method="swap", every_steps=100, at_start=True, refit=RefitOptions(ridge=1e-3, max_iter=8), fit_rows=512)
+    return None
+
+
+def permute_randomly(model: MultiGateMoE, rng: np.random.Generator) -> None:
+    """The control: one random, never identity, permutation per row of every permutation module."""
+    for module in model.permutations:
+        rows = []
+        for _ in range(module.num_selectors):
+            perm = rng.permutation(module.num_experts)
+            while np.array_equal(perm, np.arange(module.num_experts)):
+                perm = rng.permutation(module.num_experts)
+            rows.append(perm)
+        module.set(np.stack(rows))
+
+
+def paired_against_control(per_method: dict[str, list[dict]], *, threshold: float = 0.01) -> dict[str, dict]:
+    """Per arm, seed by seed against the random-permutation control: wins / losses by >= 1 % and the median ratio."""
+    control = [r["test_loss"] for r in per_method[RANDOM_ARM]]
+    out: dict[str, dict] = {}
+    for name, results in per_method.items():
+        if name == RANDOM_ARM:
+            continue
+        ratios = [r["test_loss"] / c for r, c in zip(results, control)]
+        out[name] = {
+            "wins": int(sum(q <= 1 - threshold for q in ratios)),
+            "losses": int(sum(q >= 1 + threshold for q in ratios)),
+            "seeds": len(ratios),
+            "median_ratio": float(np.median(ratios)),
+        }
+    return out
+
+
+def verdict(comparisons: dict[str, dict], seeds: int) -> str:
+    """What the Part 2 numbers mean, in words."""
+    lines = [
+        "What this means: every arm starts from the same collapsed router, data and batches (paired by seed).",
+        "The control applies one random permutation before training: it breaks the collapse as well as any",
+        "search could, so a method helps only if it ends lower than the control on most seeds.",
+    ]
+    for name, c in comparisons.items():
+        helps = c["wins"] >= max(1, int(np.ceil(0.8 * c["seeds"]))) and c["losses"] == 0
+        lines.append(
+            f"- {name}: >= 1 % lower test MSE than the control on {c['wins']}/{c['seeds']} seed(s), higher on "
+            f"{c['losses']}; median ratio {c['median_ratio']:.3f} -> "
+            + ("beats the control." if helps else "does not beat the control.")
+        )
+    if seeds < 5:
+        lines.append(f"({seeds} seed(s) only: pass --seeds 10 for a verdict worth quoting.)")
+    return "\n".join(lines)
+
+
 def collapse(model: MultiGateMoE, experts: tuple[int, ...]) -> None:
     """Point every selector of every (static DSelect-k) task gate at the same experts, saturated."""
     for gate in model.gates:
@@ -215,26 +291,20 @@ def run_demo(*, out: str = "runs", seeds: int = 3, epochs: int = 30, quick: bool
             summary["gates"][label] = {k: v for k, v in r.items() if k != "weights_over_epochs"}
     _print_table("Part 1 - gates from a normal start (seed 0)", rows)
 
-    # Part 2: a collapsed router, several seeds.
-    methods = ("first-order only", "first-order + local search", "learned Sinkhorn (COMET+)")
-    per_method: dict[str, list[dict]] = {name: [] for name in methods}
+    # Part 2: a collapsed router, several seeds, every arm paired by seed (same data, init, batches).
+    per_method: dict[str, list[dict]] = {name: [] for name in COLLAPSE_ARMS}
     plots: dict[str, list] = {}
     for seed in range(seeds):
         data = make_synthetic_moe(
             num_samples=cfg.num_samples, input_dim=cfg.input_dim, num_experts=cfg.num_experts, k=cfg.k,
             num_tasks=cfg.num_tasks, noise=cfg.noise, seed=100 + seed,
         )
-        for name in methods:
-            if name == "learned Sinkhorn (COMET+)":
-                make_gate = lambda: SinkhornPermutation(DSelectK(num_experts=cfg.num_experts, k=cfg.k), anneal_steps=3)
-                search = None
-            else:
-                make_gate = lambda: DSelectK(num_experts=cfg.num_experts, k=cfg.k)
-                # Frequent searches early matter here: a move pays off only once the target expert has learnt something.
-                search = SearchSchedule(method="swap", every_steps=10) if "local search" in name else None
-            model = _build(cfg, make_gate, seed=seed)
+        for name in COLLAPSE_ARMS:
+            model = _build(cfg, _collapse_gate(name, cfg), seed=seed)
             collapse(model, tuple(range(cfg.k)))
-            r = train_and_score(cfg, data, model, search=search, seed=seed, progress=progress)
+            if name == RANDOM_ARM:
+                permute_randomly(model, np.random.default_rng(1000 + seed))
+            r = train_and_score(cfg, data, model, search=_collapse_search(name), seed=seed, progress=progress)
             per_method[name].append(r)
             if seed == 0:
                 plots[name] = r["weights_over_epochs"]
@@ -244,6 +314,9 @@ def run_demo(*, out: str = "runs", seeds: int = 3, epochs: int = 30, quick: bool
         summary["collapsed_start"][name] = s
         print(f"  {name}: test MSE {s['test_loss']:.4f} ± {s['test_loss_std']:.4f}, F1 {s['f1']:.3f} ± {s['f1_std']:.3f}, "
               f"search {s['search_seconds']:.1f}s of {s['seconds']:.1f}s, {s['moves']:.1f} accepted moves")
+    comparisons = paired_against_control(per_method)
+    summary["paired_against_random"] = comparisons
+    print("\n" + verdict(comparisons, seeds))
 
     plot_path = run_dir / "expert_weights.png"
     _plot(plot_path, plots, cfg.num_tasks)

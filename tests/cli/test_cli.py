@@ -241,7 +241,11 @@ def test_demo_quick_writes_outputs_and_never_overwrites(tmp_path, frozen_stamp):
     summary = json.loads((first / "summary.json").read_text())
     assert summary["config"]["num_samples"] == 1200 and summary["config"]["num_tasks"] == 3
     assert set(summary["gates"]) >= {"Softmax", "TopK", "TopK + local search", "DSelectK", "DSelectK + local search", "COMET"}
-    assert set(summary["collapsed_start"]) == {"first-order only", "first-order + local search", "learned Sinkhorn (COMET+)"}
+    assert set(summary["collapsed_start"]) == {
+        "first-order only", "random permutation (control)", "first-order + local search",
+        "first-order + refit search", "learned Sinkhorn (COMET+)",
+    }
+    assert set(summary["paired_against_random"]) == set(summary["collapsed_start"]) - {"random permutation (control)"}
     for scores in list(summary["gates"].values()) + list(summary["collapsed_start"].values()):
         assert math.isfinite(scores["test_loss"]) and 0 <= scores["f1"] <= 1
     before = _snapshot(first)
