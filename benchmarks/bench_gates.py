@@ -42,9 +42,10 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
 def gate_table(device: torch.device, repeats: int, n: int, k: int, d: int, batch: int) -> None:
     """Forward + backward of every gate, interleaved round by round, with the ratio to TopK.
 
-    Each round runs every gate once; a gate's ratio is the median over rounds of its time divided by
-    TopK's time in the same round, so load on a shared machine affects both alike. On the CPU the
-    clock is the process CPU time (the wall clock on CUDA).
+    Each round runs every gate once (order reversed every other round); a gate's ratio is the median
+    over rounds of its time divided by TopK's time in the same round, so load on a shared machine
+    affects both alike; the quartiles of that ratio are in brackets. On the CPU the clock is the
+    process CPU time (the wall clock on CUDA).
     """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, d, generator=gen).to(device)
@@ -78,25 +79,15 @@ def gate_table(device: torch.device, repeats: int, n: int, k: int, d: int, batch
         return step
 
     steps = {name: make_step(gate) for name, gate in gates.items()}
-    times: dict[str, list[float]] = {name: [] for name in gates}
-    for round_ in range(repeats + 2):  # two warm-up rounds
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = clock()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_ >= 2:
-                times[name].append(clock() - start)
+    times = interleaved(steps, repeats, device)
     ref = times["TopK"]
     print(f"\nGates: forward+backward, n={n}, k={k}, input={d}, batch={batch}, device={device}, "
           f"{repeats} interleaved rounds ({'wall' if device.type == 'cuda' else 'CPU'} time)")
-    print(f"{'gate':24s} {'ms/iter':>9s} {'rows/s':>12s} {'x TopK':>8s}")
+    print("(targets: DSelectK <= 1.5x TopK, COMET <= 2x TopK; ratio = median over rounds of time / TopK's time in the same round)")
+    print(f"{'gate':24s} {'ms/iter':>9s} {'rows/s':>12s} {'x TopK [q1, q3]':>22s}")
     for name, values in times.items():
         seconds = statistics.median(values)
-        ratio = statistics.median(v / r for v, r in zip(values, ref))
-        print(f"{name:24s} {seconds * 1e3:9.2f} {batch / seconds:12.0f} {ratio:7.2f}x")
+        print(f"{name:24s} {seconds * 1e3:9.2f} {batch / seconds:12.0f} {ratio_text(values, ref):>22s}")
 
 
 def legacy_combine_sparse(experts: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
