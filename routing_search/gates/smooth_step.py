@@ -1,4 +1,4 @@
-"""The smooth-step function of DSelect-k (§3.1.3) and COMET's tree nodes."""
+"""The smooth-step function of DSelect-k (§3.1.3) and COMET's tree nodes, and the fused logits product both gates use."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ def smooth_step_slope(t: torch.Tensor, gamma: float = 1.0) -> tuple[torch.Tensor
     return s, (1.5 - 6.0 * u2) / gamma
 
 
+def _clamped_ratio_cubic(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``S(t)`` alone, the same operations as :func:`smooth_step_slope` (so both give the same bits)."""
+    u = _clamped_ratio(t, gamma)
+    return u * (1.5 - 2.0 * (u * u)) + 0.5
+
+
 class _SmoothStep(torch.autograd.Function):
     """One elementwise forward and one elementwise backward (the slope is kept from the forward)."""
 
@@ -105,11 +111,6 @@ def smooth_step(t: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     if torch.is_grad_enabled() and t.requires_grad:
         return _SmoothStep.apply(t, gamma)
     return _clamped_ratio_cubic(t, gamma)
-
-
-def _clamped_ratio_cubic(t: torch.Tensor, gamma: float) -> torch.Tensor:
-    u = _clamped_ratio(t, gamma)
-    return u * (1.5 - 2.0 * u * u) + 0.5
 
 
 def smooth_step_init_(tensor: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
