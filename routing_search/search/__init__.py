@@ -1,11 +1,12 @@
 """Discrete local search over gate→expert permutations, and learned (Sinkhorn) permutations.
 
-Modules: :mod:`.descent` (the front door :func:`local_search`), :mod:`.options` (its typed options),
+Modules: :mod:`.descent` (the front door :func:`local_search`), :mod:`.options` (its typed options), :mod:`.guards` (metrics a search must not make worse),
 :mod:`.objective` (exact, cached evaluation of candidates), :mod:`.swap_scan`, :mod:`.moves`,
 :mod:`.codes` (code moves of static binary gates) and :mod:`.sinkhorn` (learned permutations).
 """
 
 from .descent import Move, local_search
+from .guards import MetricGuard
 from .moves import MOVES, insertion_moves, perturb, rotation_moves, swap_moves
 from .objective import Candidate, DistributedSearchError, RoutingObjective
 from .options import METHODS, SearchOptions, option_names
@@ -16,6 +17,7 @@ __all__ = [
     "Move",
     "METHODS",
     "SearchOptions",
+    "MetricGuard",
     "option_names",
     "RoutingObjective",
     "Candidate",

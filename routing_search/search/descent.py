@@ -18,6 +18,7 @@ from .._validation import check_choice, check_permutation, check_rng
 from ..batches import eval_mode
 from ..distributed import all_gather_objects, broadcast_object, resolve_group
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE, make_result
+from .guards import evaluate_guards, guard_name, guard_tolerance, worse_by
 from .codes import code_sites, gate_selector_slot, moved_gate_output, set_selector_slot
 from ..layers.multigate import MultiGateMoE
 from .moves import MOVES, MoveOperator, perturb, swap_moves
@@ -61,6 +62,49 @@ class _Search:
         self.rng = rng
         self.nit = 0
         self.moves: list[Move] = []
+        self.guards = settings.guard
+        self.guard_start: list[float] = []
+        self.guard_rejections = 0
+        self.guard_moves = True  # False: try_accept does not check the guards (ILS's descents from kicks)
+
+    # -- guards
+    def _guard_values(self) -> list[float]:
+        predictions, targets = self.obj.predictions()
+        return evaluate_guards(self.guards, predictions, targets)
+
+    def start_guards(self) -> None:
+        """Record every guard's value at the start of the search (the reference of every later check)."""
+        if not self.guards:
+            return
+        self.guard_start = self._guard_values()
+        bad = [guard_name(g) for g, v in zip(self.guards, self.guard_start) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(
+                f"guard: the metric(s) {bad} are not finite at the start of the search ({self.guard_start}); "
+                "a guard needs a finite value on the evaluation data (e.g. ROC AUC needs both classes)"
+            )
+
+    def guard_rejects(self) -> bool:
+        """True (and counted in ``guard_rejections``) when a guard at the current state is worse than at the
+        start by more than its tolerance; False without guards (collective: every rank decides alike)."""
+        if not self.guards:
+            return False
+        values = self._guard_values()
+        bad = any(worse_by(g, v0, v) > guard_tolerance(g) for g, v0, v in zip(self.guards, self.guard_start, values))
+        if self.obj.any_rank(bad):
+            self.guard_rejections += 1
+            return True
+        return False
+
+    def guard_report(self) -> dict[str, dict[str, float]] | None:
+        """``{name: {'start', 'end', 'tolerance', 'greater_is_better'}}`` at the current state (None: no guards)."""
+        if not self.guards:
+            return None
+        end = self._guard_values()
+        return {
+            guard_name(g): {"start": v0, "end": v, "tolerance": guard_tolerance(g), "greater_is_better": bool(g.greater_is_better)}
+            for g, v0, v in zip(self.guards, self.guard_start, end)
+        }
 
     # -- budget
     def _check_budget(self) -> None:
@@ -89,12 +133,13 @@ class _Search:
 
     # -- acceptance
     def try_accept(self, cand: Candidate, predicted: float) -> bool:
-        """Verify a candidate exactly; keep it only if it strictly improves by more than ``tol``."""
+        """Verify a candidate exactly; keep it only if it strictly improves by more than ``tol`` and no guard
+        gets worse than at the start by more than its tolerance."""
         before_state, before = self.obj.current(), self.obj.fun
         if not predicted < before - self.s.tol:
             return False
         after = self.obj.accept(cand)
-        if after < before - self.s.tol:
+        if after < before - self.s.tol and not (self.guard_moves and self.guard_rejects()):
             old_row = before_state[cand.slot][cand.selector]
             self.moves.append(Move(cand.kind, cand.slot, cand.selector, old_row.tolist(), list(cand.row), before, after))
             self.nit += 1
@@ -216,8 +261,11 @@ def local_search(
     Keyword options (see :class:`~routing_search.search.SearchOptions` and
     :func:`~routing_search.search.option_names`): ``layer``, ``apply`` (default True: write the result
     into the model; False leaves the model as it was, codes included), ``tol``, ``max_iter``,
-    ``max_evals``, ``strategy`` (``'best'``/``'first'``), ``screen``, ``max_rows``, ``callback``;
-    ``'ils'``: ``neighbourhood``, ``perturbations``, ``strength``, ``restart_every``; ``'exhaustive'``:
+    ``max_evals``, ``strategy`` (``'best'``/``'first'``), ``screen``, ``max_rows``, ``callback``,
+    ``guard`` (validation metrics a move must not make worse, relative to the start of the search: see
+    :mod:`routing_search.search.guards`; a move the loss accepts but a guard rejects is undone, counted in
+    ``guard_rejections``, and the search goes on with the next candidate; under a process group the
+    predictions of all ranks are gathered for the metrics); ``'ils'``: ``neighbourhood``, ``perturbations``, ``strength``, ``restart_every``; ``'exhaustive'``:
     ``max_states``.
 
     Returns:
@@ -229,7 +277,9 @@ def local_search(
         returned; 2: the loss at the start is not finite, nothing was searched), ``success``
         (``status == 0``), ``message``, ``moves`` (list of :class:`Move`; applied in order to the starting
         permutations they lead to ``x``), ``method`` and, for ``'codes'``, ``codes`` (``[task, selector,
-        slot]`` of every static binary selector at the end), and ``all_reduce`` (``calls``,
+        slot]`` of every static binary selector at the end), ``guard_rejections`` (moves undone because a
+        guard rejected them), ``guard`` (``{name: {'start', 'end', 'tolerance', 'greater_is_better'}}``;
+        empty without guards), and ``all_reduce`` (``calls``,
         ``float64_values``: what the search all-reduces under a process group, counted in a single
         process too; besides, one ``all_gather_object`` at the start and one at the end).
 
@@ -275,13 +325,16 @@ def local_search(
         return make_result(
             x=objective.current(), fun=objective.fun0, nit=0, nfev=objective.nfev, status=STATUS_NONFINITE,
             message="non-finite loss at the start: nothing searched", fun0=objective.fun0, moves=[], method=method_name,
+            guard_rejections=0, guard=None,
             all_reduce={"calls": objective.all_reduce_calls, "float64_values": objective.all_reduce_values},
         )
     search = _Search(objective, opts, generator)
     saved_gates = _gate_parameters(objective) if method_name == "codes" else None
     try:
         with eval_mode(model):
+            search.start_guards()
             message, status = _run(search, method_name, move_fn, opts)
+            guard_report = search.guard_report()
         if group is not None:
             _check_ranks_agree(objective, search, group)
     except BaseException:
@@ -298,8 +351,8 @@ def local_search(
         _restore_parameters(saved_gates)
     return make_result(
         x=objective.current(), fun=objective.fun, nit=search.nit, nfev=objective.nfev, status=status, message=message,
-        fun0=objective.fun0, moves=search.moves, method=method_name,
-        all_reduce={"calls": objective.all_reduce_calls, "float64_values": objective.all_reduce_values}, **extra,
+        fun0=objective.fun0, moves=search.moves, method=method_name, guard_rejections=search.guard_rejections,
+        guard=guard_report, all_reduce={"calls": objective.all_reduce_calls, "float64_values": objective.all_reduce_values}, **extra,
     )
 
 
@@ -363,6 +416,10 @@ def _iterated_local_search(search: _Search, opts: SearchOptions) -> None:
 
     ``search.moves`` keeps the moves of the first descent and one ``'ils'`` move (with the whole state)
     per improving kick, so that replaying them from the start leads to the returned state.
+
+    Guards: the first descent checks them move by move; a descent from a kick starts from a state that
+    may be worse than the start in loss and metric alike, so its moves are not checked one by one, and
+    its end becomes the new best only if it improves the loss and passes the guards.
     """
     name = opts.neighbourhood
     obj, rng = search.obj, search.rng
@@ -380,11 +437,13 @@ def _iterated_local_search(search: _Search, opts: SearchOptions) -> None:
                 start[p][sel] = perturb(start[p][sel], opts.strength, rng)
             obj.set_state(start)
             moves_before = len(search.moves)
+            search.guard_moves = False
             try:
                 search.descend(MOVES[name], name)
             finally:  # also when a budget stops the descent: keep its end point if it is the best so far
+                search.guard_moves = True
                 del search.moves[moves_before:]  # the trajectory's moves are replaced by one 'ils' move
-                if obj.fun < best_fun - search.s.tol:
+                if obj.fun < best_fun - search.s.tol and not search.guard_rejects():
                     state = obj.current()
                     search.moves.append(Move("ils", -1, -1, [], [], best_fun, obj.fun, {"kick": kick, "state": [s.tolist() for s in state]}))
                     best_state, best_fun = state, obj.fun
@@ -407,25 +466,34 @@ def _exhaustive(search: _Search, max_states: int) -> None:
         p, s = rows[0]
         cands = [Candidate(p, s, perm, "exhaustive") for perm in itertools.permutations(range(obj.n))]
         values = obj.evaluate(cands)
-        best = int(np.argmin(values))
-        if values[best] < start_fun - search.s.tol:
-            search.try_accept(cands[best], float(values[best]))
+        # Without guards the best state only; with guards the best one that no guard rejects.
+        for best in np.argsort(values, kind="stable"):
+            if not values[best] < start_fun - search.s.tol:
+                break
+            if search.try_accept(cands[best], float(values[best])) or not search.guards:
+                break
         return
-    best_state, best_fun = None, start_fun
-    for combo in itertools.product(itertools.permutations(range(obj.n)), repeat=len(rows)):
+    improving: list[tuple[float, int, list[np.ndarray]]] = []
+    for number, combo in enumerate(itertools.product(itertools.permutations(range(obj.n)), repeat=len(rows))):
         state = [x.copy() for x in start]
         for (p, s), perm in zip(rows, combo):
             state[p][s] = perm
         value = obj.value_of(state)
-        if value < best_fun - search.s.tol:
-            best_state, best_fun = state, value
-    if best_state is not None:
+        if value < start_fun - search.s.tol:
+            improving.append((value, number, state))
+            if not search.guards:  # only the best is tried: keep one
+                improving = [min(improving, key=lambda item: item[:2])]
+    improving.sort(key=lambda item: item[:2])
+    for _, _, best_state in improving:
         after = obj.set_state(best_state)
-        if after < start_fun - search.s.tol:
+        if after < start_fun - search.s.tol and not search.guard_rejects():
             search.moves.append(Move("exhaustive", -1, -1, [], [], start_fun, after, {"state": [s.tolist() for s in best_state]}))
             search.nit += 1
-        else:
-            obj.set_state(start)
+            return
+        if not search.guards:
+            break
+    if any(not np.array_equal(a, b) for a, b in zip(obj.current(), start)):
+        obj.set_state(start)
 
 
 def _code_descent(search: _Search) -> None:
@@ -462,7 +530,7 @@ def _try_code_move(search: _Search, gates: list[nn.Module], site: Any, slot: int
     current = gate_selector_slot(gate, site.selector)
     set_selector_slot(gate, site.selector, slot)
     after = obj.refresh_gates()
-    if after < before - search.s.tol:
+    if after < before - search.s.tol and not search.guard_rejects():
         search.moves.append(Move("code", site.task, site.selector, [current], [slot], before, after))
         search.nit += 1
         return True

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._validation import check_int, check_permutation
-from ..batches import as_batch, call_model, eval_mode, num_rows, take_rows, unwrap_prediction
+from ..batches import as_batch, call_model, eval_mode, num_rows, take_rows, to_device, unwrap_prediction
 from ..distributed import all_gather_objects, all_reduce_sum, rank, resolve_group
 from ..gates.protocol import GateOutput
 from ..layers.moe import MoE, MoEOutput
@@ -399,13 +399,18 @@ class RoutingObjective:
         return task_preds if isinstance(self.layer, MultiGateMoE) else task_preds[0]
 
     def _nested_piece(self, mixtures: list[torch.Tensor], state: Sequence[torch.Tensor]) -> float:
+        """This rank's loss piece of the wrapping model with the layer's output replaced by ``mixtures``."""
+        if self.batch == 0:
+            return 0.0
+        value = self.loss_fn(self._nested_prediction(mixtures, state), self.targets)
+        return self._split_loss(value, self.batch)[1]
+
+    def _nested_prediction(self, mixtures: list[torch.Tensor], state: Sequence[torch.Tensor]) -> Any:
         """Run the wrapping model with the layer's output replaced by the given mixtures (a forward hook).
 
         The hook runs before any hook the user registered on the layer, so those see the replaced output
         as they would see the layer's own; nothing on the layer instance is replaced.
         """
-        if self.batch == 0:
-            return 0.0
         layer = self.layer
         shaped = [m.reshape((m.shape[0],) + self.out_shape) for m in mixtures]
         weights = [apply_permutation(g, state[self.task_slot[t]]) for t, g in enumerate(self.gate_outs)]
@@ -422,12 +427,34 @@ class RoutingObjective:
 
         handle = layer.register_forward_hook(replace, prepend=True)
         try:
-            value = self.loss_fn(unwrap_prediction(call_model(self.model, self.inputs)), self.targets)
+            prediction = unwrap_prediction(call_model(self.model, self.inputs))
         finally:
             handle.remove()
         if calls[0] != 1:
             raise ValueError(f"the model called the chosen MoE layer {calls[0]} times in one forward; the search needs exactly one call")
-        return self._split_loss(value, self.batch)[1]
+        return prediction
+
+    @torch.no_grad()
+    def predictions(self) -> tuple[Any, Any]:
+        """``(predictions, targets)`` of the current state on all evaluation rows (collective).
+
+        ``predictions`` is what the loss receives: the cached per-task predictions for an MoE layer
+        itself, one run of the wrapping model (with the layer's output replaced) for a nested layer.
+        Under a process group every rank's rows are gathered (``all_gather_object``, on the CPU, in rank
+        order) and every rank gets the same whole data.
+        """
+        if self.batch == 0:
+            local: Any = None
+        elif self.nested:
+            with eval_mode(self.model, self._modules):
+                local = self._nested_prediction(self.mixtures, self.state)
+        else:
+            assert self.task_preds is not None
+            local = self._assemble(self.task_preds)
+        if self.group is None:
+            return local, self.targets
+        pieces = all_gather_objects(None if local is None else (to_device(local, "cpu"), to_device(self.targets, "cpu")), self.group)
+        return as_batch([p for p in pieces if p is not None])
 
     # ------------------------------------------------------------- candidates
     @property

@@ -8,6 +8,8 @@ Example:
     'max_states'
     >>> SearchOptions(max_iter=5, strategy="first").max_iter
     5
+    >>> SearchOptions(guard=[]).guard
+    ()
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from scipy.optimize import OptimizeResult
 from torch import nn
 
 from .._validation import check_choice, check_int, check_no_unknown_options, check_positive_float
+from .guards import check_guards
 
 __all__ = ["METHODS", "COMMON_OPTIONS", "METHOD_OPTIONS", "SearchOptions", "option_names"]
 
 METHODS = ("swap", "insertion", "rotation", "ils", "exhaustive", "codes")
 """Method names of ``local_search`` (besides a callable move operator)."""
 
-COMMON_OPTIONS = ("layer", "apply", "tol", "max_iter", "max_evals", "strategy", "screen", "max_rows", "callback")
+COMMON_OPTIONS = ("layer", "apply", "tol", "max_iter", "max_evals", "strategy", "screen", "max_rows", "callback", "guard")
 """Options every method accepts."""
 
 METHOD_OPTIONS: Mapping[str, tuple[str, ...]] = {
@@ -65,6 +68,11 @@ class SearchOptions:
             evaluation (a full scan still confirms local optimality).
         max_rows: memory cap on the rows evaluated at once.
         callback: ``callback(intermediate_result)`` after each accepted move; True stops the search.
+        guard: validation metrics a move must not make worse (see :mod:`routing_search.search.guards`): a
+            :class:`~routing_search.search.MetricGuard`, a callable ``metric(predictions, targets)`` (greater
+            is better), an object with ``__call__`` and ``greater_is_better`` (e.g. a ``TaskMetric``), or a
+            list of these; stored as a tuple (empty: no guard). A move that lowers the loss is accepted only
+            if no guard is worse than at the start of the search by more than its tolerance.
         neighbourhood: ``'ils'``: the descent's neighbourhood (``'swap'``, ``'insertion'``, ``'rotation'``).
         perturbations: ``'ils'``: number of kicks (>= 0).
         strength: ``'ils'``: random swaps per kick (>= 1).
@@ -81,6 +89,7 @@ class SearchOptions:
     screen: int | None = None
     max_rows: int = 1 << 14
     callback: Callable[[OptimizeResult], bool | None] | None = None
+    guard: Any = ()
     neighbourhood: str = "swap"
     perturbations: int = 20
     strength: int = 3
@@ -102,6 +111,7 @@ class SearchOptions:
         object.__setattr__(self, "max_rows", check_int("max_rows", self.max_rows, minimum=1))
         if self.callback is not None and not callable(self.callback):
             raise TypeError("callback must be callable(intermediate_result) or None")
+        object.__setattr__(self, "guard", check_guards(self.guard))
         check_choice("neighbourhood", self.neighbourhood, _NEIGHBOURHOODS)
         object.__setattr__(self, "perturbations", check_int("perturbations", self.perturbations, minimum=0))
         object.__setattr__(self, "strength", check_int("strength", self.strength, minimum=1))
