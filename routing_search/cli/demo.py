@@ -28,13 +28,14 @@ from ..data import SyntheticMoEData, make_synthetic_moe
 from ..gates import COMET, DSelectK, GumbelSoftmax, Softmax, TopK
 from ..layers import MultiGateMoE, make_experts
 from ..metrics import match_experts_by_outputs, support_recovery
+from ..experiments.runner import apply_random_permutations
 from ..search import SinkhornPermutation
 from ..search.refit import RefitOptions
 from ..search.codes import set_selector_slot
 from ..training import SearchSchedule, fit, multitask_loss
 from .output import new_run_dir
 
-__all__ = ["run_demo", "DemoConfig", "train_and_score", "permute_randomly", "paired_against_control", "verdict"]
+__all__ = ["run_demo", "DemoConfig", "train_and_score", "paired_against_control", "verdict"]
 
 
 @dataclass
@@ -153,18 +154,6 @@ def _collapse_search(arm: str) -> SearchSchedule | None:
         # expert is judged by what it could fit; once before training, then every 100 steps.
         return SearchSchedule(method="swap", every_steps=100, at_start=True, refit=RefitOptions(ridge=1e-3, max_iter=8), fit_rows=512)
     return None
-
-
-def permute_randomly(model: MultiGateMoE, rng: np.random.Generator) -> None:
-    """The control: one random, never identity, permutation per row of every permutation module."""
-    for module in model.permutations:
-        rows = []
-        for _ in range(module.num_selectors):
-            perm = rng.permutation(module.num_experts)
-            while np.array_equal(perm, np.arange(module.num_experts)):
-                perm = rng.permutation(module.num_experts)
-            rows.append(perm)
-        module.set(np.stack(rows))
 
 
 def paired_against_control(per_method: dict[str, list[dict]], *, threshold: float = 0.01) -> dict[str, dict]:
@@ -303,7 +292,7 @@ def run_demo(*, out: str = "runs", seeds: int = 3, epochs: int = 30, quick: bool
             model = _build(cfg, _collapse_gate(name, cfg), seed=seed)
             collapse(model, tuple(range(cfg.k)))
             if name == RANDOM_ARM:
-                permute_randomly(model, np.random.default_rng(1000 + seed))
+                apply_random_permutations(model, 1000 + seed)
             r = train_and_score(cfg, data, model, search=_collapse_search(name), seed=seed, progress=progress)
             per_method[name].append(r)
             if seed == 0:

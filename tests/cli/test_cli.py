@@ -210,8 +210,9 @@ def test_study_quick_writes_reports(tmp_path, capsys):
     assert inst["samples"] == 600 and inst["epochs"] == 3
     assert len(inst["true_supports"]) == 3 and all(len(s) == 2 for s in inst["true_supports"])
     rows = report["rows"]
-    assert {(r["gate"], r["local_search"]) for r in rows} == {(g, s) for g in ("TopK", "DSelectK") for s in (False, True)}
-    assert len(rows) == 4
+    arms = ("first-order only", "random permutation (control)", "local search")
+    assert {(r["gate"], r["arm"]) for r in rows} == {(g, a) for g in ("TopK", "DSelectK") for a in arms}
+    assert len(rows) == 6
     for r in rows:
         for key in ("test_loss", "permutation_gap", "permutation_relative_gap", "subset_current", "subset_optimum", "subset_gap",
                     "experts_per_task", "support_f1", "train_seconds", "exact_seconds"):
@@ -225,10 +226,14 @@ def test_study_quick_writes_reports(tmp_path, capsys):
     md = (run / "report.md").read_text()
     assert md.startswith("# routing-search study")
     table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| gate")]
-    assert len(table) == 4
+    assert len(table) == 6
     for gate in ("TopK", "DSelectK"):
-        for flag in ("no", "yes"):
-            assert any(line.startswith(f"| {gate} | {flag} |") for line in table), (gate, flag)
+        for arm in arms:
+            assert any(line.startswith(f"| {gate} | {arm} |") for line in table), (gate, arm)
+    words = md.split("## What the numbers mean", 1)[1]
+    for gate in ("TopK", "DSelectK"):
+        line = next(line for line in words.splitlines() if line.startswith(f"- {gate}: local search is "))
+        assert "first-order training" in line and "the random control" in line and "permutation gap" in line
 
 
 @pytest.mark.slow
