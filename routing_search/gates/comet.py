@@ -124,13 +124,15 @@ class _CometGate(torch.autograd.Function):
         if grad_mix is not None:
             coef = mix * (grad_mix - (mix * grad_mix).sum(dim=-1, keepdim=True))
         if g_sel_total is not None:
-            inner = g_sel_total.sum(dim=-1)
+            # <sel_j, dL/dsel_j>: from the weights alone it is mix_j * <sel_j, g_weights> (no second pass).
+            inner = mix * from_w if g_sel is None else g_sel_total.sum(dim=-1)
             coef = -inner if coef is None else coef - inner
         grad_scores = None
         if coef is not None:
-            grad_scores = sel * coef.unsqueeze(-1)
-            if g_sel_total is not None:
-                grad_scores = grad_scores + g_sel_total
+            if g_sel_total is None:
+                grad_scores = sel * coef.unsqueeze(-1)
+            else:
+                grad_scores = torch.addcmul(g_sel_total, sel, coef.unsqueeze(-1))
         grad_log_pi = grad_scores
         if g_ent is not None and ent_rows is not None:
             neg = (-g_ent).unsqueeze(-1).unsqueeze(-1)
