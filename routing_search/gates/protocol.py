@@ -181,7 +181,6 @@ def check_gate_outputs(
     within :func:`simplex_tolerance`.
     """
     names = [f"gates[{t}]" for t in range(len(gates))] if names is None else list(names)
-    stats = []
     for out, gate, name in zip(outputs, gates, names):
         label = f"{name} ({type(gate).__name__})"
         if not isinstance(out, GateOutput):
@@ -206,13 +205,16 @@ def check_gate_outputs(
                     f"{None if sw is None else tuple(sw.shape)} and {None if sm is None else tuple(sm.shape)}; "
                     f"expected selector_weights [{rows}, k, {n}] and selector_mix [{rows}, k]"
                 )
-        if values and rows > 0:
-            with torch.no_grad():
-                d = w.detach()
-                stats.append(torch.stack([d.amin(), (d.sum(dim=1) - 1).abs().amax()]).float())
-    if not stats:
+    if not values or rows == 0:
         return list(outputs)
-    summary = torch.stack(stats).tolist()  # one host synchronisation for every gate
+    with torch.no_grad():
+        weights = [out.weights.detach() for out in outputs]
+        if len(weights) > 1 and len({(w.dtype, w.device, w.shape) for w in weights}) == 1:
+            d = torch.stack(weights)  # [gates, rows, n]: the same reductions once for every gate
+            lowest_off = torch.stack([d.amin(dim=(1, 2)), (d.sum(dim=2) - 1).abs().amax(dim=1)], dim=1).float()
+        else:
+            lowest_off = torch.stack([torch.stack([d.amin(), (d.sum(dim=1) - 1).abs().amax()]).float() for d in weights])
+    summary = lowest_off.tolist()  # one host synchronisation for every gate
     for (lowest, off), out, gate, name in zip(summary, outputs, gates, names):
         tol = simplex_tolerance(out.weights.dtype)
         if not (lowest >= 0 and off <= tol):  # also catches NaN
@@ -367,7 +369,7 @@ class BaseGate(nn.Module):
         """Return the number of training calls so far and advance the counter when training."""
         calls = int(self.calls)
         if self.training:
-            self.calls += 1
+            self.calls.add_(1)  # in place, without a trip through nn.Module.__setattr__ on every call
         return calls
 
     def _zero_loss(self, like: torch.Tensor) -> torch.Tensor:

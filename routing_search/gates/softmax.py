@@ -53,7 +53,10 @@ class Softmax(BaseGate):
         """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
         self._tick()
-        weights = torch.softmax(self.compute_logits(x) / self.temperature, dim=-1)
+        logits = self.compute_logits(x)
+        if self.temperature != 1.0:  # dividing by 1 changes nothing but costs an op and its backward
+            logits = logits / self.temperature
+        weights = torch.softmax(logits, dim=-1)
         return GateOutput(weights=weights, loss=self._zero_loss(weights))
 
     def extra_repr(self) -> str:

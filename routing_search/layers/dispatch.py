@@ -159,6 +159,16 @@ def choose_dispatch(
     batch-dependent expert raises ``ValueError`` (each expert would normalise over only its own rows);
     with a gate whose zeros carry gradient it warns (that gradient is dropped).
     """
+    if mode == "dense":
+        return mode
+    if mode == "auto":
+        # Dense whenever the weights are too dense: then the (Python-heavy) module scans below cannot
+        # change the answer and are skipped.
+        used = weights[0].ne(0)
+        for w in weights[1:]:
+            used = used.logical_or_(w.ne(0))
+        if not float(used.float().mean()) <= max_density:  # also NaN (no rows): dense, as before
+            return "dense"
     batch_dependent = any(depends_on_batch(e) for e in experts)
     grad_through_zeros = torch.is_grad_enabled() and any(w.requires_grad for w in weights) and any(
         zeros_carry_gradient(g) for g in gates
@@ -182,10 +192,7 @@ def choose_dispatch(
         return mode
     if mode != "auto":
         return mode
-    if batch_dependent or grad_through_zeros:
-        return "dense"
-    used = torch.stack(list(weights), dim=0).ne(0).any(dim=0)
-    return "sparse" if float(used.float().mean()) <= max_density else "dense"
+    return "dense" if batch_dependent or grad_through_zeros else "sparse"
 
 
 def combine(

@@ -19,7 +19,7 @@ from ..gates.protocol import (
     restore_leading,
 )
 from .dispatch import DISPATCH_MODES, all_expert_outputs, as_expert_list, combine
-from .permutation import Permutation, apply_permutation
+from .permutation import Permutation
 
 __all__ = ["MoE", "MoEOutput", "ExpertUsage", "expert_usage", "UsageMeter"]
 
@@ -113,9 +113,34 @@ class UsageMeter(nn.Module):
     def update(self, weights: torch.Tensor) -> None:
         """Add a batch of expert-space weights ``[batch, n]`` (or ``[..., n]``) to the running sums."""
         w = weights.detach().reshape(-1, weights.shape[-1]).to(self.soft_sum.dtype)
-        self.soft_sum += w.sum(dim=0)
-        self.hard_sum += (w != 0).to(w.dtype).sum(dim=0)
-        self.rows += w.shape[0]
+        # add_ rather than += on the attribute: the latter goes through nn.Module.__setattr__ every call
+        self.soft_sum.add_(w.sum(dim=0))
+        self.hard_sum.add_((w != 0).to(w.dtype).sum(dim=0))
+        self.rows.add_(w.shape[0])
+
+    @staticmethod
+    @torch.no_grad()
+    def update_all(meters: Sequence[UsageMeter], weights: Sequence[torch.Tensor]) -> None:
+        """``meters[t].update(weights[t])`` for every ``t``, batched: one float64 conversion and one
+        reduction per statistic for all meters when the weight matrices have the same shape."""
+        if len(meters) != len(weights):
+            raise ValueError(f"update_all needs one weight matrix per meter, got {len(weights)} for {len(meters)} meters")
+        shapes = {tuple(w.shape) for w in weights}
+        devices = {w.device for w in weights} | {m.soft_sum.device for m in meters}
+        dtypes = {m.soft_sum.dtype for m in meters} | {m.hard_sum.dtype for m in meters}
+        if len(meters) < 2 or len(shapes) != 1 or len(devices) != 1 or dtypes != {torch.float64}:
+            for meter, w in zip(meters, weights):
+                meter.update(w)
+            return
+        n = weights[0].shape[-1]
+        stacked = torch.stack([w.detach().reshape(-1, n) for w in weights])  # [T, rows, n]
+        soft = stacked.sum(dim=1, dtype=torch.float64)  # the values cast to float64, then summed
+        hard = torch.count_nonzero(stacked, dim=1)  # exact counts (added to the float64 sums)
+        rows = stacked.shape[1]
+        for t, meter in enumerate(meters):
+            meter.soft_sum.add_(soft[t])
+            meter.hard_sum.add_(hard[t])
+            meter.rows.add_(rows)
 
     def value(self) -> ExpertUsage:
         """Average usage over the rows seen since the last reset."""
@@ -221,7 +246,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> MoEOutput:
         """Gate, permutation, then the experts' mixture (sparse or dense dispatch); returns :class:`MoEOutput`."""
         rows, (gate_output,), lead = self.route_rows(x, task=task, key=key)
-        weights = apply_permutation(gate_output, self.permutation.index)
+        weights = self.permutation.apply(gate_output)
         (output,) = self.mix(rows, [weights])
         if self.track_usage and self.training:
             self.usage.update(weights)

@@ -22,7 +22,7 @@ from ..gates.protocol import (
 )
 from .dispatch import DISPATCH_MODES, all_expert_outputs, as_expert_list, combine
 from .moe import ExpertUsage, UsageMeter, expert_usage
-from .permutation import Permutation, apply_permutation
+from .permutation import Permutation
 
 __all__ = ["MultiGateMoE", "MultiGateOutput", "SharedBottom"]
 
@@ -165,12 +165,13 @@ class MultiGateMoE(nn.Module):
     def forward(self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None) -> MultiGateOutput:
         """Every task gate, its permutation, one shared expert pass, then the towers; returns :class:`MultiGateOutput`."""
         rows, gate_outputs, lead = self.route_rows(x, task=task, key=key)
-        weights = [apply_permutation(g, self.permutation_for(t).index) for t, g in enumerate(gate_outputs)]
+        weights = [self.permutation_for(t).apply(g) for t, g in enumerate(gate_outputs)]
         mixtures = self.mix(rows, weights)
         if self.track_usage and self.training:
-            for t, w in enumerate(weights):
-                self.meter_for(t).update(w)
-        loss = torch.stack([g.loss for g in gate_outputs]).sum()
+            UsageMeter.update_all([self.meter_for(t) for t in range(len(weights))], weights)
+        loss = gate_outputs[0].loss
+        for g in gate_outputs[1:]:
+            loss = loss + g.loss
         if len(lead) > 1:
             mixtures = [m.reshape(tuple(lead) + tuple(m.shape[1:])) for m in mixtures]
             weights = [w.reshape(tuple(lead) + (self.num_experts,)) for w in weights]

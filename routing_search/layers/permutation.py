@@ -17,7 +17,7 @@ from torch import nn
 from .._validation import check_int, check_permutation
 from ..gates.protocol import GateOutput
 
-__all__ = ["Permutation", "check_permutation", "invert_permutation"]
+__all__ = ["Permutation", "apply_permutation", "check_permutation", "invert_permutation", "permute_weights"]
 
 
 def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,12 @@ class Permutation(nn.Module):
 
     The permutation is a buffer (saved in checkpoints, moved with ``.to(device)``), not a parameter:
     it is changed by discrete search or by rounding a learned Sinkhorn permutation.
+
+    :meth:`apply` reuses the inverse permutation (and whether it is the identity) between calls. The
+    cache is keyed on the ``index`` tensor object, its storage and its in-place version counter, so any
+    change — :meth:`set`, :meth:`reset`, ``load_state_dict``, ``.to(device)``, a direct
+    ``index.copy_(...)`` or ``index[...] = ...``, or assigning a new tensor to ``index`` — is seen by the
+    next call.
     """
 
     index: torch.Tensor
@@ -39,6 +45,9 @@ class Permutation(nn.Module):
         self.num_experts = check_int("num_experts", num_experts, minimum=2)
         self.num_selectors = check_int("num_selectors", num_selectors, minimum=1)
         self.register_buffer("index", torch.arange(num_experts).repeat(num_selectors, 1))
+        # (index tensor, data pointer, version) -> (inverse, is identity); not a buffer, never saved.
+        self._inverse_key: tuple[torch.Tensor, int, int] | None = None
+        self._inverse_value: tuple[torch.Tensor, bool] | None = None
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, num_selectors={self.num_selectors}"
@@ -92,9 +101,33 @@ class Permutation(nn.Module):
         """Back to the identity."""
         self.index.copy_(torch.arange(self.num_experts, device=self.index.device).expand_as(self.index))
 
+    def inverse(self) -> tuple[torch.Tensor, bool]:
+        """``(inverse, identity)``: the inverse of every row ``[num_selectors, num_experts]`` and whether
+        every row is the identity, cached until ``index`` changes (see the class docstring)."""
+        index = self.index
+        if index.is_inference():  # no version counter to key a cache on
+            return invert_permutation(index), self.is_identity
+        key = self._inverse_key
+        if (
+            key is not None
+            and self._inverse_value is not None
+            and key[0] is index
+            and key[1] == index.data_ptr()
+            and key[2] == index._version
+        ):
+            return self._inverse_value
+        with torch.no_grad():
+            inverse = invert_permutation(index)
+            identity = bool(torch.equal(index, torch.arange(self.num_experts, device=index.device).expand_as(index)))
+        self._inverse_key = (index, index.data_ptr(), index._version)
+        self._inverse_value = (inverse, identity)
+        return self._inverse_value
+
     def apply(self, gate_output: GateOutput) -> torch.Tensor:  # type: ignore[override]  # (not nn.Module.apply(fn))
-        """Expert-space weights ``[batch, num_experts]`` from a gate output."""
-        return apply_permutation(gate_output, self.index)
+        """Expert-space weights ``[batch, num_experts]`` from a gate output (same as
+        :func:`apply_permutation` with ``index``, without recomputing the inverse on every call)."""
+        inverse, identity = self.inverse()
+        return permute_weights(gate_output, inverse, identity=identity)
 
 
 def apply_permutation(gate_output: GateOutput, index: torch.Tensor) -> torch.Tensor:
@@ -103,18 +136,32 @@ def apply_permutation(gate_output: GateOutput, index: torch.Tensor) -> torch.Ten
     n = weights.shape[1]
     if index.shape[-1] != n:
         raise ValueError(f"the gate returned weights over {n} experts but the permutation has {index.shape[-1]}")
-    inverse = invert_permutation(index.to(weights.device))
-    if index.shape[0] == 1:
-        return weights[:, inverse[0]]
+    return permute_weights(gate_output, invert_permutation(index))
+
+
+def permute_weights(gate_output: GateOutput, inverse: torch.Tensor, *, identity: bool = False) -> torch.Tensor:
+    """Expert-space weights given the inverse permutation(s) ``[S, n]`` (see :func:`apply_permutation`).
+
+    ``identity=True`` says every row of ``inverse`` is the identity: one-row permutations then return
+    the gate's weights themselves instead of a permuted copy (equal values).
+    """
+    weights = gate_output.weights
+    n = weights.shape[1]
+    if inverse.shape[-1] != n:
+        raise ValueError(f"the gate returned weights over {n} experts but the permutation has {inverse.shape[-1]}")
+    if inverse.device != weights.device:
+        inverse = inverse.to(weights.device)
+    if inverse.shape[0] == 1:
+        return weights if identity else weights[:, inverse[0]]
     if not gate_output.has_selectors:
         raise ValueError(
-            f"a permutation per selector ({index.shape[0]} rows) needs a gate that returns "
+            f"a permutation per selector ({inverse.shape[0]} rows) needs a gate that returns "
             "selector_weights and selector_mix"
         )
     sel = gate_output.selector_weights
     mix = gate_output.selector_mix
     assert sel is not None and mix is not None  # has_selectors
-    if sel.shape[1] != index.shape[0]:
-        raise ValueError(f"the gate has {sel.shape[1]} selectors but the permutation has {index.shape[0]} rows")
+    if sel.shape[1] != inverse.shape[0]:
+        raise ValueError(f"the gate has {sel.shape[1]} selectors but the permutation has {inverse.shape[0]} rows")
     permuted = torch.gather(sel, 2, inverse.unsqueeze(0).expand(sel.shape[0], -1, -1))
     return torch.einsum("bk,bkn->bn", mix, permuted)
