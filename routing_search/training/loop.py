@@ -175,6 +175,8 @@ def _search_record(result: OptimizeResult, epoch: int, step: int, seconds: float
         "moves": moves,
         # what the search all-reduced under a process group (counted in a single process too), when reported
         "all_reduce": dict(getattr(result, "all_reduce", None) or {}),
+        # moves a metric guard refused (0 without guard=)
+        "guard_rejections": int(getattr(result, "guard_rejections", 0) or 0),
     }
 
 

@@ -180,6 +180,11 @@ class LocalSearcher:
                 )
             if fit_data is None:
                 raise ValueError("refit needs fit_data: the (inputs, targets) training rows the refits are fitted on")
+            if search_options.get("guard"):
+                raise ValueError(
+                    "guard= is not applied by the refit stage (its moves are not metric-checked); search without "
+                    "refit to guard a metric, or drop guard"
+                )
         elif fit_data is not None:
             raise ValueError("fit_data is used only with refit=RefitOptions(...); pass refit or drop fit_data")
         self.refit = refit

@@ -189,3 +189,33 @@ def test_refit_schedule_on_cuda_matches_cpu() -> None:
     gpu = fit(_collapsed(), TRAIN, LOSS, epochs=1, search=_schedule(), device="cuda", **KW)
     assert [s["moves"] for s in gpu.history.searches][0] == [s["moves"] for s in cpu.history.searches][0]
     assert gpu.history.val_loss[-1] == pytest.approx(cpu.history.val_loss[-1], rel=1e-3)
+
+
+def test_a_guard_with_the_refit_stage_is_refused_not_ignored() -> None:
+    # Regression: the refit stage does not go through the guarded acceptance, so guard= was silently ignored.
+    from routing_search.search import MetricGuard
+
+    model = _collapsed()
+    guard = MetricGuard(lambda p, t: 0.0, name="constant")
+    with pytest.raises(ValueError, match="guard= is not applied by the refit stage"):
+        LocalSearcher(model, LOSS, refit=RefitOptions(), fit_data=TRAIN, guard=guard)
+    LocalSearcher(model, LOSS, guard=guard)  # without refit the guard is applied
+
+
+def test_history_counts_the_moves_a_guard_refused() -> None:
+    from routing_search.search import MetricGuard
+
+    def opposed(preds: Any, targets: Any) -> float:  # higher when the loss is higher: refuses every improving move
+        return float(LOSS(preds, targets).mean())
+
+    from routing_search.gates import TopK
+
+    def model() -> MultiGateMoE:  # per-example Top-1 routers: the epoch-end search finds improving swaps
+        torch.manual_seed(0)
+        return MultiGateMoE(make_experts(4, 3, [6], 1, generator=torch.Generator().manual_seed(0)), [TopK(4, 1, 3) for _ in range(3)])
+
+    guarded = fit(model(), TRAIN, LOSS, epochs=1, search=SearchSchedule(every_epochs=1, options={"guard": MetricGuard(opposed)}), **KW)
+    free = fit(model(), TRAIN, LOSS, epochs=1, search=SearchSchedule(every_epochs=1), **KW)
+    (g,), (f,) = guarded.history.searches, free.history.searches
+    assert f["accepted"] > 0 and f["guard_rejections"] == 0
+    assert g["accepted"] == 0 and g["guard_rejections"] > 0
