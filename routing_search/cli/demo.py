@@ -99,7 +99,7 @@ def score(model: MultiGateMoE, data: SyntheticMoEData, test: tuple[torch.Tensor,
 def train_and_score(
     cfg: DemoConfig,
     data: SyntheticMoEData,
-    model: nn.Module,
+    model: MultiGateMoE,
     *,
     search: SearchSchedule | None,
     seed: int,
