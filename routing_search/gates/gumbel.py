@@ -87,7 +87,7 @@ class GumbelSoftmax(BaseGate):
     ) -> GateOutput:
         """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
-        self._tick()
+        self._count_call()
         logits = self.compute_logits(x)
         if self.training:
             logits = logits + sample_gumbel(

@@ -94,7 +94,7 @@ class Hash(BaseGate):
     ) -> GateOutput:
         """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
-        self._tick()
+        self._count_call()
         key = self._check_key(key, x.shape[0])
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         experts = self.table.to(x.device)[key.to(x.device).long()]

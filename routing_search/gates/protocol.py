@@ -346,12 +346,14 @@ class BaseGate(nn.Module):
         """Check ``x`` once, flatten leading dimensions, run ``forward`` and restore them (class docstring)."""
         x = check_input(x, self.input_dim, validate=self.validate and not checked, tokens=True)
         rows, task, key, lead = flatten_leading(x, task, key)
-        previous = getattr(self, "_input_checked", False)
-        self._input_checked = True
+        # A plain per-call flag, written to the instance dict: nn.Module.__setattr__ costs microseconds per call.
+        state = self.__dict__
+        previous = state.get("_input_checked", False)
+        state["_input_checked"] = True
         try:
             out = super().__call__(rows, task=task, key=key)
         finally:
-            self._input_checked = previous
+            state["_input_checked"] = previous
         return out if len(lead) == 1 or not isinstance(out, GateOutput) else restore_leading(out, lead)
 
     @property
@@ -368,9 +370,13 @@ class BaseGate(nn.Module):
     def _tick(self) -> int:
         """Return the number of training calls so far and advance the counter when training."""
         calls = int(self.calls)
+        self._count_call()
+        return calls
+
+    def _count_call(self) -> None:
+        """Advance the training-call counter (training mode only), for gates that do not read it."""
         if self.training:
             self.calls.add_(1)  # in place, without a trip through nn.Module.__setattr__ on every call
-        return calls
 
     def _zero_loss(self, like: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=like.dtype, device=like.device)

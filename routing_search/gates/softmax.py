@@ -52,7 +52,7 @@ class Softmax(BaseGate):
     ) -> GateOutput:
         """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
-        self._tick()
+        self._count_call()
         logits = self.compute_logits(x)
         if self.temperature != 1.0:  # dividing by 1 changes nothing but costs an op and its backward
             logits = logits / self.temperature

@@ -198,7 +198,7 @@ class TaskAware(BaseGate):
     ) -> GateOutput:
         """Gate weights for the batch ``x`` (see the class docstring); returns a :class:`GateOutput`."""
         x = self._check_x(x)
-        self._tick()
+        self._count_call()
         task = self._check_task(task, x.shape[0], x.device)
         if self.mode == "embedding":
             return self._forward_embedding(x, task, key)
