@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from routing_search import MultiGateMoE, TopK, fit, local_search, make_experts
-from routing_search.cli.output import new_run_dir
+from routing_search.experiments.output import new_run_dir
 from routing_search.data import make_synthetic_moe
 from routing_search.analysis import optimality_gap, permutation_objective
 from routing_search.exact import landscape

@@ -33,7 +33,7 @@ from ..search import SinkhornPermutation
 from ..search.refit import RefitOptions
 from ..search.codes import set_selector_slot
 from ..training import SearchSchedule, fit, multitask_loss
-from .output import new_run_dir
+from ..experiments.output import new_run_dir
 
 __all__ = ["run_demo", "DemoConfig", "train_and_score", "paired_against_control", "verdict"]
 

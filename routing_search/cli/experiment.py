@@ -7,7 +7,7 @@ from pathlib import Path
 from ..experiments import ExperimentConfig, TuneConfig, run_experiment
 from ..experiments.report import format_mean_se, write_report
 from ..experiments.tune import run_tune, write_tune_report
-from .output import new_run_dir
+from ..experiments.output import new_run_dir
 
 __all__ = ["run_experiment_command", "run_tune_command"]
 

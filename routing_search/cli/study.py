@@ -26,7 +26,7 @@ from ..layers import MultiGateMoE, make_experts
 from ..metrics import match_experts_by_outputs, support_recovery
 from ..experiments.runner import apply_random_permutations
 from ..training import SearchSchedule, fit, multitask_loss
-from .output import new_run_dir
+from ..experiments.output import new_run_dir
 
 __all__ = ["run_study", "StudyRow"]
 

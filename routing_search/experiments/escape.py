@@ -61,6 +61,7 @@ from ..search.lookahead import lookahead_search
 from ..search.refit import RefitOptions
 from ..training import LocalSearcher, SearchSchedule, fit
 from ..training.searcher import generator_state, set_generator_state
+from .output import new_run_dir
 
 __all__ = ["EscapeConfig", "FAMILIES", "ARMS", "run_escape", "build_start", "run_arm", "summarise", "run_tuning",
            "trials_needed", "expected_best", "write_report"]
@@ -591,20 +592,6 @@ def _tuning_lines(cfg: EscapeConfig, tuning: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _new_run_dir(parent: str | Path) -> Path:
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        path = parent / (f"escape-{stamp}" if attempt == 0 else f"escape-{stamp}-{attempt}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"could not create a new run directory under {parent}")
-
-
 def run_escape(config: EscapeConfig, *, progress: bool = False) -> dict[str, Any]:
     """Run every family × seed × arm, write ``report.md`` / ``report.json``; returns the report dict.
 
@@ -617,7 +604,7 @@ def run_escape(config: EscapeConfig, *, progress: bool = False) -> dict[str, Any
     threads = torch.get_num_threads()
     torch.set_num_threads(config.torch_threads)
     try:
-        run_dir = _new_run_dir(config.out)
+        run_dir = new_run_dir(config.out, "escape")
         rows: list[dict[str, Any]] = []
         for family in config.families:
             for seed in config.seeds:

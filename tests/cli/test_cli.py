@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from routing_search.cli import output
+from routing_search.experiments import output
 from routing_search.cli.main import build_parser, main
-from routing_search.cli.output import new_run_dir
+from routing_search.experiments.output import new_run_dir
 
 STAMP = "20240102-030405"
 

@@ -1,4 +1,4 @@
-"""Output directories for CLI runs: always a new one, so nothing saved earlier is overwritten."""
+"""Output directories for runs (experiments, studies, demos): always a new one, so nothing saved earlier is overwritten."""
 
 from __future__ import annotations
 
