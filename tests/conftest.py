@@ -6,8 +6,12 @@ gives the ``key``/``task`` keyword arguments that gate needs (an empty dict for 
 
 from __future__ import annotations
 
+import socket
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from routing_search.gates import COMET, DSelectK, GumbelSoftmax, Hash, Softmax, TaskAware, TopK
@@ -119,3 +123,21 @@ def make_gate():
 def make_extras():
     """The :func:`gate_extras` factory."""
     return gate_extras
+
+
+def init_group_of_one() -> None:
+    """Initialise a one-process gloo group on a free port of 127.0.0.1 (collectives time out after 60 s)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60))
+
+
+@pytest.fixture
+def group_of_one():
+    """A one-process gloo group for the duration of a test (the world group), destroyed after it."""
+    init_group_of_one()
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import copy
-import socket
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from routing_search.gates import TopK
@@ -212,16 +209,6 @@ def _moe_data():
 
 
 # ------------------------------------------------------------------------- a process group of one
-@pytest.fixture
-def group_of_one():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60))
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["swap", "ils"])

@@ -4,12 +4,9 @@ test_ddp.py."""
 
 from __future__ import annotations
 
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from routing_search.gates import TopK
@@ -79,16 +76,6 @@ def test_the_world_size_check_of_a_checkpoint():
 
 
 # ------------------------------------------------------------------------------- a group of one process
-@pytest.fixture
-def group_of_one():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60))
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def _model() -> MoE:

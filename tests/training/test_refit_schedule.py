@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from routing_search import MultiGateMoE, make_experts
 from routing_search.gates import DSelectK
@@ -120,16 +117,6 @@ def test_refit_schedule_refuses_a_model_it_cannot_refit_before_training() -> Non
         fit(wrapped, TRAIN, LOSS, epochs=1, search=_schedule(), **KW)
 
 
-@pytest.fixture
-def group_of_one():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60))
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def test_refit_schedule_is_refused_under_a_process_group(group_of_one) -> None:
