@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..batches import call_model
+from ..batches import call_model, eval_mode
 from ..gates.comet import COMET, leaf_paths
 from ..gates.dselect_k import DSelectK
 from ..gates.protocol import GateOutput
@@ -153,19 +152,6 @@ class HardenCertificate:
         return self.summary()
 
 
-@contextmanager
-def _frozen_counters(module: nn.Module) -> Iterator[None]:
-    """Evaluate without advancing training-call counters: every submodule in eval mode, restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        for m, _ in modes:
-            m.training = False
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _dummy_input(gate: nn.Module) -> torch.Tensor:
     param = next(gate.parameters(), None)
     if param is None:
@@ -233,7 +219,7 @@ def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0
             "its codes depend on the input, so the certificate is computed on data"
         )
     k = inner.num_selectors
-    with torch.no_grad(), _frozen_counters(inner):
+    with torch.no_grad(), eval_mode(inner):
         data = _dummy_input(inner) if x is None else x
         hard = inner.hard(data).weights
         if hard_wrapper:
@@ -485,7 +471,7 @@ def _captured_inputs(
 
         handles.append(sub.register_forward_pre_hook(grab, with_kwargs=True))
     try:
-        with torch.no_grad(), _frozen_counters(model):
+        with torch.no_grad(), eval_mode(model):
             call_model(model, inputs)
     finally:
         for h in handles:

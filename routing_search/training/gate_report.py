@@ -14,16 +14,15 @@ transformed input and is certified only by :func:`harden_model`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..analysis import HardenCertificate, HardGate, certify, harden
+from ..batches import eval_mode
 from ..gates.comet import COMET
 from ..gates.dselect_k import DSelectK
 from ..layers.multigate import MultiGateMoE
@@ -90,7 +89,7 @@ def gate_report(model: nn.Module, layer_inputs: dict[str, torch.Tensor] | None =
                 if param is not None:
                     x = x.to(device=param.device, dtype=param.dtype)
                 cert = certify(gate, x)
-                with _eval(gate):
+                with eval_mode(gate):
                     weights = gate(x).weights
                 experts = float((weights != 0).sum(dim=-1).to(torch.float64).mean())
             else:
@@ -107,19 +106,6 @@ def gate_report(model: nn.Module, layer_inputs: dict[str, torch.Tensor] | None =
                 "rows": int(cert.num_examples),
             }
     return report
-
-
-@contextlib.contextmanager
-def _eval(module: nn.Module) -> Iterator[None]:
-    """Evaluate a gate in eval mode (no training-call counters advance), restoring each module's mode."""
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        for m, _ in modes:
-            m.training = False
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def non_binary_gates(report: dict[str, dict[str, Any]]) -> list[str]:
