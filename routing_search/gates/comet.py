@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .._validation import check_num_experts_k, check_positive_float
-from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
+from .._validation import check_num_experts_k
+from .annealed import AnnealedGate
+from .protocol import GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
 from .binary_encoding import log_factors, zero_log
 from .router import check_input_dtype
 from .smooth_step import GammaAnnealing, padded_linear, smooth_step, smooth_step_init_, smooth_step_slope
@@ -149,7 +148,7 @@ class _CometGate(torch.autograd.Function):
         return grad_nodes, grad_scores, None, None, None
 
 
-class COMET(BaseGate):
+class COMET(AnnealedGate):
     """COMET gate: ``k`` soft binary trees over the ``n`` experts, merged by one softmax.
 
     Tree ``j`` is heap-indexed: internal nodes ``0 .. n-2``, leaves ``n-1 .. 2n-2``, children of node
@@ -205,17 +204,7 @@ class COMET(BaseGate):
         k = k_checked
         super().__init__(n, input_dim, validate=validate)
         self.num_selectors = k
-        if anneal is not None and not isinstance(anneal, GammaAnnealing):
-            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
-        self.gamma0 = check_positive_float("gamma", gamma(0) if callable(gamma) else gamma)
-        self.anneal = None if callable(gamma) else anneal
-        self.gamma_schedule: Callable[[int], float] | None
-        if callable(gamma):
-            self.gamma_schedule = gamma
-        elif anneal is not None:
-            self.gamma_schedule = functools.partial(anneal.gamma_at, gamma0=self.gamma0)
-        else:
-            self.gamma_schedule = None
+        self._init_gamma(gamma, anneal)
         self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
 
         self.leaf_order: tuple[int, ...] = tuple(leaf for leaf, _ in leaf_paths(n))
@@ -240,25 +229,6 @@ class COMET(BaseGate):
             self.leaf_weight = nn.Parameter(torch.empty(k, n, input_dim))
             self.leaf_bias = nn.Parameter(torch.empty(k, n))
         self.reset_parameters()
-
-    @property
-    def gamma(self) -> float:
-        """The smooth-step scale in use: ``gamma0``, or the schedule's value at the last training call.
-
-        Computed from the training-call counter ``calls`` (a saved buffer), so a gate restored from
-        a checkpoint uses the same ``gamma`` as when it was saved, in training and in eval.
-        """
-        if self.gamma_schedule is None:
-            return self.gamma0
-        return check_positive_float("gamma", self.gamma_schedule(max(int(self.calls) - 1, 0)))
-
-    def set_annealing(self, anneal: GammaAnnealing | None) -> None:
-        """Replace the gamma annealing (e.g. ``GammaAnnealing.for_budget(total_steps)`` once the
-        training budget is known; ``None`` keeps ``gamma0`` fixed). Counts from call 0 of ``calls``."""
-        if anneal is not None and not isinstance(anneal, GammaAnnealing):
-            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
-        self.anneal = anneal
-        self.gamma_schedule = None if anneal is None else functools.partial(anneal.gamma_at, gamma0=self.gamma0)
 
     def reset_parameters(self) -> None:
         """Re-draw the parameters: nodes inside the fractional region of S, leaves small."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,7 +16,8 @@ from .binary_encoding import (
     selector_softmax,
     zero_log,
 )
-from .protocol import BaseGate, GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
+from .annealed import AnnealedGate
+from .protocol import GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .router import check_input_dtype
 from .smooth_step import padded_linear
 from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_, smooth_step_slope
@@ -156,7 +155,7 @@ class _DSelectKGate(torch.autograd.Function):
         return grad_alpha, grad_z, None, None, None
 
 
-class DSelectK(BaseGate):
+class DSelectK(AnnealedGate):
     """DSelect-k gate: ``q(alpha, Z) = sum_i softmax(alpha)_i r(S(z^(i)))`` (paper eq. 6).
 
     Static (``input_dim=None``): ``alpha`` in R^k and ``Z`` in R^{k x m} are parameters
@@ -231,17 +230,7 @@ class DSelectK(BaseGate):
         k = k_checked
         super().__init__(n, input_dim, validate=validate)
         self.num_selectors = k
-        if anneal is not None and not isinstance(anneal, GammaAnnealing):
-            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
-        self.gamma0 = check_positive_float("gamma", gamma(0) if callable(gamma) else gamma)
-        self.anneal = None if callable(gamma) else anneal
-        self.gamma_schedule: Callable[[int], float] | None
-        if callable(gamma):
-            self.gamma_schedule = gamma
-        elif anneal is not None:
-            self.gamma_schedule = functools.partial(anneal.gamma_at, gamma0=self.gamma0)
-        else:
-            self.gamma_schedule = None
+        self._init_gamma(gamma, anneal)
         self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
         self.unreachable = check_choice("unreachable", unreachable, ("renormalize", "fold"))
         self.reachability_weight = check_positive_float(
@@ -266,25 +255,6 @@ class DSelectK(BaseGate):
     def is_power_of_two(self) -> bool:
         """True when every code names an expert (``num_experts = 2^m``)."""
         return self.num_experts == 2**self.num_bits
-
-    @property
-    def gamma(self) -> float:
-        """The smooth-step scale in use: ``gamma0``, or the schedule's value at the last training call.
-
-        Computed from the training-call counter ``calls`` (a saved buffer), so a gate restored from
-        a checkpoint uses the same ``gamma`` as when it was saved, in training and in eval.
-        """
-        if self.gamma_schedule is None:
-            return self.gamma0
-        return check_positive_float("gamma", self.gamma_schedule(max(int(self.calls) - 1, 0)))
-
-    def set_annealing(self, anneal: GammaAnnealing | None) -> None:
-        """Replace the gamma annealing (e.g. ``GammaAnnealing.for_budget(total_steps)`` once the
-        training budget is known; ``None`` keeps ``gamma0`` fixed). Counts from call 0 of ``calls``."""
-        if anneal is not None and not isinstance(anneal, GammaAnnealing):
-            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
-        self.anneal = anneal
-        self.gamma_schedule = None if anneal is None else functools.partial(anneal.gamma_at, gamma0=self.gamma0)
 
     def reset_parameters(self) -> None:
         """Re-draw the parameters: ``Z`` inside the fractional region, ``alpha`` small."""
