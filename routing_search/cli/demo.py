@@ -15,6 +15,7 @@ what they mean, and saves a plot of each task's expert weights over training (th
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data import SyntheticMoEData, make_synthetic_moe
-from ..gates import COMET, DSelectK, GumbelSoftmax, Softmax, TopK
+from ..gates import COMET, DSelectK, GammaAnnealing, GumbelSoftmax, Softmax, TopK
 from ..layers import MultiGateMoE, make_experts
 from ..metrics import match_experts_by_outputs, support_recovery
 from ..experiments.runner import apply_random_permutations
@@ -44,10 +45,10 @@ class DemoConfig:
     k: int = 2
     num_tasks: int = 4
     input_dim: int = 10
-    num_samples: int = 6000
+    num_samples: int = 3000
     hidden: int = 16
     noise: float = 0.1
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-2
 
@@ -56,14 +57,20 @@ def _split(data: SyntheticMoEData) -> tuple[tuple[torch.Tensor, torch.Tensor], .
     return tuple((part.x, part.y) for part in data.split((0.7, 0.15, 0.15)))
 
 
+def _annealing(cfg: DemoConfig) -> GammaAnnealing:
+    """The selector gates' γ annealing fitted to this run's budget (one gate call per training step)."""
+    steps_per_epoch = math.ceil(round(0.7 * cfg.num_samples) / cfg.batch_size)
+    return GammaAnnealing.for_budget(max(2, cfg.epochs * steps_per_epoch))
+
+
 def _gate_factory(name: str, cfg: DemoConfig) -> Callable[[], nn.Module]:
     n, k = cfg.num_experts, cfg.k
     factories: dict[str, Callable[[], nn.Module]] = {
         "Softmax": lambda: Softmax(num_experts=n),
         "TopK": lambda: TopK(num_experts=n, k=k),
         "GumbelSoftmax": lambda: GumbelSoftmax(num_experts=n),
-        "DSelectK": lambda: DSelectK(num_experts=n, k=k, entropy_weight=1e-2),
-        "COMET": lambda: COMET(num_experts=n, k=k, entropy_weight=1e-2),
+        "DSelectK": lambda: DSelectK(num_experts=n, k=k, anneal=_annealing(cfg)),
+        "COMET": lambda: COMET(num_experts=n, k=k, anneal=_annealing(cfg)),
     }
     return factories[name]
 
@@ -141,8 +148,8 @@ COLLAPSE_ARMS = (FIRST_ORDER_ARM, RANDOM_ARM, SEARCH_ARM, REFIT_ARM, SINKHORN_AR
 
 def _collapse_gate(arm: str, cfg: DemoConfig) -> Callable[[], nn.Module]:
     if arm == SINKHORN_ARM:
-        return lambda: SinkhornPermutation(DSelectK(num_experts=cfg.num_experts, k=cfg.k), anneal_steps=3)
-    return lambda: DSelectK(num_experts=cfg.num_experts, k=cfg.k)
+        return lambda: SinkhornPermutation(DSelectK(num_experts=cfg.num_experts, k=cfg.k, anneal=_annealing(cfg)), anneal_steps=3)
+    return lambda: DSelectK(num_experts=cfg.num_experts, k=cfg.k, anneal=_annealing(cfg))
 
 
 def _collapse_search(arm: str) -> SearchSchedule | None:
@@ -243,7 +250,7 @@ def _plot(path: Path, histories: dict[str, list], num_tasks: int) -> None:
     plt.close(fig)
 
 
-def run_demo(*, out: str = "runs", seeds: int = 3, epochs: int = 30, quick: bool = False, progress: bool = True) -> Path:
+def run_demo(*, out: str = "runs", seeds: int = 3, epochs: int = 20, quick: bool = False, progress: bool = True) -> Path:
     """Run both parts, print the tables and write ``summary.json`` and ``expert_weights.png``."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")

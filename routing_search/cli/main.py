@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(demo)
     demo.add_argument("--seeds", type=_positive_int, default=3, help="seeds for the bad-initialisation comparison")
-    demo.add_argument("--epochs", type=_positive_int, default=30)
+    demo.add_argument("--epochs", type=_positive_int, default=20)
     demo.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
 
     study = sub.add_parser(

@@ -34,7 +34,7 @@ def test_parser_defaults():
     parser = build_parser()
     demo = parser.parse_args(["demo"])
     assert demo.command == "demo"
-    assert (demo.out, demo.seeds, demo.epochs, demo.quick, demo.no_progress) == ("runs", 3, 30, False, False)
+    assert (demo.out, demo.seeds, demo.epochs, demo.quick, demo.no_progress) == ("runs", 3, 20, False, False)
     study = parser.parse_args(["study"])
     assert study.command == "study"
     assert (study.out, study.experts, study.k, study.tasks, study.epochs, study.seed, study.quick, study.no_progress) == (
