@@ -1,6 +1,6 @@
 """One rank of the multi-process search tests (tests/search/test_distributed.py); not collected by pytest.
 
-    python tests/search/dist_worker.py RANK WORLD PORT CASE OUT_JSON
+    python tests/search/dist_worker.py RANK WORLD PORT CASE TIMEOUT OUT_JSON SHARDS
 
 Joins a gloo group on 127.0.0.1:PORT, runs the named case and writes its results (or the error it
 raised) as JSON to OUT_JSON. Every rank builds the same model and the same full data set and keeps its
@@ -215,7 +215,8 @@ CASES = {
 
 def main() -> None:
     rank, world, port = (int(v) for v in sys.argv[1:4])
-    case, shards_name, timeout, out_path = sys.argv[4], sys.argv[5], float(sys.argv[6]), sys.argv[7]
+    # tests/mp_harness.py's order: rank world port case timeout out, then the shards split
+    case, timeout, out_path, shards_name = sys.argv[4], float(sys.argv[5]), sys.argv[6], sys.argv[7]
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)

@@ -8,54 +8,33 @@ and the same loss up to the order of a float64 sum.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
+import importlib.util
 import sys
-import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load("mp_harness", Path(__file__).resolve().parents[1] / "mp_harness.py")
 
 
 def launch(tmp_path: Path, case: str, shards: str, world: int, *, timeout: float = 60.0, wall: float = 120.0) -> list[dict]:
-    """Run ``case`` on ``world`` ranks; returns each rank's JSON result (in rank order)."""
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    outs = [tmp_path / f"{case}-{shards}-{r}.json" for r in range(world)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(world), str(port), case, shards, str(timeout), str(outs[r])],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + wall
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode(errors="replace"))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"case {case!r} hung: the ranks did not finish within {wall} s")
-    results = []
-    for r, (out, log) in enumerate(zip(outs, logs)):
-        assert out.exists(), f"rank {r} wrote no result; its output:\n{log[-3000:]}"
-        results.append(json.loads(out.read_text()))
-    return results
+    """Run ``case`` with the ``shards`` split on ``world`` ranks; each rank's JSON result (in rank order)."""
+    return harness.launch(WORKER, case, world, tmp_path, args=(shards,), timeout=timeout, wall=wall)
 
 
 def ok(results: list[dict]) -> list[dict]:
