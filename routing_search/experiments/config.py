@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from .._validation import check_choice, check_int, check_positive_float
@@ -25,6 +26,7 @@ __all__ = [
     "TrainConfig",
     "SearchConfig",
     "SinkhornConfig",
+    "GuardConfig",
     "DataConfig",
     "ExperimentConfig",
     "TuneGrid",
@@ -36,7 +38,8 @@ __all__ = [
 
 DATASETS = ("synthetic", "keyed", "movielens", "multi-mnist", "multi-fashion")
 GATES = ("softmax", "topk", "hash", "dselect_k", "comet", "gumbel")
-ARMS = ("sgd", "random", "search", "sinkhorn")
+ARMS = ("sgd", "random", "search", "guarded", "sinkhorn")
+SEARCH_ARMS = ("search", "guarded")
 PRESETS = ("cpu", "paper")
 GATE_INPUTS = ("static", "example")
 KEYED_DATASETS = ("keyed", "movielens")
@@ -152,9 +155,33 @@ class SearchConfig:
         check_int("rows", self.rows, minimum=1)
         check_int("max_iter", self.max_iter, minimum=0)
 
-    def as_fit_option(self) -> SearchSchedule:
-        """The schedule in the form ``fit(search=...)`` takes."""
-        return SearchSchedule(method=self.method, every_epochs=self.every_epochs, rows=self.rows, options={"max_iter": self.max_iter})
+    def as_fit_option(self, guard: Sequence[Any] = ()) -> SearchSchedule:
+        """The schedule in the form ``fit(search=...)`` takes; ``guard``: the guards every accepted move must
+        pass (:class:`~routing_search.search.MetricGuard` objects; empty: an unguarded search)."""
+        options: dict[str, Any] = {"max_iter": self.max_iter}
+        if guard:
+            options["guard"] = list(guard)
+        return SearchSchedule(method=self.method, every_epochs=self.every_epochs, rows=self.rows, options=options)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The ``guarded`` arm: the ``search`` arm with a guard on every task's paper metric.
+
+    A move the search's loss accepts is kept only if no task's metric (MovieLens: ROC AUC of the watched
+    task and RMSE of the rating on watched rows; image pairs: each task's accuracy; synthetic families:
+    each task's MSE), computed on the same validation rows the search scores, is worse than at the start
+    of that search by more than ``tolerance`` (see :mod:`routing_search.search.guards`).
+
+    Attributes:
+        tolerance: how much worse than at the start of a search each guarded metric may get, in the
+            metric's own units (0: not worse at all).
+    """
+
+    tolerance: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive_float("guard tolerance", self.tolerance, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -228,11 +255,13 @@ class ExperimentConfig:
         gates: gate names from :data:`GATES` (``'hash'`` needs a dataset with keys: keyed, movielens).
         arms: arm names from :data:`ARMS`: ``sgd`` (first-order only), ``random`` (one random permutation
             per permutation module before training, then first-order only: the control), ``search``
-            (alternating local search), ``sinkhorn`` (learned permutation, COMET+).
+            (alternating local search), ``guarded`` (the same search, keeping a move only if no task's paper
+            metric on the search rows gets worse; see :class:`GuardConfig`), ``sinkhorn`` (learned
+            permutation, COMET+).
         seeds: the seeds ``0 .. seeds-1``; each fixes the data, the initialisation and the batch order of
             every arm (a paired design).
         preset: the preset the sizes came from (recorded in the report).
-        model, train, search, sinkhorn, data: the sizes and schedules.
+        model, train, search, guard, sinkhorn, data: the sizes and schedules.
         device: where to train (``'cpu'``, ``'cuda'``, ...).
         threads: torch CPU threads of this process (1 when several processes share a machine).
         progress: show progress bars.
@@ -246,6 +275,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
     data: DataConfig = field(default_factory=DataConfig)
     device: str = "cpu"
@@ -266,6 +296,10 @@ class ExperimentConfig:
         if not isinstance(self.device, str) or not self.device:
             raise TypeError(f"device must be a device name such as 'cpu' or 'cuda', got {self.device!r}")
         check_int("threads", self.threads, minimum=1)
+        for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("search", SearchConfig), ("guard", GuardConfig),
+                           ("sinkhorn", SinkhornConfig), ("data", DataConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (recorded in the report)."""
@@ -322,7 +356,8 @@ def make_config(dataset: str, preset: str = "cpu", **overrides: Any) -> Experime
     """An :class:`ExperimentConfig` for ``dataset`` with the sizes of ``preset``.
 
     ``overrides`` replace top-level fields (``gates``, ``arms``, ``seeds``, ``device``, ...) or, given as
-    ``model=``, ``train=``, ``data=`` dicts, individual fields of those parts.
+    ``model=``, ``train=``, ``data=``, ``search=``, ``guard=``, ``sinkhorn=`` dicts (or the typed objects),
+    individual fields of those parts.
 
     >>> cfg = make_config("synthetic", "cpu", seeds=2, train={"epochs": 3})
     >>> cfg.seeds, cfg.train.epochs, cfg.model.num_experts
@@ -334,7 +369,8 @@ def make_config(dataset: str, preset: str = "cpu", **overrides: Any) -> Experime
     # MovieLens' MoE sits behind the embeddings, so each candidate re-runs the model's head on the search
     # rows: a smaller search budget keeps the search arm within minutes on two cores.
     search = SearchConfig(rows=512, max_iter=20) if dataset == "movielens" and preset == "cpu" else SearchConfig()
-    parts: dict[str, Any] = {"model": model, "train": train, "data": data, "search": search, "sinkhorn": SinkhornConfig()}
+    parts: dict[str, Any] = {"model": model, "train": train, "data": data, "search": search, "guard": GuardConfig(),
+                             "sinkhorn": SinkhornConfig()}
     top: dict[str, Any] = {}
     for key, value in overrides.items():
         if key in parts:

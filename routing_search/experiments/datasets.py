@@ -3,8 +3,9 @@
 :func:`load_experiment_data` returns an :class:`ExperimentData`: the :class:`~routing_search.data.TaskDataset`
 (subsampled as the config says, with inputs in the form the model takes), the training loss, the
 per-task test metrics (the papers' metrics: ROC AUC for a binary task, RMSE on the watched rows for the
-MovieLens rating, accuracy for a class task, MSE for a synthetic regression) with their directions, and
-for the synthetic families the ground truth used to score support recovery.
+MovieLens rating, accuracy for a class task, MSE for a synthetic regression) with their directions, the
+per-task metrics the ``guarded`` arm guards, and for the synthetic families the ground truth used to score
+support recovery.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class ExperimentData:
         output_dims: each tower's output width.
         truth: the generating MoE of a synthetic family (None otherwise).
         model_kwargs: extra sizes the model builder needs (keys, users, movies).
+        guard_metrics: the per-task paper metrics the ``guarded`` arm's search must not make worse (MovieLens:
+            ROC AUC of the watched task and RMSE of the rating on watched rows; image pairs: each task's
+            accuracy; synthetic families: each task's MSE).
     """
 
     dataset: TaskDataset
@@ -62,6 +66,7 @@ class ExperimentData:
     output_dims: list[int]
     truth: SyntheticMoETruth | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    guard_metrics: list[MetricSpec] = field(default_factory=list)
 
 
 def masked_rmse(task: int, mask_task: int) -> Callable[[Any, Any], float]:
@@ -136,7 +141,8 @@ def _synthetic(config: ExperimentConfig, seed: int) -> ExperimentData:
     )
     per_task = [_from_task_metric(f"{t.name}/mse", mse(i)) for i, t in enumerate(tasks)]
     metrics = [_mean_of(per_task, "mean/mse")] + per_task
-    return ExperimentData(dataset, multitask_loss(["mse"] * d.num_tasks), metrics, [1] * d.num_tasks, truth=raw.truth)
+    return ExperimentData(dataset, multitask_loss(["mse"] * d.num_tasks), metrics, [1] * d.num_tasks, truth=raw.truth,
+                          guard_metrics=per_task)
 
 
 def _movielens(config: ExperimentConfig, seed: int) -> ExperimentData:
@@ -152,6 +158,7 @@ def _movielens(config: ExperimentConfig, seed: int) -> ExperimentData:
     return ExperimentData(
         dataset, loss, metrics, [1, 1],
         model_kwargs={"num_keys": dataset.num_keys, "hash_seed": seed, "num_users": int(info["num_users"]), "num_movies": int(info["num_movies"])},
+        guard_metrics=metrics[:2],
     )
 
 
@@ -166,7 +173,7 @@ def _keyed(config: ExperimentConfig, seed: int) -> ExperimentData:
     metrics = [_mean_of(per_task, "mean/mse")] + per_task
     return ExperimentData(
         dataset, multitask_loss(["mse"] * dataset.num_tasks), metrics, [1] * dataset.num_tasks,
-        model_kwargs={"num_keys": dataset.num_keys, "hash_seed": seed},
+        model_kwargs={"num_keys": dataset.num_keys, "hash_seed": seed}, guard_metrics=per_task,
     )
 
 
@@ -188,7 +195,7 @@ def _images(config: ExperimentConfig, seed: int) -> ExperimentData:
     per_task = [_from_task_metric(f"{t.name}/accuracy", accuracy(i)) for i, t in enumerate(dataset.tasks)]
     metrics = [_mean_of(per_task, "mean/accuracy")] + per_task
     classes = [int(t.num_classes or 1) for t in dataset.tasks]
-    return ExperimentData(dataset, multitask_loss(["cross_entropy"] * dataset.num_tasks), metrics, classes)
+    return ExperimentData(dataset, multitask_loss(["cross_entropy"] * dataset.num_tasks), metrics, classes, guard_metrics=per_task)
 
 
 def load_experiment_data(config: ExperimentConfig, seed: int) -> ExperimentData:

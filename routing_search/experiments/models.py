@@ -10,6 +10,12 @@
 Every builder draws the initialisation from ``torch.manual_seed(seed)`` in a fixed order, so the same
 seed gives the same weights for every arm; the ``sinkhorn`` arm's learned permutation is drawn from its
 own generator afterwards and leaves the rest unchanged.
+
+DSelect-k and COMET gates anneal their smooth-step scale γ over the run: given the run's number of
+optimiser steps (``total_steps``, see :func:`training_steps`), every such gate gets
+``GammaAnnealing.for_budget(total_steps)`` (γ constant for the first half of the steps, annealed to
+0.2 % of its start between 50 % and 80 %), so that its codes end binary even in a short preset run (the
+gates' default annealing begins at call 500, after the end of a ~100-step run).
 """
 
 from __future__ import annotations
@@ -20,18 +26,44 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gates import COMET, DSelectK, GumbelSoftmax, Hash, Softmax, TopK
+from .._validation import check_int
+from ..gates import COMET, DSelectK, GammaAnnealing, GumbelSoftmax, Hash, Softmax, TopK
 from ..layers import MLP, MultiGateMoE, MultiGateOutput
 from ..search import SinkhornPermutation
 from .config import ExperimentConfig, ModelConfig
 
-__all__ = ["build_model", "make_gate", "EmbeddingMoE", "cnn_expert", "moe_layer", "IMAGE_SIDE"]
+__all__ = ["build_model", "make_gate", "EmbeddingMoE", "cnn_expert", "moe_layer", "training_steps", "IMAGE_SIDE"]
 
 IMAGE_SIDE = 36
 
 
-def make_gate(name: str, model: ModelConfig, *, input_dim: int, num_keys: int | None, seed: int) -> nn.Module:
-    """One gate called ``name`` (see :data:`~routing_search.experiments.config.GATES`) over ``model.num_experts``."""
+def training_steps(config: ExperimentConfig, train_rows: int) -> int:
+    """Optimiser steps of one run: ``epochs × ceil(train_rows / batch_size)`` (the last batch of an epoch
+    may be smaller).
+
+    >>> from routing_search.experiments import make_config
+    >>> training_steps(make_config("multi-mnist", "cpu"), 2000)
+    96
+    """
+    batch = config.train.batch_size
+    return config.train.epochs * max(1, -(-int(train_rows) // batch))
+
+
+def make_gate(name: str, model: ModelConfig, *, input_dim: int, num_keys: int | None, seed: int,
+              total_steps: int | None = None) -> nn.Module:
+    """One gate called ``name`` (see :data:`~routing_search.experiments.config.GATES`) over ``model.num_experts``.
+
+    ``total_steps``: the run's optimiser steps; a DSelect-k / COMET gate then anneals γ over that budget
+    (``gate.set_annealing(GammaAnnealing.for_budget(total_steps))``); None keeps the gate's default, and so
+    does a run of a single step (nothing to anneal over).
+    """
+    gate = _make_gate(name, model, input_dim=input_dim, num_keys=num_keys, seed=seed)
+    if total_steps is not None and check_int("total_steps", total_steps, minimum=1) >= 2 and isinstance(gate, (DSelectK, COMET)):
+        gate.set_annealing(GammaAnnealing.for_budget(total_steps))
+    return gate
+
+
+def _make_gate(name: str, model: ModelConfig, *, input_dim: int, num_keys: int | None, seed: int) -> nn.Module:
     n, k = model.num_experts, model.k
     d = input_dim if model.gate_input == "example" else None
     extra: dict[str, Any] = {}
@@ -155,6 +187,7 @@ def build_model(
     hash_seed: int | None = None,
     num_users: int | None = None,
     num_movies: int | None = None,
+    total_steps: int | None = None,
 ) -> nn.Module:
     """The dataset's model with ``gate`` in every task, initialised from ``seed``.
 
@@ -168,6 +201,8 @@ def build_model(
         num_keys: distinct keys (Hash gates).
         hash_seed: seed of every task's Hash table (the keyed family's truth uses it; default ``seed``).
         num_users, num_movies: embedding table sizes (MovieLens).
+        total_steps: the run's optimiser steps (:func:`training_steps`); DSelect-k / COMET gates anneal γ
+            over them (None: the gates' default annealing).
     """
     m = config.model
     if len(output_dims) != num_tasks:
@@ -189,7 +224,8 @@ def build_model(
         moe_input = int(input_shape[0])
         experts = [_mlp_expert(m, moe_input, relu_output=False) for _ in range(m.num_experts)]
     gates = [
-        make_gate(gate, m, input_dim=moe_input, num_keys=num_keys, seed=(seed if hash_seed is None else hash_seed) if gate == "hash" else seed * 1000 + t)
+        make_gate(gate, m, input_dim=moe_input, num_keys=num_keys,
+                  seed=(seed if hash_seed is None else hash_seed) if gate == "hash" else seed * 1000 + t, total_steps=total_steps)
         for t in range(num_tasks)
     ]
     towers = [_tower(m, out) for out in output_dims]

@@ -2,7 +2,7 @@
 
 ``report.json`` holds the config, the dataset facts, every run, the per arm × gate × metric summary
 (mean ± standard error over seeds), and the paired per-seed comparisons of every arm against ``sgd``
-and against ``random``. Fields derived from wall time are named ``seconds`` / ``search_share``; every
+and against ``random`` (and of ``guarded`` against ``search``). Fields derived from wall time are named ``seconds`` / ``search_share``; every
 other number is reproducible from the seed (see :func:`strip_times`).
 
 Plots (matplotlib, drawn off-screen without pyplot): ``metric_<metric>.png`` (the metric per arm, one
@@ -79,14 +79,37 @@ def summarise(result: ExperimentResult) -> dict[str, dict[str, dict[str, Any]]]:
         f1 = [r.support_f1 for r in runs if r.support_f1 is not None]
         entry["support_f1"] = mean_se(f1) if f1 else None
         entry["accepted_moves"] = mean_se([r.accepted_moves for r in runs])
+        entry["guard_rejections"] = mean_se([r.guard_rejections for r in runs])
+        if arm == "guarded":
+            entry["guard"] = _guard_summary(runs, result)
         entry["seconds"] = mean_se([r.seconds for r in runs])
         entry["search_share"] = mean_se([r.search_share for r in runs])
         out.setdefault(gate, {})[arm] = entry
     return out
 
 
-def compare(result: ExperimentResult, control: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{gate: {arm: {metric: paired comparison}}}`` of every other arm against ``control``, by seed."""
+def _guard_summary(runs: list[RunRecord], result: ExperimentResult) -> dict[str, Any]:
+    """Over the searches of the ``guarded`` runs: per guarded metric, how it moved from the start to the end
+    of a search on the search rows (``worst``: the largest worsening, in the metric's direction)."""
+    per_metric: dict[str, Any] = {}
+    names = [name for name in result.metric_names if any(name in c for r in runs for c in r.guard_checks)]
+    for name in names:
+        sign = 1.0 if result.higher_is_better[name] else -1.0
+        changes = [sign * (c[name]["end"] - c[name]["start"]) for r in runs for c in r.guard_checks if name in c]
+        per_metric[name] = {
+            "searches": len(changes),
+            "improved": sum(d > 0 for d in changes),
+            "worse": sum(d < 0 for d in changes),
+            "mean_change": float(np.mean(changes)) if changes else None,
+            "worst": float(-min(changes)) if changes else None,
+        }
+    return {"metrics": per_metric, "rejections": int(sum(r.guard_rejections for r in runs)),
+            "searches": int(sum(r.searches for r in runs)), "kept": int(sum(r.accepted_moves for r in runs))}
+
+
+def compare(result: ExperimentResult, control: str, arms: tuple[str, ...] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{gate: {arm: {metric: paired comparison}}}`` of every other arm (or only ``arms``) against
+    ``control``, by seed."""
     groups = _runs_by(result)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for gate in result.config.gates:
@@ -94,7 +117,7 @@ def compare(result: ExperimentResult, control: str) -> dict[str, dict[str, dict[
             continue
         base = {r.seed: r for r in groups[(gate, control)]}
         for arm in result.config.arms:
-            if arm == control or (gate, arm) not in groups:
+            if arm == control or (gate, arm) not in groups or (arms is not None and arm not in arms):
                 continue
             runs = [r for r in groups[(gate, arm)] if r.seed in base]
             metrics = {}
@@ -160,11 +183,21 @@ def _markdown(result: ExperimentResult, summary: dict[str, Any], comparisons: di
         "The `random` arm applies one random permutation per permutation module before training and then trains "
         "first-order only: it is the control any search claim must beat. Values are test-set figures, mean ± "
         "standard error over seeds.",
-        "",
-        "## Results per gate and arm",
-        "",
     ]
-    header = "| gate | arm | " + " | ".join(result.metric_names) + " | experts used per task | support F1 | moves kept | seconds | search share |"
+    steps = result.dataset_info.get("train_steps")
+    if any(g in ("dselect_k", "comet") for g in cfg.gates):
+        lines += ["", f"DSelect-k / COMET: γ annealing fitted to the run's budget of {steps} optimiser steps "
+                  "(`GammaAnnealing.for_budget(total_steps)`: γ constant for the first half of the steps, annealed to "
+                  "0.2 % of its start between 50 % and 80 % of them), so that the gates can end binary."]
+    if "guarded" in cfg.arms:
+        guarded = ", ".join(f"{m} ({'higher' if result.higher_is_better[m] else 'lower'} is better)" for m in result.guard_metric_names)
+        lines += ["", f"The `guarded` arm is the `search` arm with a guard on every task's metric: {guarded}, computed on "
+                  f"the same {cfg.search.rows} (at most) validation rows the search scores; a move that lowers the search's "
+                  f"loss is kept only if no guarded metric is worse than at the start of that search by more than "
+                  f"{cfg.guard.tolerance:g}. It guards validation rows, not the test rows reported here."]
+    lines += ["", "## Results per gate and arm", ""]
+    header = ("| gate | arm | " + " | ".join(result.metric_names)
+              + " | experts used per task | support F1 | moves kept | guard rejections | seconds | search share |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for gate in cfg.gates:
         for arm in cfg.arms:
@@ -176,9 +209,25 @@ def _markdown(result: ExperimentResult, summary: dict[str, Any], comparisons: di
             share = e["search_share"]["mean"]
             lines.append(
                 f"| {gate} | {arm} | " + " | ".join(format_mean_se(e["metrics"][m]) for m in result.metric_names)
-                + f" | {experts} | {f1} | {e['accepted_moves']['mean']:.1f} | {e['seconds']['mean']:.1f} | {100 * share:.1f} % |"
+                + f" | {experts} | {f1} | {e['accepted_moves']['mean']:.1f} | {e['guard_rejections']['mean']:.1f}"
+                + f" | {e['seconds']['mean']:.1f} | {100 * share:.1f} % |"
             )
-    for control in ("sgd", "random"):
+    if "guarded" in cfg.arms:
+        lines += ["", "## The guards at each search (`guarded` arm, validation rows the search scores)", "",
+                  "Change of each guarded metric from the start to the end of a search, in its better direction "
+                  "(positive: improved); `worst` is the largest worsening at any search (at most the tolerance).", "",
+                  "| gate | metric | searches | improved | worse | mean change | worst | moves kept | moves refused |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for gate in cfg.gates:
+            g = summary.get(gate, {}).get("guarded", {}).get("guard")
+            if not g:
+                continue
+            for name, m in g["metrics"].items():
+                mean = "–" if m["mean_change"] is None else f"{m['mean_change']:+.4g}"
+                worst = "–" if m["worst"] is None else f"{max(m['worst'], 0.0):.3g}"
+                lines.append(f"| {gate} | {name} | {m['searches']} | {m['improved']} | {m['worse']} | {mean} | {worst} "
+                             f"| {g['kept']} | {g['rejections']} |")
+    for control in ("sgd", "random", "search"):
         comp = comparisons.get(control, {})
         if not comp:
             continue
@@ -295,6 +344,8 @@ def write_report(result: ExperimentResult, directory: str | Path, *, plots: bool
             raise FileExistsError(f"{directory / name} already exists; write the report into a new directory")
     summary = summarise(result)
     comparisons: dict[str, Any] = {control: compare(result, control) for control in ("sgd", "random") if control in result.config.arms}
+    if "search" in result.config.arms and "guarded" in result.config.arms:
+        comparisons["search"] = compare(result, "search", arms=("guarded",))
     files: list[str] = []
     if plots:
         for name in result.metric_names:

@@ -10,6 +10,11 @@ same weights; ``fit`` shuffles with its own generator seeded by the same seed, a
   seeded by the seed, never the identity), applied before training; then first-order training only.
   This is the control any search claim must beat: it breaks a collapse as well as a search can.
 * ``search``: first-order training alternated with permutation local search on fit's schedule.
+* ``guarded``: the ``search`` arm with a :class:`~routing_search.search.MetricGuard` on every task's paper
+  metric (``ExperimentData.guard_metrics``), computed on the same validation rows the search scores: a
+  move the loss accepts is kept only if no guarded metric is worse than at the start of that search by
+  more than ``config.guard.tolerance``. Each search's guard values at its start and end and the moves
+  the guards refused are recorded.
 * ``sinkhorn``: the task gates wrapped by one shared learned permutation (COMET+), annealed, rounded and
   frozen by ``fit``.
 """
@@ -27,11 +32,11 @@ from torch import nn
 
 from .._validation import check_rng
 from ..metrics import match_experts_by_outputs, support_recovery
-from ..search import sinkhorn_modules
-from ..training import fit
+from ..search import MetricGuard, sinkhorn_modules
+from ..training import FitEvent, fit
 from .config import ExperimentConfig
-from .datasets import ExperimentData, load_experiment_data
-from .models import build_model, moe_layer
+from .datasets import ExperimentData, MetricSpec, load_experiment_data
+from .models import build_model, moe_layer, training_steps
 
 __all__ = ["RunRecord", "ExperimentResult", "run_experiment", "run_one", "apply_random_permutations", "evaluate", "is_identity"]
 
@@ -54,6 +59,9 @@ class RunRecord:
         support_f1: mean support-recovery F1 against the truth (synthetic families, else None).
         searches, accepted_moves: number of searches run and moves they kept.
         seconds, search_share: wall time of ``fit`` and the share spent in searches (not reproducible).
+        guard_rejections: moves the loss accepted but a guard refused (``guarded`` arm; 0 otherwise).
+        guard_checks: ``guarded`` arm: per search, ``{metric: {'start': v0, 'end': v1}}`` on the search's
+            validation rows (empty for the other arms).
     """
 
     seed: int
@@ -72,6 +80,8 @@ class RunRecord:
     accepted_moves: int
     seconds: float
     search_share: float
+    guard_rejections: int = 0
+    guard_checks: list[dict[str, dict[str, float]]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form."""
@@ -80,7 +90,8 @@ class RunRecord:
 
 @dataclass
 class ExperimentResult:
-    """Every run of an experiment, with the config and dataset facts the report needs."""
+    """Every run of an experiment, with the config and dataset facts the report needs (``guard_metric_names``:
+    the metrics the ``guarded`` arm guards)."""
 
     config: ExperimentConfig
     runs: list[RunRecord]
@@ -88,6 +99,7 @@ class ExperimentResult:
     higher_is_better: dict[str, bool]
     task_names: list[str]
     dataset_info: dict[str, Any] = field(default_factory=dict)
+    guard_metric_names: list[str] = field(default_factory=list)
 
 
 def apply_random_permutations(model: nn.Module, rng: Any) -> list[list[list[int]]]:
@@ -172,17 +184,60 @@ def _support_f1(model: nn.Module, data: ExperimentData, task_weights: torch.Tens
     return float(recovery.mean_f1)
 
 
+class _GuardProbe:
+    """A guarded metric that keeps every value it computes, so that each search's start and end values can be
+    read back (a search computes its guards first at its start and last at its end)."""
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self.spec = spec
+        self.values: list[float] = []
+
+    def __call__(self, predictions: Any, targets: Any) -> float:
+        value = float(self.spec.fn(predictions, targets))
+        self.values.append(value)
+        return value
+
+    def guard(self, tolerance: float) -> MetricGuard:
+        """This metric as a guard: its direction, ``tolerance``, the metric's name."""
+        return MetricGuard(self, greater_is_better=self.spec.higher_is_better, tolerance=tolerance, name=self.spec.name)
+
+
+class _GuardLog:
+    """A ``fit`` callback: after every search, the guards' values at its start and end (from the probes)."""
+
+    def __init__(self, probes: list[_GuardProbe]) -> None:
+        self.probes = probes
+        self.checks: list[dict[str, dict[str, float]]] = []
+
+    def on_search(self, event: FitEvent) -> None:
+        check: dict[str, dict[str, float]] = {}
+        for probe in self.probes:
+            if probe.values:
+                check[probe.spec.name] = {"start": probe.values[0], "end": probe.values[-1]}
+            probe.values.clear()
+        self.checks.append(check)
+
+
 def run_one(config: ExperimentConfig, data: ExperimentData, gate: str, arm: str, seed: int) -> RunRecord:
     """Build, (permute,) train and score one model; see the module docstring for the arms."""
     ds = data.dataset
     model = build_model(
         config, gate, arm, seed, input_shape=ds.input_shape, num_tasks=ds.num_tasks, output_dims=data.output_dims,
-        **data.model_kwargs,
+        total_steps=training_steps(config, len(ds.train)), **data.model_kwargs,
     )
     initial = [p.get().tolist() for p in moe_layer(model).permutations]
     if arm == "random":
         initial = apply_random_permutations(model, np.random.default_rng([seed, 7_919]))
-    search = config.search.as_fit_option() if arm == "search" else None
+    search = None
+    guard_log: _GuardLog | None = None
+    if arm == "guarded":
+        if not data.guard_metrics:
+            raise ValueError(f"arm 'guarded' needs per-task metrics to guard; the data of {config.dataset!r} define none")
+        probes = [_GuardProbe(spec) for spec in data.guard_metrics]
+        guard_log = _GuardLog(probes)
+        search = config.search.as_fit_option(guard=[probe.guard(config.guard.tolerance) for probe in probes])
+    elif arm == "search":
+        search = config.search.as_fit_option()
     lr = config.train.lr
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -199,6 +254,7 @@ def run_one(config: ExperimentConfig, data: ExperimentData, gate: str, arm: str,
         device=config.device,
         progress=config.progress,
         gate_loss_weight=config.train.gate_loss_weight,
+        callbacks=None if guard_log is None else [guard_log],
     )
     seconds = time.perf_counter() - start
     for module in sinkhorn_modules(model):
@@ -229,6 +285,8 @@ def run_one(config: ExperimentConfig, data: ExperimentData, gate: str, arm: str,
         accepted_moves=accepted,
         seconds=float(seconds),
         search_share=float(history.search_share()),
+        guard_rejections=sum(int(s.get("guard_rejections", 0)) for s in history.searches),
+        guard_checks=[] if guard_log is None else guard_log.checks,
     )
 
 
@@ -257,7 +315,8 @@ def run_experiment(
                         f"experts {', '.join(f'{e:.2f}' for e in record.experts_used)}  {record.seconds:.1f}s")
     assert data is not None
     info = {k: v for k, v in data.dataset.info.items() if isinstance(v, (int, float, str, bool, list, dict)) and k not in ("user_ids", "movie_ids")}
-    info.update({"train_rows": len(data.dataset.train), "val_rows": len(data.dataset.val), "test_rows": len(data.dataset.test)})
+    info.update({"train_rows": len(data.dataset.train), "val_rows": len(data.dataset.val), "test_rows": len(data.dataset.test),
+                 "train_steps": training_steps(config, len(data.dataset.train))})
     return ExperimentResult(
         config=config,
         runs=runs,
@@ -265,6 +324,7 @@ def run_experiment(
         higher_is_better={m.name: m.higher_is_better for m in data.metrics},
         task_names=[t.name for t in data.dataset.tasks],
         dataset_info=info,
+        guard_metric_names=[m.name for m in data.guard_metrics],
     )
 
 

@@ -14,6 +14,7 @@ import torch
 from routing_search.experiments import (
     ARMS,
     ExperimentConfig,
+    MetricSpec,
     apply_random_permutations,
     load_experiment_data,
     make_config,
@@ -21,7 +22,10 @@ from routing_search.experiments import (
     run_experiment,
     run_one,
 )
-from routing_search.experiments.models import build_model, moe_layer
+from routing_search.experiments.config import GuardConfig
+from routing_search.experiments.models import build_model, moe_layer, training_steps
+from routing_search.gates import COMET, DSelectK, GammaAnnealing
+from routing_search.training.task_metrics import mse
 from routing_search.experiments.report import strip_times, write_report
 from routing_search.experiments.runner import evaluate, is_identity
 from routing_search.experiments.stats import (
@@ -88,10 +92,11 @@ def test_every_arm_runs_for_every_gate(dataset, gates):
         assert all(math.isfinite(v) for v in r.metrics.values()), (r.gate, r.arm)
         assert len(r.experts_used) == cfg.data.num_tasks
         assert len(r.usage) == cfg.train.epochs
-        if r.arm == "search":
+        if r.arm in ("search", "guarded"):
             assert r.searches == cfg.train.epochs  # one search at the end of every epoch
+            assert len(r.guard_checks) == (cfg.train.epochs if r.arm == "guarded" else 0)
         else:
-            assert r.searches == 0
+            assert r.searches == 0 and r.guard_rejections == 0 and r.guard_checks == []
         if r.arm == "sinkhorn":
             assert len(r.permutations) == cfg.data.num_tasks + 1  # task modules + the rounded learned one
             assert sorted(r.permutations[-1][0]) == list(range(cfg.model.num_experts))
@@ -139,6 +144,97 @@ def test_same_seed_same_start_for_every_arm():
         assert torch.equal(value, wrapped[name]), name
     other = build_model(cfg, "dselect_k", "sgd", 2, **kwargs).state_dict()
     assert not all(torch.equal(base[k], other[k]) for k in base)
+
+
+# ----------------------------------------------------------------------------------- the guarded arm
+def test_bad_arm_names_the_accepted_values():
+    with pytest.raises(ValueError, match="arms must be one of 'sgd', 'random', 'search', 'guarded', 'sinkhorn'; got 'guard'"):
+        make_config("synthetic", arms=("sgd", "guard"))
+    with pytest.raises(ValueError, match="guard tolerance"):
+        make_config("synthetic", guard={"tolerance": -0.1})
+    with pytest.raises(ValueError, match="unknown guard fields"):
+        make_config("synthetic", guard={"tol": 0.1})
+    with pytest.raises(TypeError, match="guard must be a GuardConfig"):
+        ExperimentConfig(dataset="synthetic", guard={"tolerance": 0.0})
+    assert make_config("synthetic", guard={"tolerance": 0.01}).guard == GuardConfig(tolerance=0.01)
+    assert "guarded" in make_config("synthetic").arms
+
+
+def _conflicting_guard_data(cfg: ExperimentConfig):
+    """Tiny synthetic data whose guard conflicts with the loss by construction: task 0's MSE must not *fall*,
+    so every move that lowers task 0's loss is refused."""
+    data = load_experiment_data(cfg, 0)
+    data.guard_metrics = [MetricSpec("task0/mse", mse(0), True)]
+    return data
+
+
+def test_guarded_arm_never_worsens_a_guarded_metric_at_a_search():
+    cfg = tiny(gates=("topk",), arms=("search", "guarded"), train={"epochs": 3})
+    data = _conflicting_guard_data(cfg)
+    search = run_one(cfg, data, "topk", "search", 0)
+    guarded = run_one(cfg, data, "topk", "guarded", 0)
+    assert guarded.searches == len(guarded.guard_checks) == 3
+    assert guarded.guard_rejections > 0  # the guard refused moves the loss accepted ...
+    assert guarded.accepted_moves < search.accepted_moves
+    for check in guarded.guard_checks:  # ... so the guarded metric (here: higher is better) never fell at a search
+        assert check["task0/mse"]["end"] >= check["task0/mse"]["start"]
+    assert search.guard_checks == [] and search.guard_rejections == 0
+
+
+def test_guarded_equals_search_when_no_guard_refuses():
+    # Static Top-k with one permutation per task: a move changes one task's predictions only, so lowering the
+    # loss lowers that task's MSE on the same rows and no per-task MSE guard can refuse it.
+    cfg = tiny(gates=("topk",), arms=("search", "guarded"))
+    data = load_experiment_data(cfg, 0)
+    assert [m.name for m in data.guard_metrics] == [f"task{t}/mse" for t in range(4)]
+    search, guarded = run_one(cfg, data, "topk", "search", 0), run_one(cfg, data, "topk", "guarded", 0)
+    assert guarded.guard_rejections == 0 and guarded.accepted_moves == search.accepted_moves > 0
+    assert guarded.metrics == search.metrics and guarded.permutations == search.permutations
+    for check in guarded.guard_checks:
+        for name, values in check.items():
+            assert values["end"] <= values["start"], name  # MSE: lower is better
+
+
+def test_guarded_report_compares_with_search_and_counts_rejections(tmp_path):
+    cfg = tiny(gates=("topk",), arms=("sgd", "random", "search", "guarded"), seeds=2, train={"epochs": 2})
+
+    def loader(config, seed):
+        data = load_experiment_data(config, seed)
+        data.guard_metrics = [MetricSpec("task0/mse", mse(0), True)]
+        return data
+
+    report = write_report(run_experiment(cfg, data_loader=loader), tmp_path, plots=False)
+    assert set(report["comparisons"]) == {"sgd", "random", "search"}
+    assert set(report["comparisons"]["search"]["topk"]) == {"guarded"}
+    assert report["comparisons"]["search"]["topk"]["guarded"]["mean/mse"]["n"] == 2
+    for control in ("sgd", "random"):
+        assert "guarded" in report["comparisons"][control]["topk"]
+    summary = report["summary"]["topk"]
+    assert summary["guarded"]["guard_rejections"]["mean"] > 0 and summary["search"]["guard_rejections"]["mean"] == 0
+    guard = summary["guarded"]["guard"]
+    assert guard["searches"] == 4 and guard["rejections"] == sum(r["guard_rejections"] for r in report["runs"])
+    assert guard["metrics"]["task0/mse"]["searches"] == 4 and guard["metrics"]["task0/mse"]["worse"] == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Paired comparisons against `search`" in md and "| guarded vs search |" in md
+    assert "The guards at each search" in md and "guard rejections" in md
+
+
+# ----------------------------------------------------------------------------------- γ annealing
+def test_selector_gates_anneal_over_the_runs_budget():
+    cfg = tiny(gates=("dselect_k",), arms=("sgd",), train={"epochs": 3})
+    data = load_experiment_data(cfg, 0)
+    steps = training_steps(cfg, len(data.dataset.train))
+    assert steps == 3 * math.ceil(len(data.dataset.train) / 64)
+    kwargs = dict(input_shape=data.dataset.input_shape, num_tasks=4, output_dims=[1] * 4)
+    for gate in ("dselect_k", "comet"):
+        fitted = moe_layer(build_model(cfg, gate, "sgd", 0, total_steps=steps, **kwargs)).gates
+        default = moe_layer(build_model(cfg, gate, "sgd", 0, **kwargs)).gates
+        for g, d in zip(fitted, default):
+            assert isinstance(g, (DSelectK, COMET))
+            assert g.anneal == GammaAnnealing.for_budget(steps) and d.anneal != g.anneal
+    # fitted to the budget, a short run ends with every static gate binary: at most k experts per task
+    record = run_one(cfg, data, "dselect_k", "sgd", 0)
+    assert all(e <= cfg.model.k for e in record.experts_used), record.experts_used
 
 
 # ----------------------------------------------------------------------------------- reports
