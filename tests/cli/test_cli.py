@@ -119,6 +119,7 @@ def test_new_run_dir_real_clock_distinct(tmp_path):
         (["experiment", "synthetic", "--seeds", "two"], "--seeds"),
         (["experiment", "synthetic", "--gates", "softmax,bogus"], "unknown gate 'bogus'"),
         (["experiment", "synthetic", "--arms", "sgd,annealing"], "unknown arm 'annealing'"),
+        (["experiment", "synthetic", "--arms", "sgd,guard"], "unknown arm 'guard'; choose from sgd, random, search, guarded, sinkhorn"),
         (["experiment", "synthetic", "--gates", "hash"], "gate 'hash' routes by an integer key"),
         (["experiment", "mnist"], "invalid choice"),
         (["experiment", "synthetic", "--preset", "gpu"], "invalid choice"),
@@ -127,6 +128,7 @@ def test_new_run_dir_real_clock_distinct(tmp_path):
         (["tune", "synthetic", "--trials", "1"], "trials must be >= 2"),
         (["tune", "synthetic", "--probability", "2"], "probability must be in"),
         (["tune", "synthetic", "--arms", "sinkhorn"], "tune compares arms"),
+        (["tune", "synthetic", "--arms", "sgd,guarded"], "tune compares arms"),
         (["escape", "--families", "nowhere"], "unknown family"),
         (["escape", "--seeds", "-3"], "--seeds"),
     ],
@@ -173,6 +175,18 @@ def test_experiment_command_writes_reports(tmp_path, capsys):
     before = _snapshot(run)
     assert main(argv[:-2] + ["--no-plots", "--seeds", "1", "--out", str(tmp_path)]) == 0
     assert _snapshot(run) == before and len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_experiment_command_runs_the_guarded_arm(tmp_path):
+    argv = ["experiment", "synthetic", "--seeds", "1", "--epochs", "1", "--gates", "topk", "--arms", "sgd,search,guarded",
+            "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    run = _only_run_dir(tmp_path, "experiment-synthetic-")
+    report = json.loads((run / "report.json").read_text())
+    assert report["config"]["arms"] == ["sgd", "search", "guarded"]
+    assert set(report["comparisons"]) == {"sgd", "search"} and set(report["comparisons"]["search"]["topk"]) == {"guarded"}
+    md = (run / "report.md").read_text()
+    assert "Paired comparisons against `search`" in md and "The guards at each search" in md
 
 
 def test_tune_command_writes_reports(tmp_path):
