@@ -64,7 +64,7 @@ from ..training.searcher import generator_state, set_generator_state
 from .output import new_run_dir
 
 __all__ = ["EscapeConfig", "FAMILIES", "ARMS", "run_escape", "build_start", "run_arm", "summarise", "run_tuning",
-           "trials_needed", "expected_best", "write_report"]
+           "trials_needed", "expected_best", "write_report", "curve_summary"]
 
 FAMILIES = ("dselect_collapsed", "comet_collapsed", "topk_margin", "hash_misassigned", "trained_shuffled")
 ARMS = ("sgd", "random", "search", "refit", "refit_route", "lookahead")
@@ -106,6 +106,10 @@ class EscapeConfig:
         lookahead_steps: Adam steps of each lookahead.
         win_threshold: a seed counts as a win when the arm's test loss is below ``(1 - win_threshold)``
             times the control's.
+        curve: also record every arm's test loss along training (after the arm's start, i.e. after the
+            random permutation or the search before training, and after every epoch; the restored best
+            epoch is not a point of the curve), and report steps to a target and the loss at several
+            budgets (see :func:`curve_summary`).
         tune_families: families of the tuning-budget study (empty: skip it).
         tune_arms: arms of the tuning-budget study (any of :data:`ARMS`).
         tune_trials: random-search trials per arm and family; trial ``i`` of every arm uses the same
@@ -144,6 +148,7 @@ class EscapeConfig:
     lookahead_candidates: int = 4
     lookahead_steps: int = 20
     win_threshold: float = 0.01
+    curve: bool = False
     tune_families: tuple[str, ...] = ()
     tune_arms: tuple[str, ...] = ("sgd", "random", "search", "refit")
     tune_trials: int = 12
@@ -185,6 +190,8 @@ class EscapeConfig:
         self.win_threshold = check_positive_float("win_threshold", self.win_threshold, allow_zero=True)
         if self.win_threshold >= 1:
             raise ValueError(f"win_threshold must be in [0, 1), got {self.win_threshold}")
+        if not isinstance(self.curve, bool):
+            raise TypeError(f"curve must be True or False, got {self.curve!r}")
         self.tune_families = tuple(check_choice("tune_families", f, FAMILIES) for f in self.tune_families)
         self.tune_arms = _names("tune_arms", self.tune_arms, ARMS)
         self.tune_trials = check_int("tune_trials", self.tune_trials, minimum=1)
@@ -410,10 +417,20 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
         searcher = _LookaheadSearcher(model, start.loss, cfg, fit_data, start.seed)
     if searcher is not None:
         moves += int(searcher(search_data).nit)  # a search before training: the bad start itself
+    curve: dict[int, float] = {}
+    callbacks: list[Any] = []
+    if cfg.curve:
+        curve[0] = _test_loss(model, start.test, start.loss)
+
+        def record(event: Any) -> None:
+            if event.kind == "epoch_end" or (event.kind == "search" and event.step == 0):
+                curve[int(event.step)] = _test_loss(model, start.test, start.loss)
+
+        callbacks.append(record)
     result = fit(model, start.train, start.loss, val_data=start.val, search_data=search_data, epochs=cfg.epochs,
                  batch_size=cfg.batch_size, optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr),
                  search=searcher if schedule is None else schedule, seed=start.seed, progress=False,
-                 early_stopping_patience=cfg.patience, restore_best=True)
+                 early_stopping_patience=cfg.patience, restore_best=True, callbacks=callbacks or None)
     moves += sum(int(s["accepted"]) for s in result.history.searches)
     if schedule is not None:
         search_seconds = float(sum(s["seconds"] for s in result.history.searches))
@@ -426,6 +443,7 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
         "moves": moves, "seconds": time.perf_counter() - begin, "search_seconds": search_seconds,
         "epochs_run": int(result.epochs_run), "best_val": None if result.best_val is None else float(result.best_val),
         "val_losses": [None if v is None else float(v) for v in result.history.val_loss],
+        "curve": [[step, value] for step, value in sorted(curve.items())],
     }
 
 
@@ -481,6 +499,79 @@ def _sentence(family: str, arm: str, e: dict[str, Any], seeds: int) -> str:
             f"SGD alone lower on {vs['wins']}/{seeds} and higher on {vs['losses']}/{seeds} (median ratio "
             f"{vs['median_ratio']:.3f}). It {verdict} the criterion: at least 1 % better than random on at least 80 % "
             "of the seeds, and never more than 1 % worse than SGD alone.")
+
+
+def curve_summary(rows: list[dict[str, Any]], cfg: EscapeConfig, family: str,
+                  budgets: tuple[int, ...] = (0, 1, 2, 5, 10)) -> dict[str, Any]:
+    """Test loss along training (runs made with ``cfg.curve``) for one family.
+
+    Target of every seed: ``sgd``'s final test loss (its restored best epoch) on that seed. Per arm:
+    ``steps_to_target`` (per seed, the first recorded optimiser step whose test loss is at or below the
+    target; ``None``: never on the curve), ``reached`` (seeds that got there), ``median_steps`` (over the
+    seeds that got there), and ``budgets``: at each budget (epochs; 0 = after the start) the mean ± s.e.
+    of test loss and the wins / losses against ``random`` at that budget (``win_threshold``), over the
+    seeds whose curve is that long. ``cfg.epochs`` is always one of the budgets.
+    """
+    check_choice("family", family, FAMILIES)
+    runs = {(r["arm"], r["seed"]): r for r in rows if r["family"] == family and r.get("curve")}
+    arms = [a for a in cfg.arms if any(key[0] == a for key in runs)]
+    if "sgd" not in arms:
+        raise ValueError(f"curve_summary needs the sgd arm's curves for {family!r} (run with curve=True)")
+    seeds = sorted(s for (a, s) in runs if a == "sgd" and all((b, s) in runs for b in arms))
+    targets = {s: runs[("sgd", s)]["test_loss"] for s in seeds}
+    budgets = tuple(sorted({int(b) for b in budgets if 0 <= b <= cfg.epochs} | {cfg.epochs}))
+    out: dict[str, Any] = {"seeds": seeds, "targets": [targets[s] for s in seeds], "budgets": list(budgets), "arms": {}}
+    for arm in arms:
+        steps: list[int | None] = []
+        for s in seeds:
+            hit = [step for step, value in runs[(arm, s)]["curve"] if value <= targets[s]]
+            steps.append(int(hit[0]) if hit else None)
+        reached = [v for v in steps if v is not None]
+        at: dict[str, Any] = {}
+        for b in budgets:
+            pairs = [(runs[(arm, s)]["curve"][b][1], runs[("random", s)]["curve"][b][1]) for s in seeds
+                     if len(runs[(arm, s)]["curve"]) > b and ("random", s) in runs and len(runs[("random", s)]["curve"]) > b]
+            if not pairs:
+                continue
+            mean, se = _mean_se([v for v, _ in pairs])
+            entry: dict[str, Any] = {"mean": mean, "se": se, "seeds": len(pairs)}
+            if arm != "random":
+                cmp = _compare([v for v, _ in pairs], [c for _, c in pairs], cfg.win_threshold)
+                entry.update(wins=cmp["wins"], losses=cmp["losses"])
+            at[str(b)] = entry
+        out["arms"][arm] = {"steps_to_target": steps, "reached": len(reached),
+                            "median_steps": float(statistics.median(reached)) if reached else None, "budgets": at}
+    return out
+
+
+def _curve_lines(cfg: EscapeConfig, rows: list[dict[str, Any]]) -> list[str]:
+    if not cfg.curve:
+        return []
+    lines = ["## Test loss along training", "",
+             "Target of each seed: sgd's final test loss (its best validation epoch). 'Steps to target': the first "
+             "recorded optimiser step (step 0 = after the arm's start, then the end of every epoch) whose test loss is "
+             "at or below it; median over the seeds that reached it. Then the mean test loss after each number of "
+             "epochs, with wins/losses against random at that budget.", ""]
+    for family in cfg.families:
+        if not any(r["family"] == family and r.get("curve") for r in rows):
+            continue
+        c = curve_summary(rows, cfg, family)
+        budgets = [str(b) for b in c["budgets"]]
+        lines += [f"### {family}", "", "| arm | reached target | median steps | " + " | ".join(f"epoch {b}" for b in budgets) + " |",
+                  "|---|---|---|" + "---|" * len(budgets)]
+        for arm, e in c["arms"].items():
+            cells = []
+            for b in budgets:
+                v = e["budgets"].get(b)
+                if v is None:
+                    cells.append("-")
+                else:
+                    wl = f" ({v['wins']}/{v['losses']})" if "wins" in v else ""
+                    cells.append(f"{v['mean']:.4f} ± {v['se']:.4f}{wl}")
+            med = "-" if e["median_steps"] is None else f"{e['median_steps']:.0f}"
+            lines.append(f"| {arm} | {e['reached']}/{len(c['seeds'])} | {med} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------------- tuning budget
@@ -562,6 +653,7 @@ def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], s
             if "meets_criterion" in e:
                 lines.append("- " + _sentence(family, arm, e, seeds))
         lines.append("")
+    lines += _curve_lines(cfg, rows)
     lines += _tuning_lines(cfg, tuning or {})
     (run_dir / "report.md").write_text("\n".join(lines))
 

@@ -17,6 +17,19 @@ Scope: the layer is an ``MoE`` or ``MultiGateMoE`` called directly (not wrapped)
 output is its last ``nn.Linear`` (e.g. :class:`~routing_search.MLP`), the towers are identities,
 and each task's target lives in the mixture's space. The closed form is the least-squares fit; the
 score is whatever per-example loss the user passes (exactly right for squared loss).
+
+Under a process group (``process_group=``, as for :func:`~routing_search.local_search`) every rank holds
+its own shard of the fit rows and of the score rows: the ridge normal equations (``XᵀX``, ``XᵀR``) and
+the held-out loss sums are sums over rows, so they are all-reduced in float64 and every rank solves the
+same system, scores the same values and accepts the same moves (the accepted layers are broadcast from
+rank 0, so the written weights are bit-identical). Per iteration of the search this costs two
+all-reduces (one of the normal equations of all candidates, one of their scores), in chunks of at most
+:data:`MAX_REDUCE_VALUES` numbers.
+
+``guard=`` (as for :func:`~routing_search.local_search`): a move the held-out loss accepts is kept only
+if every guard, computed on all score rows with the move's predictions after the write, is no worse than
+at the start of the search (or ``guard_start``) by more than its tolerance; otherwise the next-best
+move is tried.
 """
 
 from __future__ import annotations
@@ -30,15 +43,23 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
+import hashlib
+import math
+
 from .._validation import check_int, check_no_unknown_options, check_positive_float
 from ..batches import as_batch, eval_mode, to_device
+from ..distributed import all_gather_objects, all_reduce_sum, broadcast_tensor_, resolve_group
 from ..gates.protocol import GateOutput
 from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, make_result
-from .objective import LossFn, find_routing_layer
+from .guards import check_guards, evaluate_guards, guard_name, guard_tolerance, worse_by
+from .objective import DistributedSearchError, LossFn, find_routing_layer
 
-__all__ = ["RefitObjective", "RefitMove", "RefitOptions", "refit_search", "last_linear_layers"]
+__all__ = ["RefitObjective", "RefitMove", "RefitOptions", "refit_search", "last_linear_layers", "MAX_REDUCE_VALUES"]
+
+#: Most float64 numbers in one all-reduce of the refit search (larger batches of candidates are split).
+MAX_REDUCE_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,7 @@ def _split_inputs(inputs: Any) -> tuple[torch.Tensor, Any, Any]:
     return inputs, None, None
 
 
-def _task_target(targets: Any, t: int, num_tasks: int, rows: int) -> torch.Tensor:
+def _task_target(targets: Any, t: int, num_tasks: int, rows: int, width: int) -> torch.Tensor:
     if isinstance(targets, (list, tuple)):
         if len(targets) != num_tasks:
             raise ValueError(f"targets: expected {num_tasks} per-task tensors, got {len(targets)}")
@@ -148,7 +169,7 @@ def _task_target(targets: Any, t: int, num_tasks: int, rows: int) -> torch.Tenso
             raise ValueError(f"targets must be [B, {num_tasks}] (one column per task) or a list of per-task tensors, got {tuple(targets.shape)}")
     else:
         raise TypeError(f"targets must be a tensor or a list of per-task tensors, got {type(targets).__name__}")
-    return value.detach().reshape(rows, -1).to(torch.float64)
+    return value.detach().reshape(rows, width).to(torch.float64)
 
 
 class RefitObjective:
@@ -156,14 +177,40 @@ class RefitObjective:
 
     Args:
         model: an ``MoE`` / ``MultiGateMoE`` (called directly; see the module docstring).
-        fit_data: ``(inputs, targets)`` rows the refits are fitted on (training rows).
-        score_data: ``(inputs, targets)`` held-out rows every state is scored on.
-        loss: per-example loss ``loss(prediction, targets) -> [B]`` (or a scalar).
+        fit_data: ``(inputs, targets)`` rows the refits are fitted on (training rows; this rank's shard
+            under a process group).
+        score_data: ``(inputs, targets)`` held-out rows every state is scored on (this rank's shard).
+        loss: per-example loss ``loss(prediction, targets) -> [B]`` (a scalar, taken as the mean over the
+            rows, only in a single process).
         ridge: ``λ`` of the ridge ``mean squared residual + λ‖θ − θ₀‖²``, pulling each refit towards
             the layer's current weights ``θ₀`` (larger: closer to the frozen-expert evaluation).
+        process_group: ``None`` (the world group when ``torch.distributed`` is initialised), ``False``
+            (this process alone) or a ``ProcessGroup``: the normal equations and loss sums are all-reduced
+            (module docstring). Every method that computes a value is then collective.
+
+    Attributes:
+        fit_rows / score_rows: the rows of all ranks together.
+        all_reduce_calls / all_reduce_values: all-reduces made and the float64 numbers they carried
+            (counted in a single process too).
     """
 
-    def __init__(self, model: nn.Module, fit_data: Any, score_data: Any, loss: LossFn, *, ridge: float = 1e-3) -> None:
+    def __init__(self, model: nn.Module, fit_data: Any, score_data: Any, loss: LossFn, *, ridge: float = 1e-3,
+                 process_group: Any = None) -> None:
+        self.group = resolve_group(process_group)
+        self.nfev = 0
+        self.all_reduce_calls = 0
+        self.all_reduce_values = 0
+        self._out_cache: dict[int, torch.Tensor] = {}
+        error: BaseException | None = None
+        try:
+            self._setup(model, fit_data, score_data, loss, ridge)
+        except Exception as exc:  # reported to every rank by _agree
+            error = exc
+        self._agree(error)
+        self._active = self._active_masks()
+        self.fun0 = self.fun = self.value(self.state, {})
+
+    def _setup(self, model: nn.Module, fit_data: Any, score_data: Any, loss: LossFn, ridge: float) -> None:
         if not callable(loss):
             raise TypeError(f"loss must be callable(prediction, targets), got {type(loss).__name__}")
         self.layer, nested = find_routing_layer(model)
@@ -188,9 +235,84 @@ class RefitObjective:
         self.fit_part = self._cache(fit_data)
         self.score_part = self._cache(score_data)
         self.state = [slot.index.detach().clone().cpu() for slot in self.slots]
-        self.nfev = 0
-        self._out_cache: dict[int, torch.Tensor] = {}
-        self.fun0 = self.fun = self.value(self.state, {})
+        self.per_example = self._check_loss()
+
+    def _check_loss(self) -> bool | None:
+        """Whether the loss is per-example on the score rows (``None``: this rank has no score rows)."""
+        part = self.score_part
+        if part.features.shape[0] == 0:
+            return None
+        value = self._loss_values(self.state, {}, None)
+        rows = part.features.shape[0]
+        if value.dim() == 0:
+            return False
+        if tuple(value.shape) != (rows,):
+            raise ValueError(f"loss must return per-example losses of shape [{rows}] or a scalar, got {tuple(value.shape)}")
+        return True
+
+    def _agree(self, error: BaseException | None) -> None:
+        """Under a process group: exchange errors, row counts, loss kind, permutations and last layers."""
+        if self.group is None:
+            if error is not None:
+                raise error
+            self.fit_rows = int(self.fit_part.features.shape[0])
+            self.score_rows = int(self.score_part.features.shape[0])
+            if self.score_rows == 0:
+                raise ValueError("score_data holds 0 rows; the refit search needs held-out rows to score on")
+            return
+        report = None if error is not None else (
+            int(self.fit_part.features.shape[0]), int(self.score_part.features.shape[0]), self.per_example,
+            [s.tolist() for s in self.state], _digest(self.theta),
+        )
+        reports = all_gather_objects((None if error is None else f"{type(error).__name__}: {error}", report), self.group)
+        if error is not None:
+            raise error
+        failed = [(r, msg) for r, (msg, _) in enumerate(reports) if msg is not None]
+        if failed:
+            text = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+            raise DistributedSearchError(f"the refit search was not started because another rank failed while preparing it ({text})")
+        parts = [rep for _, rep in reports]
+        self.fit_rows = sum(rep[0] for rep in parts)
+        self.score_rows = sum(rep[1] for rep in parts)
+        if self.score_rows == 0:
+            raise ValueError("score_data holds 0 rows on every rank of the process group; the refit search needs held-out rows")
+        if any(rep[2] is False for rep in parts):
+            raise ValueError("under a process group the loss must return per-example losses [B] (a scalar cannot be "
+                             "combined across shards exactly); use reduction='none'")
+        if any(rep[3] != parts[0][3] for rep in parts[1:]):
+            raise ValueError("the ranks hold different permutations at the start of the refit search; give every rank the same model")
+        if any(rep[4] != parts[0][4] for rep in parts[1:]):
+            raise ValueError("the ranks hold different expert last layers at the start of the refit search; give every "
+                             "rank the same model (e.g. as DistributedDataParallel keeps it)")
+
+    # ------------------------------------------------------------------------------ collectives
+    def _collective_device(self) -> torch.device:
+        if self.group is not None and torch.distributed.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (float64) summed over the ranks (a copy; itself in a single process; collective)."""
+        self.all_reduce_calls += 1
+        self.all_reduce_values += int(tensor.numel())
+        if self.group is None:
+            return tensor
+        return all_reduce_sum(tensor.to(self._collective_device()).clone(), self.group).cpu()
+
+    def _broadcast(self, theta: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Rank 0's layers on every rank (bit-identical written weights, whatever each rank's solver did)."""
+        if self.group is None or not theta:
+            return theta
+        keys = sorted(theta)
+        flat = torch.cat([theta[e].reshape(-1) for e in keys]).to(self._collective_device())
+        broadcast_tensor_(flat, self.group, src=0)
+        flat = flat.cpu()
+        out, at = {}, 0
+        for e in keys:
+            size = theta[e].numel()
+            out[e] = flat[at : at + size].reshape(theta[e].shape)
+            at += size
+        return out
 
     @torch.no_grad()
     def _cache(self, data: Any) -> _Part:
@@ -208,17 +330,17 @@ class RefitObjective:
         if len(captured) != self.n:
             raise ValueError("refit needs each expert's last nn.Linear to run exactly once per expert call")
         rows = x.shape[0]
-        feats = torch.stack([c.reshape(rows, -1) for c in captured], dim=1).to("cpu", torch.float64)
+        feats = torch.stack([c.reshape(rows, lin.in_features) for c, lin in zip(captured, self.linears)], dim=1).to("cpu", torch.float64)
         feats = torch.cat([feats, torch.ones(rows, self.n, 1, dtype=torch.float64)], dim=2)
         recomputed = torch.einsum("bnp,npu->bnu", feats, torch.stack(self.theta))
-        if not torch.allclose(recomputed, outputs.reshape(rows, self.n, -1).to("cpu", torch.float64), atol=1e-5, rtol=1e-4):
+        if not torch.allclose(recomputed, outputs.reshape(rows, self.n, self.theta[0].shape[1]).to("cpu", torch.float64), atol=1e-5, rtol=1e-4):
             raise ValueError("refit needs experts whose output is their last nn.Linear (nothing may follow it)")
         cpu = torch.device("cpu")
         gate_outs = [GateOutput(g.weights.detach().to(cpu), g.loss.detach().to(cpu),
                                 None if g.selector_weights is None else g.selector_weights.detach().to(cpu),
                                 None if g.selector_mix is None else g.selector_mix.detach().to(cpu)) for g in gate_outs]
         targets = to_device(targets, cpu)
-        task_targets = [_task_target(targets, t, self.num_tasks, rows) for t in range(self.num_tasks)]
+        task_targets = [_task_target(targets, t, self.num_tasks, rows, self.theta[0].shape[1]) for t in range(self.num_tasks)]
         return _Part(gate_outs, feats, targets, task_targets)
 
     # --------------------------------------------------------------------------------------- pieces
@@ -245,11 +367,9 @@ class RefitObjective:
         self._out_cache.clear()
 
     @torch.no_grad()
-    def value(self, state: Sequence[torch.Tensor], replaced: Mapping[int, torch.Tensor],
-              weights: list[torch.Tensor] | None = None) -> float:
-        """Mean held-out loss of ``state`` with the last layers ``replaced`` (``weights``: precomputed
-        expert-space weights of ``state`` on the score rows)."""
-        self.nfev += 1
+    def _predictions(self, state: Sequence[torch.Tensor], replaced: Mapping[int, torch.Tensor],
+                     weights: list[torch.Tensor] | None) -> Any:
+        """The layer's predictions on this rank's score rows under ``state`` with the layers ``replaced``."""
         part = self.score_part
         out = self._current_outputs(part)
         if replaced:
@@ -259,20 +379,53 @@ class RefitObjective:
         weights = self.weights(part, state) if weights is None else weights
         mixtures = [torch.einsum("bn,bnu->bu", w, out) for w in weights]
         dtype = part.gate_outs[0].weights.dtype
-        preds = self.layer.head([m.to(dtype) for m in mixtures])
-        value = self.loss_fn(preds, part.targets)
+        return self.layer.head([m.to(dtype) for m in mixtures])
+
+    def _loss_values(self, state: Sequence[torch.Tensor], replaced: Mapping[int, torch.Tensor],
+                     weights: list[torch.Tensor] | None) -> torch.Tensor:
+        value = self.loss_fn(self._predictions(state, replaced, weights), self.score_part.targets)
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"loss must return a tensor, got {type(value).__name__}")
-        return float(value.detach().to(torch.float64).mean())
+        return value.detach().to(torch.float64)
+
+    def _local_sum(self, state: Sequence[torch.Tensor], replaced: Mapping[int, torch.Tensor],
+                   weights: list[torch.Tensor] | None = None) -> float:
+        """Sum over this rank's score rows of the loss (a scalar loss counts as the mean of every row)."""
+        rows = self.score_part.features.shape[0]
+        if rows == 0:
+            return 0.0
+        value = self._loss_values(state, replaced, weights)
+        return float(value.sum()) if value.dim() > 0 else float(value) * rows
 
     @torch.no_grad()
-    def refit(self, state: Sequence[torch.Tensor], experts: Sequence[int],
-              weights: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-        """Ridge least-squares last layers of ``experts`` under ``state`` (the other experts held fixed;
-        ``weights``: precomputed expert-space weights of ``state`` on the fit rows)."""
+    def value(self, state: Sequence[torch.Tensor], replaced: Mapping[int, torch.Tensor],
+              weights: list[torch.Tensor] | None = None) -> float:
+        """Mean held-out loss of ``state`` with the last layers ``replaced`` (``weights``: precomputed
+        expert-space weights of ``state`` on this rank's score rows); collective."""
+        self.nfev += 1
+        total = self.reduce_sum(torch.tensor([self._local_sum(state, replaced, weights)], dtype=torch.float64))
+        return float(total[0]) / self.score_rows
+
+    @torch.no_grad()
+    def predictions(self, state: Sequence[torch.Tensor], replaced: Mapping[int, torch.Tensor]) -> tuple[Any, Any]:
+        """``(predictions, targets)`` of ``state`` with the layers ``replaced`` on all score rows (under a
+        process group every rank's rows, gathered in rank order on the CPU; collective)."""
+        rows = self.score_part.features.shape[0]
+        local = None if rows == 0 else (self._predictions(state, replaced, None), self.score_part.targets)
+        if self.group is None:
+            return local
+        pieces = all_gather_objects(None if local is None else (to_device(local[0], "cpu"), local[1]), self.group)
+        return as_batch([p for p in pieces if p is not None])
+
+    def _normal_equations(self, state: Sequence[torch.Tensor], experts: Sequence[int],
+                          weights: list[torch.Tensor] | None) -> torch.Tensor:
+        """This rank's ``[XᵀX | XᵀR]`` (``[q, q + u]``) and row count (appended), flattened, for a refit
+        of ``experts`` under ``state``."""
         part = self.fit_part
         experts = list(experts)
         p = part.features.shape[2]
+        q = len(experts) * p
+        u = self.theta[0].shape[1]
         out = self._current_outputs(part)
         chosen = torch.zeros(self.n, dtype=torch.bool)
         chosen[experts] = True
@@ -282,33 +435,89 @@ class RefitObjective:
             if not bool(rows.any()):
                 continue
             w_r, f_r = w[rows], part.features[rows]
-            blocks.append((w_r[:, experts].unsqueeze(-1) * f_r[:, experts, :]).reshape(-1, len(experts) * p))
+            blocks.append((w_r[:, experts].unsqueeze(-1) * f_r[:, experts, :]).reshape(-1, q))
             rest = torch.einsum("bn,bnu->bu", w_r[:, ~chosen], out[rows][:, ~chosen])
             residuals.append(part.task_targets[t][rows] - rest)
-        theta0 = torch.cat([self.theta[e] for e in experts], dim=0)
         if not blocks:
-            return {e: self.theta[e] for e in experts}
+            return torch.zeros(q * (q + u) + 1, dtype=torch.float64)
         X, R = torch.cat(blocks), torch.cat(residuals)
-        scale = 1.0 / part.features.shape[0]
-        A = scale * (X.t() @ X) + (self.ridge + 1e-10) * torch.eye(X.shape[1], dtype=torch.float64)
-        B = scale * (X.t() @ R) + self.ridge * theta0
+        return torch.cat([torch.cat([X.t() @ X, X.t() @ R], dim=1).reshape(-1), torch.tensor([float(X.shape[0])], dtype=torch.float64)])
+
+    def _solve(self, experts: Sequence[int], summed: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The ridge solution from the (all-reduced) normal equations of :meth:`_normal_equations`."""
+        experts = list(experts)
+        p = self.fit_part.features.shape[2]
+        q = len(experts) * p
+        u = self.theta[0].shape[1]
+        if float(summed[-1]) == 0:  # no fit row of any rank reaches these experts: nothing to refit
+            return {e: self.theta[e] for e in experts}
+        normal = summed[:-1].reshape(q, q + u)
+        theta0 = torch.cat([self.theta[e] for e in experts], dim=0)
+        scale = 1.0 / max(self.fit_rows, 1)
+        A = scale * normal[:, :q] + (self.ridge + 1e-10) * torch.eye(q, dtype=torch.float64)
+        B = scale * normal[:, q:] + self.ridge * theta0
         theta = torch.linalg.solve(A, B)
         return {e: theta[i * p : (i + 1) * p] for i, e in enumerate(experts)}
 
+    @torch.no_grad()
+    def refit(self, state: Sequence[torch.Tensor], experts: Sequence[int],
+              weights: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Ridge least-squares last layers of ``experts`` under ``state`` (the other experts held fixed;
+        ``weights``: precomputed expert-space weights of ``state`` on this rank's fit rows); collective."""
+        return self._solve(experts, self.reduce_sum(self._normal_equations(state, experts, weights)))
+
+    @torch.no_grad()
+    def score_moves(self, moves: Sequence[tuple[Sequence[torch.Tensor], Sequence[int]]]
+                    ) -> list[tuple[float, dict[int, torch.Tensor]]]:
+        """Held-out loss of every ``(state, experts)`` after refitting ``experts`` on the fit rows, and the
+        refitted layers; two all-reduces per chunk of at most :data:`MAX_REDUCE_VALUES` numbers (collective)."""
+        out: list[tuple[float, dict[int, torch.Tensor]]] = []
+        if not moves:
+            return out
+        p = self.fit_part.features.shape[2]
+        u = self.theta[0].shape[1]
+        sizes = [len(experts) * p * (len(experts) * p + u) + 1 for _, experts in moves]
+        start = 0
+        while start < len(moves):  # every rank has the same sizes, so the same chunks
+            stop, total = start, 0
+            while stop < len(moves) and (stop == start or total + sizes[stop] <= MAX_REDUCE_VALUES):
+                total += sizes[stop]
+                stop += 1
+            chunk = moves[start:stop]
+            local = torch.cat([self._normal_equations(state, experts, self.weights(self.fit_part, state)) for state, experts in chunk])
+            summed = self.reduce_sum(local)
+            thetas, at = [], 0
+            for (state, experts), size in zip(chunk, sizes[start:stop]):
+                thetas.append(self._solve(experts, summed[at : at + size]))
+                at += size
+            sums = torch.tensor([self._local_sum(state, theta) for (state, _), theta in zip(chunk, thetas)], dtype=torch.float64)
+            self.nfev += len(chunk)
+            values = self.reduce_sum(sums) / self.score_rows
+            out += [(float(v), theta) for v, theta in zip(values.tolist(), thetas)]
+            start = stop
+        return out
+
+    def _active_masks(self) -> dict[tuple[int, int], torch.Tensor]:
+        """``(module, selector) → [n]`` bool: gate slots with weight on some fit or score row of some rank."""
+        keys = [(p, s) for p, index in enumerate(self.state) for s in range(index.shape[0])]
+        local = torch.zeros(len(keys), self.n, dtype=torch.float64)
+        for i, (slot, selector) in enumerate(keys):
+            rows = self.state[slot].shape[0]
+            for part in (self.fit_part, self.score_part):
+                for t, g in enumerate(part.gate_outs):
+                    if self.task_slot[t] != slot:
+                        continue
+                    if rows == 1 or not g.has_selectors:
+                        local[i] += (g.weights != 0).any(dim=0).to(torch.float64)
+                    elif g.selector_mix is not None and g.selector_weights is not None:
+                        contrib = g.selector_mix[:, selector].unsqueeze(1) * g.selector_weights[:, selector]
+                        local[i] += (contrib != 0).any(dim=0).to(torch.float64)
+        summed = self.reduce_sum(local) if self.group is not None else local
+        return {key: summed[i] > 0 for i, key in enumerate(keys)}
+
     def active_slots(self, slot: int, selector: int) -> torch.Tensor:
         """``[n]`` bool: gate slots of ``selector`` (module ``slot``) with weight on some fit or score row."""
-        active = torch.zeros(self.n, dtype=torch.bool)
-        rows = self.state[slot].shape[0]
-        for part in (self.fit_part, self.score_part):
-            for t, g in enumerate(part.gate_outs):
-                if self.task_slot[t] != slot:
-                    continue
-                if rows == 1 or not g.has_selectors:
-                    active |= (g.weights != 0).any(dim=0).cpu()
-                elif g.selector_mix is not None and g.selector_weights is not None:
-                    contrib = g.selector_mix[:, selector].unsqueeze(1) * g.selector_weights[:, selector]
-                    active |= (contrib != 0).any(dim=0).cpu()
-        return active
+        return self._active[(slot, selector)].clone()
 
     def swaps(self) -> list[tuple[int, int, int, int, list[torch.Tensor], list[int]]]:
         """Every swap that changes some weight: ``(module, selector, a, c, new state, changed experts)``."""
@@ -326,9 +535,14 @@ class RefitObjective:
         return out
 
     def score_move(self, new: Sequence[torch.Tensor], experts: Sequence[int]) -> tuple[float, dict[int, torch.Tensor]]:
-        """Held-out loss of ``new`` after refitting ``experts`` on the fit rows, and the refitted layers."""
-        theta = self.refit(new, experts, self.weights(self.fit_part, new))
-        return self.value(new, theta, self.weights(self.score_part, new)), theta
+        """Held-out loss of ``new`` after refitting ``experts`` on the fit rows, and the refitted layers (collective)."""
+        return self.score_moves([(new, experts)])[0]
+
+    def accept(self, state: Sequence[torch.Tensor], theta: Mapping[int, torch.Tensor]) -> None:
+        """Adopt ``state`` and the layers ``theta`` (rank 0's, under a process group; collective)."""
+        self.state = [s.clone() for s in state]
+        self.set_theta(self._broadcast(dict(theta)))
+        self.fun = self.value(self.state, {})
 
     def write_back(self, layers: bool = True) -> None:
         """Write the current permutations (and, with ``layers``, the last layers) into the model."""
@@ -347,6 +561,13 @@ def _bias(lin: nn.Linear) -> torch.Tensor:
     return lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features, dtype=lin.weight.dtype)
 
 
+def _digest(theta: Sequence[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for th in theta:
+        h.update(th.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def refit_search(
     model: nn.Module,
     fit_data: Any,
@@ -358,13 +579,17 @@ def refit_search(
     tol: float = 0.0,
     apply: bool = True,
     write_layers: bool = True,
+    guard: Any = None,
+    guard_start: Sequence[float] | None = None,
+    process_group: Any = None,
 ) -> OptimizeResult:
     """Best-improvement descent over swaps, each scored after a closed-form refit (module docstring).
 
     Args:
         model: the ``MoE`` / ``MultiGateMoE`` layer.
-        fit_data: ``(inputs, targets)`` the refits are fitted on (use training rows).
-        score_data: ``(inputs, targets)`` held-out rows every candidate is scored on.
+        fit_data: ``(inputs, targets)`` the refits are fitted on (use training rows; this rank's shard
+            under a process group).
+        score_data: ``(inputs, targets)`` held-out rows every candidate is scored on (this rank's shard).
         loss: per-example loss.
         ridge: pull of each refit towards the current last layer (see :class:`RefitObjective`).
         max_iter: accepted moves at most.
@@ -373,10 +598,20 @@ def refit_search(
         apply: write the accepted permutations and refitted last layers into the model.
         write_layers: with ``apply``, also write the refitted last layers; ``False`` writes only the
             permutations (the refit is then a scoring device, and ``fun`` is not the model's loss).
+        guard: metrics a move must not make worse (as for :func:`~routing_search.local_search`: a
+            :class:`~routing_search.search.MetricGuard`, a ``TaskMetric``, a callable, or a list), computed on
+            all score rows with the move's predictions after the refit; a rejected move is counted and the
+            next-best move is tried.
+        guard_start: each guard's reference value (default: its value at the start of this search; pass the
+            start of an earlier stage so that the two stages together lose at most the tolerance).
+        process_group: ``None`` (the world group when initialised), ``False`` or a ``ProcessGroup``; every
+            rank then calls with its shards and all ranks accept the same moves (module docstring).
 
     Returns:
         ``OptimizeResult`` (``x``: list of ``[S, n]`` arrays; ``fun``/``fun0``: held-out loss after /
-        before; ``nit``: accepted moves; ``nfev``; ``moves``: list of :class:`RefitMove`).
+        before; ``nit``: accepted moves; ``nfev``; ``moves``: list of :class:`RefitMove`;
+        ``guard_rejections``; ``guard``: ``{name: {'start', 'end', 'tolerance', 'greater_is_better'}}``
+        or ``None`` without guards; ``all_reduce``: ``{'calls', 'float64_values'}``).
 
     Example:
         >>> import torch
@@ -391,35 +626,72 @@ def refit_search(
     """
     max_iter = check_int("max_iter", max_iter, minimum=0)
     tol = check_positive_float("tol", tol, allow_zero=True)
-    obj = RefitObjective(model, fit_data, score_data, loss, ridge=ridge)
+    guards = check_guards(guard)
+    if guard_start is not None:
+        if not guards:
+            raise ValueError("guard_start is used only with guard=; pass guard or drop guard_start")
+        guard_start = [float(v) for v in guard_start]
+        if len(guard_start) != len(guards):
+            raise ValueError(f"guard_start must hold one value per guard ({len(guards)}), got {len(guard_start)}")
+    obj = RefitObjective(model, fit_data, score_data, loss, ridge=ridge, process_group=process_group)
+
+    def guard_values() -> list[float]:
+        predictions, targets = obj.predictions(obj.state, {})
+        return evaluate_guards(guards, predictions, targets)
+
+    reference: list[float] = []
+    if guards:
+        reference = list(guard_start) if guard_start is not None else guard_values()
+        bad = [guard_name(g) for g, v in zip(guards, reference) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"guard: the metric(s) {bad} are not finite at the start of the refit search ({reference}); "
+                             "a guard needs a finite value on the score rows (e.g. ROC AUC needs both classes)")
+    rejections = 0
     moves: list[RefitMove] = []
     status, message = STATUS_CONVERGED, "local optimum: no refit-scored swap improves"
     while True:
         if len(moves) >= max_iter:
             status, message = STATUS_BUDGET, "max_iter reached"
             break
-        best: tuple[float, Any, dict[int, torch.Tensor]] | None = None
-        baseline: dict[tuple[int, ...], float] = {}
-        for p, s, a, c, new, experts in obj.swaps():
-            value, theta = obj.score_move(new, experts)
-            key = tuple(experts)
-            if key not in baseline:
-                baseline[key] = obj.score_move(obj.state, experts)[0]
-            bar = min(obj.fun, baseline[key]) - tol
-            if value < bar and (best is None or value < best[0]):
-                best = (value, (p, s, a, c, new), theta)
-        if best is None:
+        swaps = obj.swaps()
+        keys = sorted({tuple(experts) for *_, experts in swaps})
+        scored = obj.score_moves([(new, experts) for *_, new, experts in swaps] + [(obj.state, list(k)) for k in keys])
+        baseline = {k: scored[len(swaps) + i][0] for i, k in enumerate(keys)}
+        passing = []
+        for i, ((p, s, a, c, new, experts), (value, theta)) in enumerate(zip(swaps, scored)):
+            bar = min(obj.fun, baseline[tuple(experts)]) - tol
+            if value < bar:
+                passing.append((value, i, (p, s, a, c, new), theta))
+        passing.sort(key=lambda item: (item[0], item[1]))
+        chosen = None
+        for value, _, (p, s, a, c, new), theta in passing:
+            if guards:
+                predictions, targets = obj.predictions(new, theta)
+                values = evaluate_guards(guards, predictions, targets)
+                worse = any(worse_by(g, v0, v) > guard_tolerance(g) for g, v0, v in zip(guards, reference, values))
+                if bool(obj.reduce_sum(torch.tensor([1.0 if worse else 0.0], dtype=torch.float64))[0] > 0):
+                    rejections += 1
+                    continue
+            chosen = (value, (p, s, a, c, new), theta)
             break
-        value, (p, s, a, c, new), theta = best
+        if chosen is None:
+            if passing:
+                message = "local optimum: every refit-scored swap that improves was rejected by a guard"
+            break
+        value, (p, s, a, c, new), theta = chosen
         before = obj.fun
         moves.append(RefitMove("refit-swap", p, s, obj.state[p][s].tolist(), new[p][s].tolist(), before, value,
                                sorted(theta), [a, c]))
-        obj.state = new
-        obj.set_theta(theta)
-        obj.fun = obj.value(obj.state, {})
+        obj.accept(new, theta)
+    report = None
+    if guards:
+        end = guard_values()
+        report = {guard_name(g): {"start": v0, "end": v, "tolerance": guard_tolerance(g), "greater_is_better": bool(g.greater_is_better)}
+                  for g, v0, v in zip(guards, reference, end)}
     if apply:
         obj.write_back(layers=write_layers)
     return make_result(
         x=[s.numpy().copy() for s in obj.state], fun=obj.fun, nit=len(moves), nfev=obj.nfev, status=status,
-        message=message, fun0=obj.fun0, moves=moves, method="refit",
+        message=message, fun0=obj.fun0, moves=moves, method="refit", guard_rejections=rejections, guard=report,
+        all_reduce={"calls": obj.all_reduce_calls, "float64_values": obj.all_reduce_values},
     )

@@ -25,6 +25,7 @@ from .._validation import check_int, check_rng
 from ..batches import to_device
 from ..search.refit import RefitOptions
 from .data_source import search_subset
+from .distributed_training import resolve_context, shard_rows
 from .searcher import LocalSearcher, Searcher, check_searcher
 
 __all__ = ["SearchSchedule", "SearchPlan", "DEFAULT_SEARCH_ROWS", "DEFAULT_FIT_ROWS", "make_searcher", "refit_rows"]
@@ -55,7 +56,9 @@ class SearchSchedule:
             exact frozen-expert first stage) followed by :func:`~routing_search.search.refit.refit_search`,
             whose moves are scored on the held-out rows after a ridge refit of the touched experts' last
             layers on ``fit_rows`` training rows. Needs an ``MoE`` / ``MultiGateMoE`` model whose experts end
-            in an ``nn.Linear`` (identity towers); not available under a process group.
+            in an ``nn.Linear`` (identity towers). Under a process group each rank refits on its contiguous
+            part of the ``fit_rows`` subset and the ridge normal equations are all-reduced (every rank accepts
+            the same moves and writes the same layers as one process with all the rows).
         fit_rows: with ``refit``: the refits use a fixed, seeded subset of at most this many *training* rows
             (the same rows at every search, drawn independently of the held-out subset; ``None``: all).
         at_start: also search once before the first optimiser step (a bad start is then fixed before
@@ -204,7 +207,7 @@ def _schedule_plan(search: Any, model: nn.Module, loss: Callable[[Any, Any], Any
     if search.refit is not None:
         if train_data is None:
             raise ValueError("a refit schedule needs the training data its refits are fitted on")
-        fit_data = refit_rows(train_data, search.fit_rows, seed)
+        fit_data = shard_rows(refit_rows(train_data, search.fit_rows, seed), resolve_context(process_group))
         if device is not None:
             fit_data = to_device(fit_data, device)
     searcher = search.searcher(model, loss, seed=seed, process_group=process_group, fit_data=fit_data)

@@ -123,9 +123,10 @@ class LocalSearcher:
             moves (see ``local_search``).
         refit: ``None`` or :class:`~routing_search.search.refit.RefitOptions`: after every search, run
             :func:`~routing_search.search.refit.refit_search` (refits on ``fit_data``, moves scored on the
-            search's held-out data). Not available under a process group (the ridge solves would use
-            each rank's own rows): refused at construction.
-        fit_data: ``(inputs, targets)`` training rows the refits are fitted on (required with ``refit``).
+            search's held-out data), under the same ``guard=`` (judged against the first stage's start) and
+            process group (each rank passes its shard of ``fit_data``; the normal equations are all-reduced).
+        fit_data: ``(inputs, targets)`` training rows the refits are fitted on (required with ``refit``;
+            this rank's shard under a process group).
         **search_options: passed to ``local_search`` (checked now; an unknown name raises ``TypeError``).
 
     Attributes:
@@ -168,23 +169,12 @@ class LocalSearcher:
         self.rounds = None if rounds is None else check_int("rounds", rounds, minimum=0)
         self.options = dict(search_options)
         self.rng = check_rng(rng, name="rng")
-        group = resolve_group(process_group)  # check it now (a group without an initialised job raises)
+        resolve_group(process_group)  # check it now (a group without an initialised job raises)
         if refit is not None:
             if not isinstance(refit, RefitOptions):
                 raise TypeError(f"refit must be None or a RefitOptions, got {type(refit).__name__}")
-            if group is not None:
-                raise ValueError(
-                    "refit search is not available under a process group: its ridge solves use the rows of each "
-                    "rank and would differ between ranks; run it in a single process (process_group=False outside "
-                    "a distributed job) or search without refit"
-                )
             if fit_data is None:
                 raise ValueError("refit needs fit_data: the (inputs, targets) training rows the refits are fitted on")
-            if search_options.get("guard"):
-                raise ValueError(
-                    "guard= is not applied by the refit stage (its moves are not metric-checked); search without "
-                    "refit to guard a metric, or drop guard"
-                )
         elif fit_data is not None:
             raise ValueError("fit_data is used only with refit=RefitOptions(...); pass refit or drop fit_data")
         self.refit = refit
@@ -240,12 +230,21 @@ class LocalSearcher:
         """``refit_search`` after the first stage; one result for both (``fun0`` the first stage's start,
         ``fun`` the model's held-out loss at the end, moves of both stages in order)."""
         assert self.refit is not None
-        second = refit_search(self.model, self.fit_data, data, self.loss, **self.refit.kwargs())
+        guard = self.options.get("guard")
+        reference = getattr(first, "guard", None)
+        start = None if not guard or not reference else [v["start"] for v in reference.values()]
+        second = refit_search(self.model, self.fit_data, data, self.loss, guard=guard, guard_start=start,
+                              process_group=self.process_group, **self.refit.kwargs())
+        calls = dict(getattr(first, "all_reduce", None) or {})
+        for key, value in second.all_reduce.items():
+            calls[key] = int(calls.get(key, 0)) + int(value)
         return make_result(
-            x=second.x, fun=float(RoutingObjective(self.model, data, self.loss).fun), nit=int(first.nit) + int(second.nit),
+            x=second.x, fun=float(RoutingObjective(self.model, data, self.loss, process_group=self.process_group).fun), nit=int(first.nit) + int(second.nit),
             nfev=int(first.nfev) + int(second.nfev), status=second.status, message=f"refit: {second.message}",
             fun0=float(first.fun0), moves=list(getattr(first, "moves", [])) + list(second.moves), method="refit",
-            stages={"search": first, "refit": second}, all_reduce=dict(getattr(first, "all_reduce", None) or {}),
+            stages={"search": first, "refit": second}, all_reduce=calls,
+            guard_rejections=int(getattr(first, "guard_rejections", 0) or 0) + int(second.guard_rejections),
+            guard=None if second.guard is None else {name: dict(v) for name, v in second.guard.items()},
         )
 
     # ------------------------------------------------------------------ state

@@ -127,3 +127,46 @@ def test_refit_options_are_refit_searchs_keywords() -> None:
         RefitOptions.from_dict({"ridge": 1.0, "lr": 0.1})
     with pytest.raises(TypeError, match="write_layers must be True or False"):
         RefitOptions(write_layers="no")  # type: ignore[arg-type]
+
+
+def test_a_guard_refuses_refit_moves_and_the_search_tries_the_next_best() -> None:
+    from routing_search.search import MetricGuard
+
+    loss = multitask_loss(["mse"] * 3)
+
+    def task_error(t: int):
+        return lambda preds, y: float(((preds[t].squeeze(1) - y[:, t]) ** 2).mean())
+
+    free_model, fit_data, score_data = _collapsed_multigate()
+    free = refit_search(free_model, fit_data, score_data, loss)
+    # Task 2's error may fall by at most 0.5: some of the moves the loss wants are refused.
+    guard = MetricGuard(task_error(2), greater_is_better=True, tolerance=0.5, name="kept")
+    model, _, _ = _collapsed_multigate()
+    guarded = refit_search(model, fit_data, score_data, loss, guard=guard)
+    assert guarded.guard_rejections >= 1 and guarded.nit >= 1 and guarded.fun < guarded.fun0
+    assert [m.after for m in guarded.moves] != [m.after for m in free.moves]
+    report = guarded.guard["kept"]
+    assert report["start"] - report["end"] <= 0.5 + 1e-12
+    # What was written is what the guard judged: the model's own task-2 error is the reported end value.
+    model.eval()
+    with torch.no_grad():
+        assert task_error(2)(model(score_data[0]).outputs, score_data[1]) == pytest.approx(report["end"], rel=1e-6)
+    # guard_start: the reference of an earlier stage; a reference no move can keep refuses every move.
+    strict = refit_search(_collapsed_multigate()[0], fit_data, score_data, loss, guard=guard, guard_start=[1e9])
+    assert strict.nit == 0 and strict.guard_rejections >= 1
+    with pytest.raises(ValueError, match="guard_start is used only with guard"):
+        refit_search(_collapsed_multigate()[0], fit_data, score_data, loss, guard_start=[0.0])
+    with pytest.raises(ValueError, match="one value per guard"):
+        refit_search(_collapsed_multigate()[0], fit_data, score_data, loss, guard=guard, guard_start=[0.0, 1.0])
+
+
+def test_score_moves_equals_one_move_at_a_time() -> None:
+    model, fit_data, score_data = _collapsed_multigate(seed=3)
+    obj = RefitObjective(model, fit_data, score_data, multitask_loss(["mse"] * 3))
+    swaps = obj.swaps()
+    batched = obj.score_moves([(new, experts) for *_, new, experts in swaps])
+    for (*_, new, experts), (value, theta) in zip(swaps, batched):
+        alone = obj.value(new, obj.refit(new, experts))
+        assert value == pytest.approx(alone, rel=1e-12)
+        ref = obj.refit(new, experts)
+        assert all(torch.allclose(theta[e], ref[e], rtol=0, atol=1e-12) for e in experts)

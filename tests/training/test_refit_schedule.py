@@ -119,13 +119,16 @@ def test_refit_schedule_refuses_a_model_it_cannot_refit_before_training() -> Non
 
 
 
-def test_refit_schedule_is_refused_under_a_process_group(group_of_one) -> None:
-    model = _collapsed()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="refit search is not available under a process group"):
-        fit(model, TRAIN, LOSS, epochs=1, search=_schedule(), **KW)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any training
-    fit(model, TRAIN, LOSS, epochs=1, search=_schedule(), process_group=False, **KW)  # alone: allowed
+def test_refit_schedule_under_a_process_group_equals_one_process(group_of_one) -> None:
+    # Regression: the refit schedule was refused under a process group (its ridge solves used each rank's rows);
+    # the normal equations are now all-reduced, so a group (here of one rank) equals a single process.
+    grouped, alone = _collapsed(), _collapsed()
+    a = fit(grouped, TRAIN, LOSS, epochs=1, search=_schedule(), **KW)
+    b = fit(alone, TRAIN, LOSS, epochs=1, search=_schedule(), process_group=False, **KW)
+    assert [s["moves"] for s in a.history.searches] == [s["moves"] for s in b.history.searches]
+    assert any(s["accepted"] for s in a.history.searches)
+    for (name, p), q in zip(grouped.named_parameters(), alone.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), name
 
 
 class _EveryOther:
@@ -178,15 +181,26 @@ def test_refit_schedule_on_cuda_matches_cpu() -> None:
     assert gpu.history.val_loss[-1] == pytest.approx(cpu.history.val_loss[-1], rel=1e-3)
 
 
-def test_a_guard_with_the_refit_stage_is_refused_not_ignored() -> None:
-    # Regression: the refit stage does not go through the guarded acceptance, so guard= was silently ignored.
+def test_a_guard_is_applied_by_the_refit_stage() -> None:
+    # Regression: guard= was not applied by the refit stage (then refused with refit); now every refit move
+    # must pass the guards too, judged against the first stage's start.
     from routing_search.search import MetricGuard
 
+    def opposed(preds: Any, targets: Any) -> float:  # higher when the loss is higher: refuses every improving move
+        return float(LOSS(preds, targets).mean())
+
+    free = LocalSearcher(_collapsed(), LOSS, refit=RefitOptions(max_iter=3), fit_data=TRAIN, rng=0)(VAL)
+    assert free.stages["refit"].nit >= 1
     model = _collapsed()
-    guard = MetricGuard(lambda p, t: 0.0, name="constant")
-    with pytest.raises(ValueError, match="guard= is not applied by the refit stage"):
-        LocalSearcher(model, LOSS, refit=RefitOptions(), fit_data=TRAIN, guard=guard)
-    LocalSearcher(model, LOSS, guard=guard)  # without refit the guard is applied
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    guarded = LocalSearcher(model, LOSS, refit=RefitOptions(max_iter=3), fit_data=TRAIN, rng=0, guard=MetricGuard(opposed))(VAL)
+    assert guarded.nit == 0 and guarded.stages["refit"].guard_rejections >= 1
+    assert guarded.guard_rejections >= guarded.stages["refit"].guard_rejections
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was written
+    # A guard that every move passes changes nothing.
+    same = LocalSearcher(_collapsed(), LOSS, refit=RefitOptions(max_iter=3), fit_data=TRAIN, rng=0,
+                         guard=MetricGuard(lambda p, t: 0.0, name="constant"))(VAL)
+    assert [m.after for m in same.moves] == [m.after for m in free.moves] and same.fun == free.fun
 
 
 def test_history_counts_the_moves_a_guard_refused() -> None:
