@@ -27,6 +27,11 @@ def run_experiment_command(config: ExperimentConfig, *, out: str | Path = "runs"
     return run_dir
 
 
+def _ratio_text(x: float | str | None) -> str:
+    """A ratio of the tuning report (a number, ``'inf'``, or None when neither arm reaches the target)."""
+    return "undefined" if x is None else x if isinstance(x, str) else f"{x:.1f}"
+
+
 def run_tune_command(config: TuneConfig, *, out: str | Path = "runs", plots: bool = True) -> Path:
     """Run the tuning study and write ``tune.md``, ``tune.json`` and ``best_of_n.png`` to a new run directory."""
     run_dir = new_run_dir(out, f"tune-{config.experiment.dataset}")
@@ -36,7 +41,13 @@ def run_tune_command(config: TuneConfig, *, out: str | Path = "runs", plots: boo
     report = write_tune_report(config, trials, data, run_dir, plots=plots)
     for gate, entry in report["summary"].items():
         for arm, e in entry["arms"].items():
-            print(f"{gate:>9} {arm:>7}: best of all {e['best_of_n'][-1]:.4f}, trials needed for "
-                  f"{entry['target']:.4f}: {e['trials_needed'] if e['trials_needed'] is not None else 'not reached'}")
+            pool = e["trials_needed_without_replacement"]
+            print(f"{gate:>9} {arm:>7}: best of all {e['best_of_n'][-1]:.4f}, trials needed for {entry['target']:.4f}: "
+                  f"{pool if pool is not None else '> ' + str(e['trials'])} from the trials, "
+                  f"{e['trials_needed'] if e['trials_needed'] is not None else 'never'} with replacement")
+        for arm, r in entry["ratios"].items():
+            b = r["bootstrap"]
+            spread = f" (bootstrap 5-95 %: {_ratio_text(b['q05'])} to {_ratio_text(b['q95'])})" if "q05" in b else ""
+            print(f"{gate:>9} ratio of trials needed {arm}/{entry['reference']}: {_ratio_text(r['ratio'])}{spread}")
     print(f"report: {run_dir / 'tune.md'}")
     return run_dir

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=_non_negative_int, default=0)
     tune.add_argument("--target", type=float, default=None, help="test value to reach (default: the top 20 %% of pooled trials)")
     tune.add_argument("--probability", type=_positive_float, default=0.9, help="probability of reaching the target, in (0, 1)")
+    tune.add_argument("--max-train", type=_positive_int, default=None,
+                      help="at most this many training rows per trial (movielens, multi-mnist, multi-fashion; default: the preset's)")
 
     escape = sub.add_parser(
         "escape",
@@ -215,8 +217,14 @@ def _configure(args: argparse.Namespace) -> Any:
             _check_device(args.device)
             if args.command == "experiment":
                 return make_config(args.dataset, args.preset, seeds=args.seeds, **_overrides(args))
+            tune_over = _overrides(args)
+            if args.max_train is not None:
+                if args.dataset in ("synthetic", "keyed"):
+                    raise UsageError(f"--max-train limits the rows of a loaded data set; {args.dataset!r} is generated "
+                                     "with the preset's number of rows (use movielens, multi-mnist or multi-fashion)")
+                tune_over["data"] = {**tune_over.get("data", {}), "max_train": args.max_train}
             return make_tune_config(args.dataset, args.preset, trials=args.trials, seed=args.seed, target=args.target,
-                                    probability=args.probability, **_overrides(args))
+                                    probability=args.probability, **tune_over)
         if args.command == "escape":
             extra: dict[str, Any] = {}
             if args.epochs is not None:

@@ -153,17 +153,28 @@ def reach_probability(scores: Sequence[float], values: Sequence[float], target: 
 def trials_needed(scores: Sequence[float], values: Sequence[float], target: float, *, probability: float, higher_is_better: bool, replace: bool = True, max_trials: int = 100_000) -> int | None:
     """Smallest ``N`` with ``reach_probability(N) >= probability``; None when no ``N`` gets there.
 
-    Without replacement ``N`` is at most the number of trials; with replacement it is searched up to
-    ``max_trials`` (the probability is monotone in ``N``).
+    The probability is not monotone in ``N`` when the scores and the values disagree (if the best-scoring
+    trial misses the target, more draws make it likelier to be picked), so every ``N`` is checked: up to
+    the number of trials ``T`` without replacement; with replacement up to the ``N`` beyond which the
+    best-scoring trial alone decides (``((T−1)/T)^N`` below both ``probability`` and ``1 − probability``),
+    and at most ``max_trials``.
+
+    >>> trials_needed([1, 2, 3, 4], [1, 1, 1, 0], 1, probability=0.7, higher_is_better=True)
+    1
     """
-    upper = len(scores) if not replace else max_trials
-    if reach_probability(scores, values, target, upper, higher_is_better=higher_is_better, replace=replace) < probability:
-        return None
-    lo, hi = 1, upper
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if reach_probability(scores, values, target, mid, higher_is_better=higher_is_better, replace=replace) >= probability:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    if not 0 < probability < 1:
+        raise ValueError(f"probability must be in (0, 1), got {probability}")
+    order = _order(scores, higher_is_better)
+    v = np.asarray(values, dtype=float)[order]
+    reaches = (v >= target if higher_is_better else v <= target).astype(float)
+    t = len(order)
+    if replace:
+        c = (t - 1) / t
+        upper = 1 if c == 0 else max(1, math.ceil(math.log(1 - probability) / math.log(c)), math.floor(math.log(probability) / math.log(c)))
+        n = np.arange(1, min(upper, max_trials) + 1, dtype=float)
+        i = np.arange(1, t + 1, dtype=float)[:, None] / t
+        reach = reaches @ (i ** n - (i - 1 / t) ** n)
+    else:
+        reach = np.asarray([np.dot(best_of_n_weights(t, m), reaches) for m in range(1, t + 1)])
+    hits = np.flatnonzero(reach >= probability - 1e-12)  # exact sums such as 9 × 0.1 land a rounding error below
+    return int(hits[0]) + 1 if hits.size else None
