@@ -413,6 +413,7 @@ class RefitObjective:
         rows = self.score_part.features.shape[0]
         local = None if rows == 0 else (self._predictions(state, replaced, None), self.score_part.targets)
         if self.group is None:
+            assert local is not None  # a single process without score rows is refused at construction
             return local
         pieces = all_gather_objects(None if local is None else (to_device(local[0], "cpu"), local[1]), self.group)
         return as_batch([p for p in pieces if p is not None])
