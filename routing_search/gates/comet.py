@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .._validation import check_num_experts_k
 from .annealed import AnnealedGate
 from .protocol import GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
-from .binary_encoding import log_factors, zero_log
 from .router import check_input_dtype
-from .smooth_step import GammaAnnealing, padded_linear, smooth_step, smooth_step_init_, smooth_step_slope
+from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_
 
 __all__ = ["COMET", "leaf_paths"]
 
@@ -47,105 +47,259 @@ def leaf_paths(num_experts: int) -> list[tuple[int, list[tuple[int, bool]]]]:
 
 
 
+def tree_levels(num_experts: int) -> tuple[tuple[int, int], ...]:
+    """Heap indices ``(first, end)`` of the internal nodes of each level of the tree, root first.
+
+    Level ``L`` holds heap nodes ``2^L - 1 .. 2^(L+1) - 2``; its internal nodes (``< n - 1``) are a
+    prefix of it, and their children are the heap nodes ``2 first + 1 .. 2 end``, left and right
+    alternating. Only the deepest internal level can be partial (``n`` not a power of two): its other
+    nodes are leaves, which come after the leaves below it in left-to-right (expert) order.
+
+    >>> tree_levels(16)
+    ((0, 1), (1, 3), (3, 7), (7, 15))
+    >>> tree_levels(5)
+    ((0, 1), (1, 3), (3, 4))
+    """
+    levels: list[tuple[int, int]] = []
+    first = 0
+    while first < num_experts - 1:
+        levels.append((first, min(2 * first + 1, num_experts - 1)))
+        first = 2 * first + 1
+    return tuple(levels)
+
+
+# The tree computations below take the node (or leaf) index on dim -2 and the rows on dim -1 (``[..., n-1, R]``):
+# every per-level slice is then a block of whole rows, so each operation runs over long contiguous memory
+# (on the CPU, slices of a few columns of ``[R, n-1]`` cost several times as much per element).
+
+
+def _reach_levels(s: torch.Tensor, levels: tuple[tuple[int, int], ...], num_experts: int) -> torch.Tensor:
+    """Reach probabilities ``pi`` ``[..., n, R]`` in expert order from node outputs ``s`` ``[..., n-1, R]``, no autograd.
+
+    Level by level in the probability domain: the left child of node ``q`` gets ``p_q s_q`` and the
+    right child ``p_q - p_q s_q`` (``= p_q (1 - s_q)`` to rounding, exactly once ``s_q`` is 0 or 1),
+    written straight into each level's buffer (left and right children alternate, as in the heap);
+    the deepest level is written into ``pi`` itself. A leaf behind a branch of probability 0 gets
+    exactly 0 (as does a product below the smallest positive float).
+    """
+    lead, rows = s.shape[:-2], s.shape[-1]
+    pi = s.new_empty(*lead, num_experts, rows)
+    parent = s.new_ones(*lead, 1, rows)
+    last = len(levels) - 1
+    for depth, (first, end) in enumerate(levels):
+        width = end - first
+        p = parent[..., :width, :]
+        child = pi[..., : 2 * width, :] if depth == last else s.new_empty(*lead, 2 * width, rows)
+        left = child[..., 0::2, :]
+        torch.mul(p, s[..., first:end, :], out=left)
+        torch.sub(p, left, out=child[..., 1::2, :])
+        if depth == last and parent.shape[-2] > width:  # the leaves on the deepest internal level
+            pi[..., 2 * width :, :].copy_(parent[..., width:, :])
+        parent = child
+    return pi
+
+
+def _grad_nodes(
+    h: torch.Tensor, s: torch.Tensor, levels: tuple[tuple[int, int], ...], out: torch.Tensor
+) -> torch.Tensor:
+    """``dL/ds`` ``[..., n-1, R]`` into ``out`` from ``h = dL/d log pi`` ``[..., n, R]`` (expert order).
+
+    With ``H`` the sum of ``h`` over a subtree, ``dL/ds_q = H_left / s_q - H_right / (1 - s_q)``;
+    the sums are formed bottom-up, level by level. A branch of probability exactly 0 passes no
+    gradient: every leaf behind it has ``h = 0`` (its weight and reach are exactly 0), and the
+    divisor is raised to the smallest positive float, so ``0 / 0`` never happens. (Dividing by a
+    node output, never by a reach probability, keeps this exact for any depth.)
+    """
+    tiny = torch.finfo(s.dtype).tiny
+    left_div = torch.clamp_min(s, tiny, out=out)  # each level overwrites its own part with the gradient
+    right_div = torch.rsub(s, 1.0).clamp_min_(tiny)
+    lead, rows = h.shape[:-2], h.shape[-1]
+    first, end = levels[-1]
+    children = h[..., : 2 * (end - first), :]
+    tail = h[..., 2 * (end - first) :, :]  # the leaves on the deepest internal level
+    for depth in range(len(levels) - 1, -1, -1):
+        first, end = levels[depth]
+        width = end - first
+        h_left, h_right = children[..., 0::2, :], children[..., 1::2, :]
+        g = out[..., first:end, :]
+        torch.div(h_left, left_div[..., first:end, :], out=g)  # g and the divisor share memory, element by element
+        g.addcdiv_(h_right, right_div[..., first:end, :], value=-1.0)
+        if depth > 0:
+            level = h.new_empty(*lead, first + 1, rows)  # level `depth` holds 2^depth = first + 1 nodes
+            torch.add(h_left, h_right, out=level[..., :width, :])
+            if first + 1 > width:
+                level[..., width:, :].copy_(tail)
+            children = level
+    return out
+
+
+def _rows_last(t: torch.Tensor) -> torch.Tensor:
+    """``[..., m]`` -> ``[m, prod(...)]`` (contiguous): the layout of the tree computations."""
+    return t.reshape(-1, t.shape[-1]).t().clone(memory_format=torch.contiguous_format)
+
+
+class _Reach(torch.autograd.Function):
+    """Reach probabilities ``[..., n]`` from node outputs ``[..., n-1]`` (:func:`_reach_levels`, :func:`_grad_nodes`)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, s: torch.Tensor, levels: tuple[tuple[int, int], ...], num_experts: int
+    ) -> torch.Tensor:
+        s_t = _rows_last(s)
+        pi_t = _reach_levels(s_t, levels, num_experts)
+        ctx.levels = levels  # type: ignore[attr-defined]
+        ctx.save_for_backward(s_t, pi_t)
+        return pi_t.t().reshape(*s.shape[:-1], num_experts)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        s_t, pi_t = ctx.saved_tensors  # type: ignore[attr-defined]
+        h = _rows_last(grad).mul_(pi_t)  # dL/d log pi
+        grad_t = _grad_nodes(h, s_t, ctx.levels, torch.empty_like(s_t))  # type: ignore[attr-defined]
+        return grad_t.t().reshape(*grad.shape[:-1], s_t.shape[0]), None, None
+
+
+def _smooth_step(t: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S(t), u)`` with ``u = clamp(t / gamma, -1/2, 1/2)``: the operations of :func:`smooth_step` (same
+    bits), in place where possible. The slope is ``S'(t) = (3/2 - 6 u^2) / gamma`` (:func:`_slope`)."""
+    u = (torch.div(t, gamma) if gamma != 1.0 else t.clone(memory_format=torch.contiguous_format)).clamp_(-0.5, 0.5)
+    return (u * u).mul_(-2.0).add_(1.5).mul_(u).add_(0.5), u
+
+
+def _slope(u: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``S'(t) = (3/2 - 6 u^2) / gamma``: exactly 0 outside the cubic region."""
+    slope = (u * u).mul_(-6.0).add_(1.5)
+    return slope if gamma == 1.0 else slope.div_(gamma)
+
+
+def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(joint, weights, sel, mix)`` from reach probabilities and leaf logits ``[k, n, R]`` (contiguous).
+
+    ``joint_jl = pi_jl e^{a_jl} / sum pi e^a`` ``[k, n, R]`` (one softmax over all ``k n`` scores
+    ``a + log pi``); rows first: ``weights`` ``[R, n]`` its sum over the trees, ``sel`` ``[R, k, n]``
+    each tree's own distribution and ``mix`` ``[R, k]`` each tree's share. Computed as
+    ``pi e^{a - max a}`` normalised per tree and in all: no logarithm, and ``pi = 0`` gives exactly 0.
+    When a tree's unnormalised sum falls below ``tiny / eps`` (its terms could have lost precision to
+    underflow), the log-domain softmax of ``a + log pi`` is used instead. The soft and the hard gate
+    both use this, so they give the same bits.
+    """
+    k, n, rows = leaves.shape
+    flat = leaves.view(k * n, rows)
+    grad = torch.is_grad_enabled() and (leaves.requires_grad or pi.requires_grad)  # hard(): no in-place
+    num = torch.sub(flat, flat.amax(dim=0)).view(k, n, rows)
+    num = num.exp() * pi if grad else num.exp_().mul_(pi)
+    per_tree = num.sum(dim=1)  # [k, R]
+    info = torch.finfo(num.dtype)
+    if per_tree.numel() and bool((per_tree < info.tiny / info.eps).any()):
+        scores = torch.log(pi) + leaves
+        joint = torch.softmax(scores.view(k * n, rows), dim=0).view(k, n, rows)
+        sel, mix = torch.softmax(scores, dim=1), joint.sum(dim=1)
+    else:
+        total = per_tree.sum(dim=0)
+        joint, mix = num / total, per_tree / total
+        sel = num / per_tree.unsqueeze(1) if grad else num.div_(per_tree.unsqueeze(1))
+    weights = joint[0] if k == 1 else joint[0] + joint[1]
+    for j in range(2, k):
+        weights = weights + joint[j] if grad else weights.add_(joint[j])
+    return joint, _row_major(weights), _row_major(sel), _row_major(mix)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``[a, (b,) R]`` -> ``[R, a, (b)]`` contiguous: the gate's output layout."""
+    rows = t.shape[-1]
+    return t.reshape(-1, rows).t().clone(memory_format=torch.contiguous_format).view(rows, *t.shape[:-1])
+
+
 class _CometGate(torch.autograd.Function):
     """The whole soft COMET gate with one hand-written backward.
 
-    Inputs node logits ``[..., k, n-1]`` and leaf logits ``[..., k, n]``; outputs ``weights``
-    ``[..., n]``, ``selector_weights`` ``[..., k, n]``, ``selector_mix`` ``[..., k]`` and, when asked,
-    the reach entropy ``sum_j H(pi_j)`` ``[...]`` (eps inside the log). Forward: ``log pi`` as one
-    product of the branch log-probabilities ``(log s, log(1 - s))`` with the path matrix (``log 0``
-    is :func:`zero_log`), then per tree ``lse_j = logsumexp(a_j + log pi_j)``, ``sel_j = exp(a_j +
-    log pi_j - lse_j)`` and ``mix = softmax(lse)``. Same numbers as one joint softmax over all
-    ``k n`` scores to rounding. Backward: a branch of probability exactly 0 passes no gradient (as
-    the autograd of :func:`log_factors` gives).
+    Input: the logits ``zt`` ``[k(2n-1), R]``, one column per row: rows ``:k(n-1)`` are the node
+    logits (tree-major), the rest the leaf logits ``a``. Outputs (rows first) ``weights`` ``[R, n]``,
+    ``selector_weights`` ``[R, k, n]``, ``selector_mix`` ``[R, k]`` and, when asked, the reach
+    entropy ``sum_j H(pi_j)`` ``[R]`` (eps inside the log). Forward: ``pi`` level by level
+    (:func:`_reach_levels`), one ``log pi`` (``log 0 = -inf``: such leaves get weight exactly 0),
+    one joint softmax over all ``k n`` scores ``a + log pi`` gives weights and ``mix``, and
+    ``sel_j = joint_j / mix_j``. Backward: ``h = dL/d scores`` (the leaf-logit gradient) plus the
+    entropy's part gives the node gradients level by level (:func:`_grad_nodes`).
     """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
-        nodes: torch.Tensor,
-        leaves: torch.Tensor,
+        zt: torch.Tensor,
+        k: int,
+        n: int,
         gamma: float,
-        paths: torch.Tensor,
         with_entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)  # type: ignore[attr-defined]
-        s, slope = smooth_step_slope(nodes, gamma)
-        right = 1 - s
-        floor = zero_log(s.dtype)
-        # log pi = log(s) @ P_left + log(1 - s) @ P_right (log 0 raised to zero_log by the clamp).
-        q = s.shape[-1]
-        log_pi = torch.log(s).clamp_min_(floor) @ paths[:q]
-        log_pi = log_pi + torch.log(right).clamp_min_(floor) @ paths[q:]
-        scores = leaves + log_pi
-        # One joint softmax over all k n scores gives weights and mix (the same numbers as
-        # :meth:`COMET.hard`, bit for bit, once pi is binary); per tree softmax for sel (not joint / mix:
-        # a tree's mix may underflow to 0).
-        joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)
-        weights = joint.sum(dim=-2)
-        mix = joint.sum(dim=-1)
-        sel = torch.softmax(scores, dim=-1)
+        rows, kq = zt.shape[-1], k * (n - 1)
+        levels = tree_levels(n)
+        s, u = _smooth_step(zt[:kq].view(k, n - 1, rows), gamma)
+        pi = _reach_levels(s, levels, n)
+        joint, weights, sel, mix = _combine(pi, zt[kq:].view(k, n, rows))
         ent_rows = None
         if with_entropy:
-            pi = torch.exp(log_pi)
+            # -sum pi log(pi + eps), and its derivative w.r.t. log pi for the backward:
+            # -(pi log(pi + eps) + pi^2 / (pi + eps)) (times the incoming gradient).
             shifted = pi + _EPS
-            pi_log = pi * torch.log(shifted)
-            ent = -pi_log.sum(dim=(-2, -1))
-            # pi * d(-pi log(pi + eps))/dpi: the entropy's part of dL/d log pi (times its incoming gradient).
-            ent_rows = pi_log + pi * pi / shifted
+            ent_rows = torch.div(pi, shifted)
+            pi_log = shifted.log_().mul_(pi)
+            ent = pi_log.view(k * n, rows).sum(dim=0).neg_()
+            ent_rows.mul_(pi).add_(pi_log)
         else:
-            ent = weights.new_zeros(weights.shape[:-1])
-        ctx.save_for_backward(sel, mix, s, right, slope, paths, ent_rows)  # type: ignore[arg-type]
+            ent = zt.new_zeros(rows)
+        ctx.levels, ctx.gamma = levels, gamma  # type: ignore[attr-defined]
+        ctx.save_for_backward(joint, weights, mix, sel, s, u, ent_rows)
         return weights, sel, mix, ent
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         g_weights: torch.Tensor | None,
         g_sel: torch.Tensor | None,
         g_mix: torch.Tensor | None,
         g_ent: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
-        sel, mix, s, right, slope, paths, ent_rows = ctx.saved_tensors  # type: ignore[attr-defined]
-        # d/d sel_j (total) and d/d mix_j (total), with weights = sum_j mix_j sel_j.
-        mix_col = mix.unsqueeze(-1)
-        g_sel_total = None  # sel * dL/dsel (elementwise), and its row sums
-        grad_mix = g_mix
-        if g_weights is not None:
-            sel_gw = sel * g_weights.unsqueeze(-2)
-            from_w = sel_gw.sum(dim=-1)
-            grad_mix = from_w if grad_mix is None else grad_mix + from_w
-            g_sel_total = sel_gw * mix_col
-        if g_sel is not None:
-            g_sel_total = sel * g_sel if g_sel_total is None else torch.addcmul(g_sel_total, sel, g_sel)
-        # lse_j -> mix = softmax(lse); sel_j = softmax(scores_j): d/d scores = sel * (g_sel - <sel, g_sel> + d/d lse).
-        coef = None
-        if grad_mix is not None:
-            coef = mix * (grad_mix - (mix * grad_mix).sum(dim=-1, keepdim=True))
-        if g_sel_total is not None:
-            # <sel_j, dL/dsel_j>: from the weights alone it is mix_j * <sel_j, g_weights> (no second pass).
-            inner = mix * from_w if g_sel is None else g_sel_total.sum(dim=-1)
-            coef = -inner if coef is None else coef - inner
-        grad_scores = None
-        if coef is not None:
-            if g_sel_total is None:
-                grad_scores = sel * coef.unsqueeze(-1)
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+        joint, weights, mix, sel, s, u, ent_rows = ctx.saved_tensors  # type: ignore[attr-defined]
+        with_entropy = g_ent is not None and ent_rows is not None
+        if g_weights is None and g_sel is None and g_mix is None and not with_entropy:
+            return None, None, None, None, None
+        k, n, rows = joint.shape
+        kq = k * (n - 1)
+        grad = joint.new_empty(kq + k * n, rows)
+        grad_leaves = grad[kq:].view(k, n, rows)  # dL/d scores: weights and mix (joint softmax), sel (per tree)
+        if g_weights is None and g_mix is None:
+            grad_leaves.zero_()
+        else:
+            # joint * (G - <joint, G>) with G_jl = g_weights_l + g_mix_j; <joint, G> = <weights, g_weights> + <mix, g_mix>.
+            inner = None
+            if g_weights is not None:
+                inner = (weights * g_weights).sum(dim=-1)
+            if g_mix is not None:
+                from_mix = (mix * g_mix).sum(dim=-1)
+                inner = from_mix if inner is None else inner.add_(from_mix)
+            assert inner is not None
+            if g_weights is not None:
+                torch.mul(joint, _rows_last(g_weights).sub_(inner), out=grad_leaves)
+                if g_mix is not None:
+                    grad_leaves.addcmul_(joint, _rows_last(g_mix).unsqueeze(1))
             else:
-                grad_scores = torch.addcmul(g_sel_total, sel, coef.unsqueeze(-1))
-        grad_log_pi = grad_scores
-        if g_ent is not None and ent_rows is not None:
-            neg = (-g_ent).unsqueeze(-1).unsqueeze(-1)
-            grad_log_pi = ent_rows * neg if grad_log_pi is None else torch.addcmul(grad_log_pi, ent_rows, neg)
-        grad_nodes = None
-        if grad_log_pi is not None:
-            # dL/d log branch = grad_log_pi @ paths.T, computed as (paths @ grad_log_pi.T).T (several
-            # times faster in that orientation on the CPU): rows :q are the left branches, q: the right.
-            q = s.shape[-1]
-            glog = paths @ grad_log_pi.reshape(-1, grad_log_pi.shape[-1]).t()  # [2q, rows]
-            tiny = torch.finfo(s.dtype).tiny
-            left = glog[:q].t() / s.reshape(-1, q).clamp_min(tiny)
-            grad_nodes = ((left - glog[q:].t() / right.reshape(-1, q).clamp_min(tiny)) * slope.reshape(-1, q)).reshape(s.shape)
-        return grad_nodes, grad_scores, None, None, None
+                assert g_mix is not None
+                torch.mul(joint, _rows_last(g_mix).sub_(inner).unsqueeze(1), out=grad_leaves)
+        if g_sel is not None:
+            sel_t, g_sel_t = _rows_last(sel.reshape(rows, k * n)), _rows_last(g_sel.reshape(rows, k * n))
+            g_sel_t = g_sel_t.view(k, n, rows).sub_((sel_t * g_sel_t).view(k, n, rows).sum(dim=1, keepdim=True))
+            grad_leaves.addcmul_(sel_t.view(k, n, rows), g_sel_t)
+        h = grad_leaves
+        if with_entropy:
+            assert g_ent is not None
+            h = torch.addcmul(grad_leaves, ent_rows, g_ent.neg())
+        grad_nodes = _grad_nodes(h, s, ctx.levels, grad[:kq].view(k, n - 1, rows))  # type: ignore[attr-defined]
+        grad_nodes.mul_(_slope(u, ctx.gamma))  # type: ignore[attr-defined]
+        return grad, None, None, None, None
 
 
 class COMET(AnnealedGate):
@@ -185,7 +339,6 @@ class COMET(AnnealedGate):
     leaves ``U(-0.05, 0.05)``.
     """
 
-    _paths: torch.Tensor
     _expert_of_leaf: torch.Tensor
 
     def __init__(
@@ -208,13 +361,7 @@ class COMET(AnnealedGate):
         self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
 
         self.leaf_order: tuple[int, ...] = tuple(leaf for leaf, _ in leaf_paths(n))
-        # Path matrix: row q (n - 1 + q) marks the leaves whose path goes left (right) at node q, so
-        # log pi = [log s, log(1 - s)] @ paths sums each leaf's log branch probabilities.
-        paths = torch.zeros(2 * (n - 1), n)
-        for i, (_, path) in enumerate(leaf_paths(n)):
-            for q, went_left in path:
-                paths[q + (0 if went_left else n - 1), i] = 1.0
-        self.register_buffer("_paths", paths, persistent=False)
+        self._levels = tree_levels(n)
         expert_of_leaf = torch.empty(n, dtype=torch.long)  # heap leaf n-1+i -> its expert index
         for expert, leaf in enumerate(self.leaf_order):
             expert_of_leaf[leaf - (n - 1)] = expert
@@ -243,6 +390,21 @@ class COMET(AnnealedGate):
                 self.leaf_bias.uniform_(-_LEAF_INIT, _LEAF_INIT)
 
     # ------------------------------------------------------------------ pieces
+    def _logits_t(self, x: torch.Tensor | None) -> torch.Tensor:
+        """All node and leaf logits, one column per row: ``[k(2n-1), R]``, rows ``:k(n-1)`` the nodes
+        (tree-major), then the leaves (the layout of the tree computations). Per-example: one matrix
+        product ``W x^T``; static (``x`` ignored): one column."""
+        if self.is_static:
+            return torch.cat([self.node_logits.reshape(-1), self.leaf_logits.reshape(-1)]).unsqueeze(1)
+        if x is None:
+            raise ValueError("x is required for a per-example COMET gate (input_dim is set)")
+        check_input_dtype(x, self.node_weight, self)
+        k, q, d = self.node_weight.shape
+        n = self.leaf_weight.shape[1]
+        weight = torch.cat([self.node_weight.reshape(k * q, d), self.leaf_weight.reshape(k * n, d)])
+        bias = torch.cat([self.node_bias.reshape(k * q), self.leaf_bias.reshape(k * n)])
+        return torch.addmm(bias.unsqueeze(1), weight, x.t())
+
     def _logits(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Node logits ``[B, k, n-1]`` and leaf logits ``[B, k, n]`` (no batch dim: static, x None)."""
         if self.is_static:
@@ -250,34 +412,19 @@ class COMET(AnnealedGate):
                 return self.node_logits, self.leaf_logits
             batch = x.shape[0]
             return self.node_logits.expand(batch, -1, -1), self.leaf_logits.expand(batch, -1, -1)
-        if x is None:
-            raise ValueError("x is required for a per-example COMET gate (input_dim is set)")
-        check_input_dtype(x, self.node_weight, self)
-        k, q, d = self.node_weight.shape
-        n = self.leaf_weight.shape[1]
-        # One matrix product for all node and leaf logits.
-        nodes, leaves = padded_linear(
-            x,
-            [self.node_weight.reshape(k * q, d), self.leaf_weight.reshape(k * n, d)],
-            [self.node_bias.reshape(k * q), self.leaf_bias.reshape(k * n)],
-        )
-        return nodes.reshape(x.shape[0], k, q), leaves.reshape(x.shape[0], k, n)
+        zt = self._logits_t(x)
+        k, n = self.num_selectors, self.num_experts
+        kq = k * (n - 1)
+        return _row_major(zt[:kq].view(k, n - 1, -1)), _row_major(zt[kq:].view(k, n, -1))
 
     def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else self._check_x(x)
 
-    def _log_reach(self, s: torch.Tensor) -> torch.Tensor:
-        """``log pi`` ``[..., n]`` (expert order) from node outputs ``s`` ``[..., n-1]``.
-
-        One matrix product of the branch log-probabilities with the path matrix; a leaf behind a
-        branch of probability exactly 0 gets at most ``zero_log`` (so ``exp`` gives exactly 0).
-        """
-        branches = torch.cat([s, 1 - s], dim=-1)  # [..., 2(n-1)]: left of every node, then right
-        return log_factors(branches) @ self._paths
-
     def _reach(self, s: torch.Tensor) -> torch.Tensor:
-        """Reach probabilities ``[..., n]`` (expert order): the product of the branches on each path."""
-        return torch.exp(self._log_reach(s))
+        """Reach probabilities ``[..., n]`` (expert order) from node outputs ``s`` ``[..., n-1]``: the product
+        of the branches on each path, level by level; differentiable (a branch of probability exactly 0
+        passes no gradient)."""
+        return _Reach.apply(s, self._levels, self.num_experts)
 
     def node_outputs(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """Node outputs ``S(w.x + b)`` (probability of going left): ``[k, n-1]`` or ``[B, k, n-1]``."""
@@ -298,22 +445,6 @@ class COMET(AnnealedGate):
         pi = self.reach_probabilities(x)
         return bool(((pi <= atol) | (pi >= 1 - atol)).all())
 
-    def _combine(
-        self, log_pi: torch.Tensor, leaves: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(weights, selector_weights, selector_mix)`` from ``log pi`` and leaf logits ``[B, k, n]``.
-
-        One softmax over all ``k * n`` scores ``a + log pi``. A leaf behind a zero branch has
-        ``log pi <= zero_log`` (-1e6 in float32/64), so its weight underflows to exactly 0 unless
-        leaf logits differ by more than about 1e6.
-        """
-        scores = leaves + log_pi
-        joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)  # [B, k, n]
-        weights = joint.sum(dim=-2)
-        mix = joint.sum(dim=-1)
-        sel = torch.softmax(scores, dim=-1)  # per tree (not joint / mix: a tree's mix may underflow to 0)
-        return weights, sel, mix
-
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
     ) -> GateOutput:
@@ -322,13 +453,13 @@ class COMET(AnnealedGate):
         calls = self._tick()
         batch = x.shape[0]
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
-        nodes, leaves = self._logits(None if self.is_static else x)
+        zt = self._logits_t(x)
         lam = resolve_weight(self.entropy_weight, calls)
-        weights, sel, mix, per_example = _CometGate.apply(nodes, leaves, self.gamma, self._paths.to(nodes.dtype), lam != 0.0)
+        weights, sel, mix, per_example = _CometGate.apply(zt, self.num_selectors, self.num_experts, self.gamma, lam != 0.0)
         loss = self._zero_loss(weights)
         if lam != 0.0:
             if self.is_static:
-                term = per_example if batch > 0 else per_example * 0.0
+                term = per_example[0] if batch > 0 else per_example[0] * 0.0
             else:
                 term = _batch_mean(per_example)
             loss = loss + lam * term
@@ -344,19 +475,23 @@ class COMET(AnnealedGate):
         Node ``q`` sends a row left when ``S(w.x + b) > 0.5`` (ties go right). Walks the heap from
         the root, one gather per level: int64 ``[k]`` (static, ``x`` None) or ``[B, k]``.
         """
-        nodes, _ = self._logits(self._maybe_check(x))
-        return self._walk(nodes)
+        x = self._maybe_check(x)
+        k, q = self.num_selectors, self.num_experts - 1
+        if self.is_static:
+            expert = self._walk(self.node_logits.unsqueeze(-1)).squeeze(-1)
+            return expert if x is None else expert.expand(x.shape[0], -1).contiguous()
+        return self._walk(self._logits_t(x)[: k * q].view(k, q, -1)).t().contiguous()
 
     def _walk(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Leaf (expert order) reached by each tree from node logits ``[..., k, n-1]``."""
+        """Leaf (expert order) reached by each tree from node logits ``[k, n-1, R]``: ``[k, R]``."""
         n = self.num_experts
         with torch.no_grad():
             right = (~(smooth_step(nodes, self.gamma) > 0.5)).to(torch.long)  # 1 where the row goes right
-            node = torch.zeros(nodes.shape[:-1], dtype=torch.long, device=nodes.device)
+            node = torch.zeros(nodes.shape[0], 1, nodes.shape[2], dtype=torch.long, device=nodes.device)
             for _ in range((2 * n - 1).bit_length() - 1):  # depth of the deepest leaf
-                step = 2 * node + 1 + right.gather(-1, node.clamp_max(n - 2).unsqueeze(-1)).squeeze(-1)
+                step = 2 * node + 1 + right.gather(1, node.clamp_max(n - 2))
                 node = step if n & (n - 1) == 0 else torch.where(node < n - 1, step, node)
-            return self._expert_of_leaf[node - (n - 1)]
+            return self._expert_of_leaf[node.squeeze(1) - (n - 1)]
 
     def hard(self, x: torch.Tensor) -> GateOutput:
         """Gate with every node decision rounded to 0/1 (``s > 0.5`` goes left): at most ``k`` nonzeros.
@@ -364,22 +499,22 @@ class COMET(AnnealedGate):
         Each tree is walked from the root by the signs of its rounded node decisions (one gather
         per level, :meth:`reached_leaves`); the reached leaves' logits are merged by the same joint
         softmax over all ``k n`` scores as the soft gate, with the other scores at ``-inf``. So the
-        numbers are those of the soft gate with the rounded ``pi`` plugged in, bit for bit (up to
-        leaf logits that differ by more than 1e6, where the soft gate's ``zero_log`` stops being
-        ``-inf``). Equals :meth:`forward` exactly when the node outputs are already binary. Does not
-        advance the call counter; the loss is 0; gradients reach the reached leaves' logits only.
+        numbers are those of the soft gate with the rounded ``pi`` plugged in, bit for bit; it equals
+        :meth:`forward` exactly when the node outputs are already binary. Does not advance the call
+        counter; the loss is 0; gradients reach the reached leaves' logits only.
         """
         x = self._check_x(x)
-        nodes, leaves = self._logits(x)
-        expert = self._walk(nodes).unsqueeze(-1)  # [B, k, 1]
-        reached = leaves.gather(-1, expert)
-        scores = torch.full_like(leaves, float("-inf")).scatter(-1, expert, reached)
-        joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)
-        weights = joint.sum(dim=-2)
-        sel = torch.zeros_like(leaves).scatter_(-1, expert, 1.0)
-        return GateOutput(
-            weights=weights, loss=self._zero_loss(weights), selector_weights=sel, selector_mix=joint.sum(dim=-1)
-        )
+        k, n, batch = self.num_selectors, self.num_experts, x.shape[0]
+        zt = self._logits_t(x)  # a static gate: one column, broadcast below
+        kq = k * (n - 1)
+        leaves = zt[kq:].view(k, n, -1)
+        expert = self._walk(zt[:kq].view(k, n - 1, -1)).unsqueeze(1)  # [k, 1, R]
+        pi = leaves.new_zeros(leaves.shape).scatter_(1, expert, 1.0)
+        _, weights, sel, mix = _combine(pi, leaves)
+        if self.is_static:
+            weights, mix, sel = weights.expand(batch, -1), mix.expand(batch, -1), sel.expand(batch, -1, -1)
+            weights, mix, sel = weights.contiguous(), mix.contiguous(), sel.contiguous()
+        return GateOutput(weights=weights, loss=self._zero_loss(weights), selector_weights=sel, selector_mix=mix)
 
     def extra_repr(self) -> str:
         return (

@@ -367,17 +367,30 @@ def test_fused_backward_gives_no_gradient_through_a_zero_branch() -> None:
     assert grad[0, 0] == 0 and grad[0, 2] == 0  # saturated root; node 2 is behind the zero branch
 
 
-def _rounded_reference(gate: COMET, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The hard gate as the soft formula with the rounded node decisions plugged in (the former implementation)."""
-    from routing_search.gates.binary_encoding import log_factors
+def path_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[2(n-1), n]``: row ``q`` (``n - 1 + q``) marks the leaves (expert order) whose path goes left (right) at node ``q``."""
+    from routing_search.gates.comet import leaf_paths
 
-    nodes, leaves = gate._logits(x)
+    paths = torch.zeros(2 * (n - 1), n, dtype=dtype)
+    for i, (_, path) in enumerate(leaf_paths(n)):
+        for q, went_left in path:
+            paths[q + (0 if went_left else n - 1), i] = 1.0
+    return paths
+
+
+def _rounded_reference(gate: COMET, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hard gate as the soft formula with the rounded node decisions plugged in: ``pi`` as the product of
+    the rounded branches (``exp`` of the path matrix times their logs), merged by the soft gate's combination."""
+    from routing_search.gates.binary_encoding import log_factors
+    from routing_search.gates.comet import _combine
+
+    k, n = gate.num_selectors, gate.num_experts
+    leaves = gate._logits_t(x)[k * (n - 1) :].view(k, n, -1)
     s = gate.node_outputs(x)
     bits = (s > 0.5).to(s.dtype)
-    log_pi = log_factors(torch.cat([bits, 1 - bits], dim=-1)) @ gate._paths
-    scores = leaves + log_pi
-    joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)
-    return joint.sum(-2), torch.softmax(scores, dim=-1), joint.sum(-1)
+    pi = torch.exp(log_factors(torch.cat([bits, 1 - bits], dim=-1)) @ path_matrix(n, s.dtype))  # [B, k, n], 0 / 1
+    _, weights, sel, mix = _combine(pi.permute(1, 2, 0).contiguous(), leaves)
+    return weights, sel, mix
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
