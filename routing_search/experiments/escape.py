@@ -29,7 +29,10 @@ Arms (all trained with the same Adam steps and batch order):
   :func:`routing_search.search.lookahead.lookahead_search` (the best few refit-ranked moves judged after
   a short stretch of training from a copy).
 
-Entry point: :func:`run_escape` writes ``report.md`` and ``report.json`` into a new run directory.
+Entry point: :func:`run_escape` writes ``report.md`` and ``report.json`` into a new run directory. With
+``EscapeConfig(curve=True)`` every arm's test loss is also recorded after its start and after every epoch,
+and the report gives the steps each arm needs to reach ``sgd``'s final loss and the loss at several
+budgets (:func:`curve_summary`): whether a search gets somewhere faster, not only where it ends.
 """
 
 from __future__ import annotations

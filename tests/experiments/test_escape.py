@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from routing_search.experiments.escape import (FAMILIES, EscapeConfig, build_start, expected_best, run_arm, run_escape,
-                                               summarise, trials_needed)
+from routing_search.experiments.escape import (FAMILIES, EscapeConfig, build_start, curve_summary, expected_best, run_arm,
+                                               run_escape, summarise, trials_needed)
 
 TINY = dict(num_experts=4, k=2, num_tasks=2, input_dim=3, hidden=4, num_samples=120, num_keys=8, epochs=1,
             pretrain_epochs=1, batch_size=32, search_every=2, search_rows=32, fit_rows=32, refit_max_iter=2,
@@ -114,3 +114,35 @@ def test_search_arms_never_raise_the_held_out_loss_of_the_start() -> None:
     row = run_arm(cfg, start, "search")
     assert row["moves"] >= 1  # trained experts behind a deranged hash: the frozen search sees it
     assert FAMILIES[3] == "hash_misassigned"
+
+
+def test_curves_record_test_loss_along_training(tmp_path) -> None:
+    tiny = dict(TINY, epochs=3)
+    cfg = EscapeConfig(families=("hash_misassigned",), seeds=(0, 1), out=str(tmp_path), curve=True, patience=None, **tiny)
+    report = run_escape(cfg)
+    steps = None
+    for row in report["runs"]:
+        curve = row["curve"]
+        assert len(curve) == cfg.epochs + 1 and curve[0][0] == 0  # after the start, then after every epoch
+        assert [s for s, _ in curve] == sorted({s for s, _ in curve})
+        steps = steps or [s for s, _ in curve]
+        assert [s for s, _ in curve] == steps  # the same steps for every arm (same data and batch size)
+        if row["arm"] == "sgd":
+            assert curve[0][1] == pytest.approx(row["start_test_loss"])  # sgd starts at the bad start itself
+            # the final test loss is the best validation epoch's, a point of the curve (restore_best)
+            assert any(v == pytest.approx(row["test_loss"]) for _, v in curve[1:])
+    summary = curve_summary(report["runs"], cfg, "hash_misassigned")
+    assert summary["arms"]["sgd"]["reached"] == 2  # sgd's final loss is on its own curve
+    for arm, entry in summary["arms"].items():
+        for seed, step in zip(summary["seeds"], entry["steps_to_target"]):
+            row = next(r for r in report["runs"] if r["arm"] == arm and r["seed"] == seed)
+            target = next(r for r in report["runs"] if r["arm"] == "sgd" and r["seed"] == seed)["test_loss"]
+            hits = [s for s, v in row["curve"] if v <= target]
+            assert step == (hits[0] if hits else None)
+        assert set(entry["budgets"]) == {"0", "1", "2", "3"}
+    run_dir = tmp_path / report["run_dir"].split("/")[-1]
+    assert "## Test loss along training" in (run_dir / "report.md").read_text()
+    with pytest.raises(ValueError, match="curve=True"):
+        curve_summary([dict(r, curve=[]) for r in report["runs"]], cfg, "hash_misassigned")
+    with pytest.raises(TypeError, match="curve must be True or False"):
+        EscapeConfig(curve=1)  # type: ignore[arg-type]
