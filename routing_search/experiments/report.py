@@ -191,8 +191,10 @@ def _markdown(result: ExperimentResult, summary: dict[str, Any], comparisons: di
                   "0.2 % of its start between 50 % and 80 % of them), so that the gates can end binary."]
     if "guarded" in cfg.arms:
         guarded = ", ".join(f"{m} ({'higher' if result.higher_is_better[m] else 'lower'} is better)" for m in result.guard_metric_names)
+        val_rows = result.dataset_info.get("val_rows")
+        rows = cfg.search.rows if not isinstance(val_rows, int) else min(cfg.search.rows, val_rows)
         lines += ["", f"The `guarded` arm is the `search` arm with a guard on every task's metric: {guarded}, computed on "
-                  f"the same {cfg.search.rows} (at most) validation rows the search scores; a move that lowers the search's "
+                  f"the same {rows} validation rows the search scores; a move that lowers the search's "
                   f"loss is kept only if no guarded metric is worse than at the start of that search by more than "
                   f"{cfg.guard.tolerance:g}. It guards validation rows, not the test rows reported here."]
     lines += ["", "## Results per gate and arm", ""]
@@ -224,7 +226,7 @@ def _markdown(result: ExperimentResult, summary: dict[str, Any], comparisons: di
                 continue
             for name, m in g["metrics"].items():
                 mean = "–" if m["mean_change"] is None else f"{m['mean_change']:+.4g}"
-                worst = "–" if m["worst"] is None else f"{max(m['worst'], 0.0):.3g}"
+                worst = "–" if m["worst"] is None else f"{m['worst'] if m['worst'] > 0 else 0.0:.3g}"
                 lines.append(f"| {gate} | {name} | {m['searches']} | {m['improved']} | {m['worse']} | {mean} | {worst} "
                              f"| {g['kept']} | {g['rejections']} |")
     for control in ("sgd", "random", "search"):
