@@ -209,12 +209,16 @@ def selector_softmax(alpha: torch.Tensor) -> torch.Tensor:
 def mix_selectors(mix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``sum_i mix[..., i] rows[..., i, :]`` (``[..., k]``, ``[..., k, n]`` -> ``[..., n]``), one term per selector in order.
 
+    Accumulated in place (one multiply-add per selector after the first, no temporaries); a term whose
+    row entry is 0 or 1 adds exactly ``0`` or ``mix_i``, so one-hot rows give the same bits whatever
+    the rounding of the fused multiply-add.
+
     >>> mix_selectors(torch.tensor([0.25, 0.75]), torch.eye(3)[:2])
     tensor([0.2500, 0.7500, 0.0000])
     """
     out = rows[..., 0, :] * mix[..., 0:1]
     for i in range(1, rows.shape[-2]):
-        out = out + rows[..., i, :] * mix[..., i : i + 1]
+        out.addcmul_(rows[..., i, :], mix[..., i : i + 1])
     return out
 
 

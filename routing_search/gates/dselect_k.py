@@ -19,8 +19,14 @@ from .binary_encoding import (
 from .annealed import AnnealedGate
 from .protocol import GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .router import check_input_dtype
-from .smooth_step import padded_linear
-from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_, smooth_step_slope
+from .smooth_step import (
+    GammaAnnealing,
+    padded_logits_t,
+    smooth_step,
+    smooth_step_and_slope,
+    smooth_step_init_,
+    smooth_step_slope,
+)
 
 __all__ = ["DSelectK"]
 
@@ -89,42 +95,63 @@ def _selector_backward(rows: torch.Tensor, factors: torch.Tensor, slope: torch.T
     return (grad * slope.reshape(-1, m)).reshape(slope.shape)
 
 
-class _DSelectKGate(torch.autograd.Function):
-    """The whole soft gate when every code names an expert (``n = 2^m``), with one hand-written backward.
+def _softmax_t(alpha_t: torch.Tensor) -> torch.Tensor:
+    """``softmax`` over the first dimension of ``[k, ...]`` (the selectors), as whole-row ops.
 
-    Inputs ``alpha`` ``[..., k]``, code logits ``z`` ``[..., k, m]``; outputs ``weights`` ``[..., n]``,
-    the selector distributions ``r`` ``[..., k, n]``, ``mix = softmax(alpha)`` and, when asked, the
-    entropy ``sum_i H(r_i)`` ``[...]`` (eps inside the log). Same numbers as the composed autograd
-    form (``weights = sum_i mix_i r_i``) to rounding. Backward: ``dL/dz_j = sum_c G_c r_c
-    (S'_j / s_j [bit j of c set] - S'_j / (1 - s_j) [unset])``, one matrix product with the transposed
-    code matrix; a zero factor passes no gradient, as the autograd of :func:`log_factors` gives.
+    The selector logits stored selector-major (``[k, rows]``): the max, the sum and the division run
+    along contiguous rows, several times faster than over a last dimension of size ``k``. The soft
+    and the hard gate both use it, so they agree bit for bit on binary codes.
+    """
+    e = torch.exp(alpha_t - alpha_t.amax(dim=0, keepdim=True))
+    return e / e.sum(dim=0, keepdim=True)
+
+
+class _DSelectKGate(torch.autograd.Function):
+    """The whole soft gate when every code names an expert (``n = 2^m``), from the fused logits, with one hand-written backward.
+
+    Input ``logits_t`` ``[width, rows]`` (selector-major, :func:`padded_logits_t`): ``alpha`` in rows
+    ``[0, k)``, the code logits ``z`` (selector by selector, bit by bit) in ``[k, k + k m)`` and
+    padding after them (gradient 0). Outputs ``weights`` ``[rows, n]``, the selector distributions
+    ``r`` ``[rows, k, n]``, ``mix = softmax(alpha)`` ``[rows, k]`` and the entropy ``sum_i H(r_i)``
+    ``[rows]`` (eps inside the log; zeros when not asked). Same numbers as the composed autograd form
+    (``weights = sum_i mix_i r_i``) to rounding.
+
+    The per-bit work (smooth step, factors ``(1 - s_j, s_j)``, the gradients) runs on contiguous
+    ``[k, 2m, rows]`` rows; ``r`` is their Kronecker product (:func:`_selector_table`, no logs). Backward:
+    ``dL/dz_j = S'_j (g_j^1 / s_j - g_j^0 / (1 - s_j))`` with ``g_i = codes @ (dL/dr_i * r_i)^T``; the
+    weights' part is taken before mixing (its two rows of bit 0 also sum to the gradient of ``mix``)
+    and the entropy's part is reduced to its ``[k, 2m, rows]`` product in the forward, so nothing of
+    size ``[rows, k, n]`` is kept but ``r``. A zero factor passes no gradient (every code behind it
+    has ``r = 0``), as the autograd of :func:`log_factors` gives.
     """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
-        alpha: torch.Tensor,
-        z: torch.Tensor,
+        logits_t: torch.Tensor,
+        k: int,
+        m: int,
         gamma: float,
         log_codes: torch.Tensor,
+        gather: torch.Tensor,
         with_entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)  # type: ignore[attr-defined]
-        factors, slope = _code_factors(z, gamma)
-        r = _log_selector(factors, log_codes)
-        mix = selector_softmax(alpha)
+        width, rows = logits_t.shape
+        factors = logits_t.new_empty(k, 2 * m, rows)  # per selector: 1 - s_0 .. 1 - s_{m-1}, s_0 .. s_{m-1}
+        slope = smooth_step_and_slope(logits_t[k : k + k * m].view(k, m, rows), gamma, out=factors[:, m:])
+        torch.neg(factors[:, m:], out=factors[:, :m]).add_(1.0)
+        r = _selector_table(factors, gather)
+        mix_t = _softmax_t(logits_t[:k])
+        mix = mix_t.t().contiguous()
         weights = mix_selectors(mix, r)
-        ent_rows = None
+        ent_glog = None
         if with_entropy:
-            shifted = r + _EPS
-            r_log = r * torch.log(shifted)
-            ent = -r_log.sum(dim=(-2, -1))
-            # r * d(-r log(r + eps))/dr = -(r log(r + eps) + r^2 / (r + eps)), the entropy's rows for the
-            # code-matrix product of the backward (times the incoming gradient there).
-            ent_rows = r_log + r * r / shifted
+            ent, ent_glog = _entropy_and_code_grad(r, log_codes, with_grad=ctx.needs_input_grad[0])  # type: ignore[attr-defined]
         else:
-            ent = r.new_zeros(r.shape[:-2])
-        ctx.save_for_backward(r, mix, factors, slope, log_codes, ent_rows)  # type: ignore[arg-type]
+            ent = r.new_zeros(rows)
+        ctx.sizes = (k, m, width)  # type: ignore[attr-defined]
+        ctx.save_for_backward(r, mix_t, factors, slope, log_codes, ent_glog)  # type: ignore[arg-type]
         return weights, r, mix, ent
 
     @staticmethod
@@ -134,25 +161,121 @@ class _DSelectKGate(torch.autograd.Function):
         g_r: torch.Tensor | None,
         g_mix: torch.Tensor | None,
         g_ent: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
-        r, mix, factors, slope, log_codes, ent_rows = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad_mix = g_mix
-        rg = None  # dL/dr * r, the rows of the code-matrix product
+    ) -> tuple[torch.Tensor, None, None, None, None, None, None]:
+        r, mix_t, factors, slope, log_codes, ent_glog = ctx.saved_tensors  # type: ignore[attr-defined]
+        k, m, width = ctx.sizes  # type: ignore[attr-defined]
+        rows = r.shape[0]
+        grad_mix = None if g_mix is None else g_mix.t()
+        glog = None  # codes @ (dL/dr_i * r_i)^T, [k, 2m, rows]
         if g_weights is not None:
-            r_gw = r * g_weights.unsqueeze(-2)
-            from_w_mix = r_gw.sum(dim=-1)
-            grad_mix = from_w_mix if grad_mix is None else grad_mix + from_w_mix
-            rg = r_gw * mix.unsqueeze(-1)
+            glog = _code_products(torch.mul(r, g_weights.unsqueeze(-2)), log_codes)
+            # Every code has bit 0 unset or set: rows 0 and m sum r_i . g_weights over all codes.
+            from_weights = glog[:, 0] + glog[:, m]
+            grad_mix = from_weights if grad_mix is None else from_weights.add_(grad_mix)
+            glog.mul_(mix_t.unsqueeze(1))
         if g_r is not None:
-            rg = g_r * r if rg is None else torch.addcmul(rg, g_r, r)
-        if g_ent is not None and ent_rows is not None:
-            neg = (-g_ent).unsqueeze(-1).unsqueeze(-1)
-            rg = ent_rows * neg if rg is None else torch.addcmul(rg, ent_rows, neg)
-        grad_alpha = None
-        if grad_mix is not None:
-            grad_alpha = mix * (grad_mix - (mix * grad_mix).sum(dim=-1, keepdim=True))
-        grad_z = None if rg is None else _selector_backward(rg, factors, slope, log_codes)
-        return grad_alpha, grad_z, None, None, None
+            from_r = _code_products(torch.mul(r, g_r), log_codes)
+            glog = from_r if glog is None else glog.add_(from_r)
+        if g_ent is not None and ent_glog is not None:
+            neg = (-g_ent).view(1, 1, rows)
+            glog = ent_glog * neg if glog is None else glog.addcmul_(ent_glog, neg)
+        grad = r.new_empty(width, rows)
+        grad[k + k * m :].zero_()
+        if grad_mix is None:
+            grad[:k].zero_()
+        else:
+            torch.mul(mix_t, grad_mix - (mix_t * grad_mix).sum(dim=0, keepdim=True), out=grad[:k])
+        grad_z = grad[k : k + k * m].view(k, m, rows)
+        if glog is None:
+            grad_z.zero_()
+        else:
+            # A zero factor's g is exactly 0; dividing by it clamped to the smallest normal number keeps 0.
+            glog.div_(factors.clamp_min(torch.finfo(factors.dtype).tiny))
+            torch.sub(glog[:, m:], glog[:, :m], out=grad_z).mul_(slope)
+        return grad, None, None, None, None, None, None
+
+
+def _bit_products(factors: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> None:
+    """Products over bits ``lo .. hi-1`` of ``factors`` ``[k, 2m, rows]`` into ``out`` ``[k, 2^(hi-lo), rows]``.
+
+    Entry ``p`` is ``prod_j f_j(bit j - lo of p)``, bit ``hi - 1`` outermost: one broadcast product per
+    bit along contiguous rows (the empty product is 1).
+    """
+    k, two_m, rows = factors.shape
+    m = two_m // 2
+    if hi == lo:
+        out.fill_(1)
+        return
+    prod = factors[:, hi - 1 :: m]  # rows 1 - s_{hi-1}, s_{hi-1}
+    for j in range(hi - 2, lo - 1, -1):
+        low = factors[:, j::m].unsqueeze(1)
+        width = prod.shape[1]
+        if j == lo:
+            torch.mul(prod.unsqueeze(2), low, out=out.view(k, width, 2, rows))
+            return
+        prod = (prod.unsqueeze(2) * low).view(k, 2 * width, rows)
+    out.copy_(prod)
+
+
+def _selector_table(factors: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """``r[b, i, c] = prod_j f_ij(bit j of c)`` ``[rows, k, 2^m]`` from the factors ``[k, 2m, rows]`` (rows ``1 - s``, then ``s``).
+
+    The Kronecker product in the probability domain (exact zeros and ones, no logs): the products
+    over the high bits ``A`` and the low bits ``B`` are built along contiguous rows, then one small
+    matrix product per selector with the 0/1 matrix ``gather`` (:func:`_gather_matrix`) lays out
+    ``[A_{c >> h} | B_{c mod 2^h}]`` for every code ``c``, which one multiply turns into ``r_i``. Each
+    gathered entry is one factor product times 1 plus zeros, so exact.
+    """
+    k, two_m, rows = factors.shape
+    m = two_m // 2
+    low = m // 2
+    n_high = 2 ** (m - low)
+    n = 2**m
+    halves = factors.new_empty(k, n_high + 2**low, rows)
+    _bit_products(factors, low, m, halves[:, :n_high])
+    _bit_products(factors, 0, low, halves[:, n_high:])
+    r = factors.new_empty(rows, k, n)
+    both = factors.new_empty(rows, 2 * n)
+    for i in range(k):
+        torch.mm(halves[i].t(), gather, out=both)
+        torch.mul(both[:, :n], both[:, n:], out=r[:, i, :])
+    return r
+
+
+def _gather_matrix(m: int) -> torch.Tensor:
+    """0/1 ``[2^(m - m//2) + 2^(m//2), 2^(m+1)]``: column ``c`` picks ``A_{c >> h}``, column ``2^m + c`` picks ``B_{c mod 2^h}`` (``h = m // 2``)."""
+    low = m // 2
+    n_high, n = 2 ** (m - low), 2**m
+    codes = torch.arange(n)
+    out = torch.zeros(n_high + 2**low, 2 * n)
+    out[codes >> low, codes] = 1.0
+    out[n_high + (codes & (2**low - 1)), n + codes] = 1.0
+    return out
+
+
+def _code_products(rows: torch.Tensor, log_codes: torch.Tensor) -> torch.Tensor:
+    """``codes @ rows[:, i, :]^T`` for every selector ``i``: ``[rows, k, 2^m]`` -> ``[k, 2m, rows]``."""
+    out = rows.new_empty(rows.shape[1], log_codes.shape[0], rows.shape[0])
+    for i in range(rows.shape[1]):
+        torch.mm(log_codes, rows[:, i, :].t(), out=out[i])
+    return out
+
+
+def _entropy_and_code_grad(
+    r: torch.Tensor, log_codes: torch.Tensor, *, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sum_i H(r_i)`` ``[rows]`` (eps inside the log) and, with ``with_grad``, its code products ``[k, 2m, rows]``.
+
+    The products are :func:`_code_products` of ``-r * dH/dr = r log(r + eps) + r^2 / (r + eps)``
+    (the caller multiplies by ``-dL/dH``).
+    """
+    shifted = r + _EPS
+    ratio = torch.div(r, shifted) if with_grad else None
+    r_log = shifted.log_().mul_(r)  # r log(r + eps), in the buffer of r + eps
+    ent = -r_log.sum(dim=(-2, -1))
+    if ratio is None:
+        return ent, None
+    return ent, _code_products(r_log.addcmul_(r, ratio), log_codes)
 
 
 class DSelectK(AnnealedGate):
@@ -211,6 +334,7 @@ class DSelectK(AnnealedGate):
     """
 
     _log_codes: torch.Tensor
+    _gather: torch.Tensor
 
     def __init__(
         self,
@@ -241,6 +365,7 @@ class DSelectK(AnnealedGate):
         # Rows of log_code_matrix reordered to the factor layout [1 - s_0 .. 1 - s_{m-1}, s_0 .. s_{m-1}].
         order = [2 * j for j in range(m)] + [2 * j + 1 for j in range(m)]
         self.register_buffer("_log_codes", log_code_matrix(m)[order], persistent=False)
+        self.register_buffer("_gather", _gather_matrix(m), persistent=False)
         if input_dim is None:
             self.alpha_logits = nn.Parameter(torch.empty(k))
             self.z_logits = nn.Parameter(torch.empty(k, m))
@@ -269,8 +394,23 @@ class DSelectK(AnnealedGate):
                 smooth_step_init_(self.z_bias, self.gamma)
 
     # ------------------------------------------------------------------ logits and codes
+    def _logits_t(self, x: torch.Tensor | None) -> torch.Tensor:
+        """``[alpha | z | padding]`` selector-major, ``[width, B]`` (:func:`padded_logits_t`); ``[k + k m, 1]`` for a static gate."""
+        if self.is_static:
+            return torch.cat([self.alpha_logits, self.z_logits.reshape(-1)]).unsqueeze(1)
+        if x is None:
+            raise ValueError("x is required for a per-example DSelectK gate (input_dim is set)")
+        check_input_dtype(x, self.z_weight, self)
+        k, m, d = self.z_weight.shape
+        return padded_logits_t(
+            x, [self.alpha_weight, self.z_weight.reshape(k * m, d)], [self.alpha_bias, self.z_bias.reshape(k * m)]
+        )
+
     def _logits(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``alpha`` ``[B, k]`` and ``z`` ``[B, k, m]`` (no batch dimension for a static gate with x None)."""
+        """``alpha`` ``[B, k]`` and ``z`` ``[B, k, m]`` (no batch dimension for a static gate with x None).
+
+        Per-example: views of :meth:`_logits_t` (the same numbers as the soft gate's).
+        """
         if self.is_static:
             if x is None:
                 return self.alpha_logits, self.z_logits
@@ -279,15 +419,9 @@ class DSelectK(AnnealedGate):
                 self.alpha_logits.expand(batch, -1),
                 self.z_logits.expand(batch, -1, -1),
             )
-        if x is None:
-            raise ValueError("x is required for a per-example DSelectK gate (input_dim is set)")
-        check_input_dtype(x, self.z_weight, self)
-        k, m, d = self.z_weight.shape
-        # One matrix product for the selector logits and all code logits.
-        alpha, z = padded_linear(
-            x, [self.alpha_weight, self.z_weight.reshape(k * m, d)], [self.alpha_bias, self.z_bias.reshape(k * m)]
-        )
-        return alpha, z.reshape(x.shape[0], k, m)
+        logits_t = self._logits_t(x)
+        k, m = self.num_selectors, self.num_bits
+        return logits_t[:k].t(), logits_t[k : k + k * m].view(k, m, -1).permute(2, 0, 1)
 
     def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else self._check_x(x)
@@ -348,18 +482,30 @@ class DSelectK(AnnealedGate):
         calls = self._tick()
         batch = x.shape[0]
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
-        alpha, z = self._logits(None if self.is_static else x)
         lam = resolve_weight(self.entropy_weight, calls)
+        ent: torch.Tensor | None
         if self.is_power_of_two:
-            weights, r, mix, ent = _DSelectKGate.apply(alpha, z, self.gamma, self._log_codes.to(z.dtype), lam != 0.0)
+            logits_t = self._logits_t(None if self.is_static else x)
+            weights, r, mix, ent = _DSelectKGate.apply(
+                logits_t,
+                self.num_selectors,
+                self.num_bits,
+                self.gamma,
+                self._log_codes.to(logits_t.dtype),
+                self._gather.to(logits_t.dtype),
+                lam != 0.0,
+            )
             mass = None
         else:
-            r, mass = self._selector_distribution(z)
-            mix = selector_softmax(alpha)
+            logits_t = self._logits_t(None if self.is_static else x)
+            k, m = self.num_selectors, self.num_bits
+            r, mass = self._selector_distribution(logits_t[k : k + k * m].view(k, m, -1).permute(2, 0, 1))
+            mix = _softmax_t(logits_t[:k]).t()
             weights = mix_selectors(mix, r)
             ent = entropy(r, eps=_EPS).sum(dim=-1) if lam != 0.0 else None
         loss = self._zero_loss(weights)
         if lam != 0.0:
+            assert ent is not None
             loss = loss + lam * self._mean_over_batch(ent, batch)
         if mass is not None and self.reachability_weight != 0.0:
             penalty = -torch.log((mass + _EPS) / (1.0 + _EPS)).sum(dim=-1)
@@ -372,8 +518,8 @@ class DSelectK(AnnealedGate):
 
     def _mean_over_batch(self, per_example: torch.Tensor, batch: int) -> torch.Tensor:
         """Batch mean of a per-example term; a static gate's term is one value shared by every row."""
-        if self.is_static:
-            return per_example if batch > 0 else per_example * 0.0
+        if self.is_static:  # one value ([] or [1]) shared by every row
+            return per_example.sum() if batch > 0 else per_example.sum() * 0.0
         return _batch_mean(per_example)
 
     def hard(self, x: torch.Tensor) -> GateOutput:
@@ -383,17 +529,24 @@ class DSelectK(AnnealedGate):
         when ``S(Z)`` is binary. Does not advance the call counter; the loss is 0.
         """
         x = self._check_x(x)
-        alpha, z = self._logits(x)
+        batch = x.shape[0]
+        k, m = self.num_selectors, self.num_bits
+        if self.is_static:
+            mix = _softmax_t(self.alpha_logits.unsqueeze(1)).t().expand(batch, -1)
+            z = self.z_logits.expand(batch, -1, -1)
+        else:
+            logits_t = self._logits_t(x)
+            mix = _softmax_t(logits_t[:k]).t()
+            z = logits_t[k : k + k * m].view(k, m, batch).permute(2, 0, 1)
         bits = self._fold_codes((smooth_step(z, self.gamma) > 0.5).to(z.dtype))
-        weights = hard_gate(alpha, bits, self.num_experts, validate=False)
         one_hot = hard_selector(bits, self.num_experts, validate=False)
+        weights = mix_selectors(mix, one_hot)
         return GateOutput(
             weights=weights,
             loss=self._zero_loss(weights),
             selector_weights=one_hot,
-            selector_mix=selector_softmax(alpha),
+            selector_mix=mix.contiguous(),
         )
-
 
     def extra_repr(self) -> str:
         return (
