@@ -9,16 +9,33 @@ the rows (the reference).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-import dist_worker
-from dist_worker import D, ROWS, SHARDS, _gen, shard_rows
 from routing_search.gates import DSelectK
 from routing_search.layers import MultiGateMoE, make_experts
 from routing_search.search.codes import set_selector_slot
 from routing_search.training import LocalSearcher
+
+
+def _load_dist_worker() -> Any:
+    """tests/search/dist_worker.py as a module (this file also runs as a script, outside any package)."""
+    if "dist_worker" in sys.modules:
+        return sys.modules["dist_worker"]
+    spec = importlib.util.spec_from_file_location("dist_worker", Path(__file__).with_name("dist_worker.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dist_worker"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+dist_worker = _load_dist_worker()
+D, ROWS, SHARDS, _gen, shard_rows = dist_worker.D, dist_worker.ROWS, dist_worker.SHARDS, dist_worker._gen, dist_worker.shard_rows
 
 
 # ------------------------------------------------------------------------------ refit under a process group
