@@ -13,7 +13,9 @@ gate per task over ``n`` MLP experts 10 -> 16 -> 1, Adam 1e-2, batch 128, traine
   ``--no-anneal`` (gamma fixed at 1), or a custom annealing to ``--gamma-end`` over the fractions
   ``--schedule`` of the run; entropy weight ``--entropy`` (default: the gate's, 0), optionally ramped;
 * ``topk``: static ``TopK(n, 2)``;
-* ``softmax``: static ``Softmax(n)``, the dense control.
+* ``softmax``: static ``Softmax(n)``, the dense control;
+* ``oracle``: static Top-k fixed on each task's TRUE support (only the weights on it are learned):
+  how well the experts can be learned when the selection is right (a reference, not a method).
 
 Per arm and family: the median (and min / max) over seeds of the test MSE (summed over tasks, as
 trained), the test MSE after hardening (``routing_search.analysis.harden``), the fraction of task
@@ -26,6 +28,7 @@ One torch thread; results are printed, nothing is written.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import time
@@ -35,6 +38,8 @@ import torch
 from routing_search import fit
 from routing_search.data import make_synthetic_moe
 from routing_search.analysis import harden
+from routing_search.batches import eval_mode
+from routing_search.exact import solve_subset
 from routing_search.gates import COMET, DSelectK, Softmax, TopK
 from routing_search.layers import MultiGateMoE, make_experts
 from routing_search.losses import multitask_loss
@@ -51,6 +56,22 @@ def geometric_gamma(start: float, end: float, steps: int, begin: float = 0.0, st
     return gamma
 
 
+def cyclic_gamma(start: float, end: float, steps: int, windows: list[float]):
+    """``gamma(calls)`` over windows ``(open, begin, stop)`` (fractions of the run): from ``open`` gamma is
+    back at ``start`` (saturated codes whose logits are small become fractional again: the selection is
+    re-opened with the experts trained so far), geometric from ``begin`` to ``end`` at ``stop``, then held."""
+    triples = [tuple(windows[i:i + 3]) for i in range(0, len(windows), 3)]
+
+    def gamma(calls: int) -> float:
+        frac = calls / max(steps, 1)
+        current = [w for w in triples if frac >= w[0]] or triples[:1]
+        _, begin, stop = current[-1]
+        t = min(max((frac - begin) / max(stop - begin, 1e-9), 0.0), 1.0)
+        return start * (end / start) ** t
+
+    return gamma
+
+
 def ramp(value: float, steps: int, begin: float, stop: float):
     """``weight(calls)``: 0 until ``begin * steps``, linear to ``value`` at ``stop * steps``, then ``value``."""
 
@@ -61,12 +82,14 @@ def ramp(value: float, steps: int, begin: float, stop: float):
     return weight
 
 
-def make_gate(arm: str, n: int, k: int, args: argparse.Namespace, steps: int) -> torch.nn.Module:
+def make_gate(arm: str, n: int, k: int, args: argparse.Namespace, steps: int, truth_row: torch.Tensor) -> torch.nn.Module:
     if arm in ("dselect", "comet"):
         cls = DSelectK if arm == "dselect" else COMET
         options: dict = {"entropy_weight": args.entropy}
         begin, stop = args.schedule
-        if args.gamma_end < 1.0:  # a custom annealing over fractions of this run
+        if args.cycles:
+            options["gamma"] = cyclic_gamma(1.0, args.gamma_end, steps, args.cycles)
+        elif args.gamma_end < 1.0:  # a custom annealing over fractions of this run
             options["gamma"] = geometric_gamma(1.0, args.gamma_end, steps, begin, stop)
         elif args.no_anneal:
             options["anneal"] = None  # the plain gate of the paper (gamma fixed at 1)
@@ -81,6 +104,11 @@ def make_gate(arm: str, n: int, k: int, args: argparse.Namespace, steps: int) ->
         return TopK(n, k)
     if arm == "softmax":
         return Softmax(n)
+    if arm == "oracle":  # the true support, fixed; only the mixing weights on it are learned
+        gate = TopK(n, k)
+        with torch.no_grad():
+            gate.logits.copy_(torch.where(truth_row > 0, 0.0, -1e4))
+        return gate
     raise ValueError(f"unknown arm {arm!r}")
 
 
@@ -108,6 +136,117 @@ def evaluate(model: MultiGateMoE, data, test, loss) -> dict:
     }
 
 
+def free_fit_support(F: torch.Tensor, y: torch.Tensor, k: int) -> tuple[tuple[int, ...], float]:
+    """Best size-``k`` support for ``y ≈ c + Σ_{j∈S} b_j F_j`` (free b, intercept): the model class
+    with a linear tower per task. Returns the support and its mean squared error on (F, y)."""
+    best: tuple[tuple[int, ...], float] = ((), math.inf)
+    ones = torch.ones(F.shape[0], 1, dtype=F.dtype)
+    for support in itertools.combinations(range(F.shape[1]), k):
+        design = torch.cat([F[:, list(support)], ones], dim=1)
+        coef = torch.linalg.lstsq(design, y[:, None]).solution
+        mse = float(((design @ coef).squeeze(1) - y).pow(2).mean())
+        if mse < best[1]:
+            best = (support, mse)
+    return best
+
+
+@torch.no_grad()
+def diagnose(model: MultiGateMoE, data, train, test) -> dict:
+    """Why is a support wrong? Per task: the learned support, the loss-optimal support under the
+    learned experts (refit exhaustively over every size-2 support on the training rows: simplex weights
+    for identity towers, free weights + intercept for linear towers), and properties of the truth.
+
+    Everything is mapped to true expert ids through the output matching used for F1."""
+    model.eval()
+    x_tr, y_tr = (t.double() for t in train)
+    x_te = test[0]
+    F_tr = model.expert_outputs(train[0]).squeeze(-1).double()
+    learned_te = model.expert_outputs(x_te).squeeze(-1)
+    true_te = data.truth.expert_outputs(x_te)
+    matching = match_experts_by_outputs(learned_te, true_te)
+    lc = learned_te.double() - learned_te.double().mean(0)
+    tc = true_te - true_te.mean(0)
+    corr = (lc.T @ tc) / (lc.norm(dim=0)[:, None] * tc.norm(dim=0)[None, :]).clamp_min(1e-12)
+    match_corr = {int(matching[a]): abs(float(corr[a, matching[a]])) for a in range(len(matching)) if matching[a] >= 0}
+    true_corr = torch.corrcoef(true_te.T)
+    linear = not isinstance(model.towers[0], torch.nn.Identity)
+    out = model(x_te)
+    tasks = []
+    ceiling_simplex = torch.zeros(data.truth.expert_weights.shape, dtype=torch.float64)
+    ceiling_free = torch.zeros_like(ceiling_simplex)
+    to_true = lambda sup: tuple(sorted(int(matching[j]) for j in sup))  # noqa: E731
+    for t, w in enumerate(out.weights):
+        true_sup = tuple(data.truth.supports[t])
+        gate_sup = to_true(torch.nonzero(w.mean(0) > 1e-3).flatten().tolist())
+        res = solve_subset(F_tr, y_tr[:, t], 2)
+        ceiling_simplex[t, torch.as_tensor(res.support)] = 1.0
+        free_sup, _ = free_fit_support(F_tr, y_tr[:, t], 2)
+        ceiling_free[t, list(free_sup)] = 1.0
+        ceil_sup = to_true(free_sup if linear else res.support)
+        a = data.truth.expert_weights[t, list(true_sup)]
+        gate = model.gates[t]
+        picks, alpha_min, hamming = None, float("nan"), -1
+        if isinstance(gate, DSelectK):
+            picks = tuple(int(matching[j]) for j in gate.selected_experts().tolist())
+            alpha_min = float(torch.softmax(gate.alpha_logits, 0).min())
+            learned_of = {int(b): a_ for a_, b in enumerate(matching) if b >= 0}
+            hamming = bin(learned_of[true_sup[0]] ^ learned_of[true_sup[1]]).count("1")
+        tasks.append({
+            "picks": picks, "alpha_min": alpha_min, "hamming": hamming,
+            "true": true_sup, "gate": gate_sup, "ceiling": ceil_sup,
+            "min_weight": float(a.min()), "pair_corr": abs(float(true_corr[true_sup[0], true_sup[1]])),
+            "match_corr_min": min(match_corr.get(j, 0.0) for j in true_sup),
+        })
+    rec = lambda W: float(support_recovery(W, data.truth.expert_weights, matching=matching).mean_f1)  # noqa: E731
+    return {
+        "ceiling_f1_simplex": rec(ceiling_simplex),
+        "ceiling_f1_free": rec(ceiling_free),
+        "match_corr": sorted(match_corr.values()),
+        "tasks": tasks,
+    }
+
+
+def explain(rows: list[dict]) -> None:
+    """Print the diagnosis over all tasks of all seeds: which supports are wrong and why."""
+    tasks = [t for r in rows for t in r["tasks"]]
+    right = [t for t in tasks if t["gate"] == t["true"]]
+    wrong = [t for t in tasks if t["gate"] != t["true"]]
+    gate_not_opt = [t for t in wrong if t["ceiling"] == t["true"]]
+    opt_wrong = [t for t in wrong if t["ceiling"] != t["true"]]
+    ceil_wrong_all = [t for t in tasks if t["ceiling"] != t["true"]]
+    gate_eq_ceil = sum(t["gate"] == t["ceiling"] for t in tasks)
+    print(f"{'':8s} diagnosis over {len(tasks)} task gates: {len(right)} exact supports, {len(wrong)} wrong; "
+          f"of the wrong, {len(gate_not_opt)} where the loss-optimal support under the learned experts IS the true "
+          f"one (the gate did not find it), {len(opt_wrong)} where it is not (the experts); loss-optimal support "
+          f"wrong on {len(ceil_wrong_all)} tasks; gate = loss-optimal on {gate_eq_ceil}")
+    med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
+    for name, group in (("exact", right), ("wrong", wrong)):
+        print(f"{'':8s}   {name:5s} tasks: median min true weight {med([t['min_weight'] for t in group]):.2f}, "
+              f"|corr| of the two true experts {med([t['pair_corr'] for t in group]):.2f}, "
+              f"min matching |corr| of their learned experts {med([t['match_corr_min'] for t in group]):.2f}")
+    dup = sum(len(set(t["gate"])) < 2 for t in wrong)
+    same = sum(t["picks"] is not None and t["picks"][0] == t["picks"][1] for t in wrong)
+    alpha_dead = sum(t["alpha_min"] < 1e-3 for t in wrong)
+    if any(t["hamming"] >= 0 for t in tasks):
+        by_h = {}
+        for t in tasks:
+            ok = t["gate"] == t["true"]
+            r, w = by_h.get(t["hamming"], (0, 0))
+            by_h[t["hamming"]] = (r + ok, w + (not ok))
+        print(f"{'':8s}   selectors: wrong tasks whose two selectors pick the same expert {same}, with a selector "
+              f"weight < 1e-3 {alpha_dead}; exact/wrong by Hamming distance between the codes of the two true "
+              f"experts: " + ", ".join(f"{h}: {r}/{w}" for h, (r, w) in sorted(by_h.items())))
+    per_seed_ceiling = " ".join(f"{r['ceiling_f1_simplex']:.2f}" for r in rows)
+    poorly = sum(t["match_corr_min"] < 0.9 for t in wrong)
+    print(f"{'':8s}   wrong tasks using one expert only: {dup}; with a true expert whose learned match has "
+          f"|corr| < 0.9: {poorly}; ceiling F1 (simplex / free+intercept) median "
+          f"{med([r['ceiling_f1_simplex'] for r in rows]):.2f} / {med([r['ceiling_f1_free'] for r in rows]):.2f}; "
+          f"per-seed simplex ceiling: {per_seed_ceiling}")
+    all_corr = [c for r in rows for c in r["match_corr"]]
+    print(f"{'':8s}   learned-vs-true expert |corr|: median {med(all_corr):.3f}, "
+          f"fraction < 0.9: {sum(c < 0.9 for c in all_corr) / max(len(all_corr), 1):.2f}")
+
+
 def run(arm: str, n: int, seed: int, args: argparse.Namespace) -> dict:
     data = make_synthetic_moe(
         num_samples=6000, input_dim=10, num_experts=n, k=2, num_tasks=args.tasks, hidden=16, noise=0.1, seed=seed
@@ -117,8 +256,25 @@ def run(arm: str, n: int, seed: int, args: argparse.Namespace) -> dict:
     steps = args.epochs * math.ceil(train[0].shape[0] / 128)
     torch.manual_seed(seed)
     experts = make_experts(n, 10, [16], 1)
-    model = MultiGateMoE(experts, [make_gate(arm, n, 2, args, steps) for _ in range(args.tasks)])
+    towers = [torch.nn.Linear(1, 1) for _ in range(args.tasks)] if args.towers == "linear" else None
+    model = MultiGateMoE(experts, [make_gate(arm, n, 2, args, steps, data.truth.expert_weights[t]) for t in range(args.tasks)], towers)
     loss = multitask_loss(["mse"] * args.tasks)
+    trace = []
+
+    def watch(event) -> None:  # per epoch: F1 so far, experts per task, supports changed since last epoch
+        if event.kind != "epoch_end":
+            return
+        with torch.no_grad(), eval_mode(event.model):  # eval: the gates' call counters do not move
+            x = test[0]
+            weights = torch.stack([w.mean(0) for w in event.model(x).weights])
+            matching = match_experts_by_outputs(event.model.expert_outputs(x).squeeze(-1), data.truth.expert_outputs(x))
+            f1 = support_recovery(weights, data.truth.expert_weights, matching=matching, threshold=1e-3).mean_f1
+            top2 = torch.zeros_like(weights).scatter_(1, weights.topk(2, dim=1).indices, 1.0)
+            f1_top2 = support_recovery(top2, data.truth.expert_weights, matching=matching).mean_f1
+        supports = weights > 1e-3
+        changed = 0 if not trace else int((supports != trace[-1][1]).any(dim=1).sum())
+        trace.append((float(f1), supports, float(supports.sum(1).double().mean()), changed, float(f1_top2)))
+
     fit(
         model,
         train,
@@ -130,8 +286,15 @@ def run(arm: str, n: int, seed: int, args: argparse.Namespace) -> dict:
         seed=seed,
         progress=False,
         restore_best=False,
+        callbacks=[watch] if args.trace else None,
     )
-    return evaluate(model, data, test, loss)
+    if args.trace:
+        print(f"  {arm} n={n} seed {seed} per epoch (F1 / F1 of the top-2 weights / experts per task / supports "
+              "changed): " + " ".join(f"{f:.2f}/{f2:.2f}/{e:.1f}/{c}" for f, _, e, c, f2 in trace))
+    result = evaluate(model, data, test, loss)
+    if args.diagnose:
+        result.update(diagnose(model, data, train, test))
+    return result
 
 
 def summary(values: list[float]) -> str:
@@ -158,7 +321,15 @@ def main() -> None:
     parser.add_argument("--reachability", type=float, default=None, help="DSelect-k reachability_weight (default: the gate's)")
     parser.add_argument("--schedule", type=float, nargs=2, default=[0.0, 1.0], metavar=("BEGIN", "STOP"),
                         help="fractions of training where gamma annealing / the entropy ramp run")
+    parser.add_argument("--cycles", type=float, nargs="+", default=None, metavar="FRAC",
+                        help="re-opened annealing: triples OPEN BEGIN STOP (fractions of the run), gamma back to 1 at "
+                             "OPEN, geometric to --gamma-end from BEGIN to STOP; e.g. 0 0.25 0.4 0.55 0.65 0.85")
     parser.add_argument("--entropy-ramp", action="store_true", help="entropy weight 0 until BEGIN, ramped to --entropy at STOP")
+    parser.add_argument("--towers", choices=["identity", "linear"], default="identity",
+                        help="task towers: identity (the mixture is the prediction) or a scalar affine map per task")
+    parser.add_argument("--trace", action="store_true", help="print F1, experts per task and support changes every epoch")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="per task: wrong supports, the loss-optimal support under the learned experts, the truth")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.entropy is None:
@@ -181,6 +352,8 @@ def main() -> None:
             per_seed = " ".join(f"{r['f1']:.2f}" for r in rows)
             per_seed_mse = " ".join(f"{r['mse']:.3f}" for r in rows)
             print(f"{'':8s} per-seed F1: {per_seed}; per-seed test MSE: {per_seed_mse}")
+            if args.diagnose:
+                explain(rows)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,99 @@
-"""The smooth-step scale γ of the selector gates (DSelect-k, COMET): fixed, scheduled or annealed."""
+"""The smooth-step scale γ of the selector gates (DSelect-k, COMET): fixed, scheduled or annealed.
+
+Three ways to anneal γ:
+
+* :class:`~routing_search.gates.GammaAnnealing` — fixed call counts (``begin``, ``end``): exactly what
+  the user wrote, never changed by anything else;
+* :class:`BudgetAnnealing` — fractions of the training budget. :func:`routing_search.fit` turns it into a
+  ``GammaAnnealing`` for its own budget (epochs × batches, or ``max_steps``) before the first step and
+  records what it did (``FitResult.gamma_annealing`` and the checkpoint). Until a budget is known (e.g. a
+  hand-written training loop) the gate follows ``BudgetAnnealing.before_fit``; call
+  :meth:`AnnealedGate.fit_annealing` to fit it yourself;
+* ``None`` — γ stays at its initial value (the paper's plain form).
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from .._validation import check_positive_float
+from .._validation import check_int, check_positive_float
 from .protocol import BaseGate
 from .smooth_step import GammaAnnealing
 
-__all__ = ["AnnealedGate"]
+__all__ = ["AnnealedGate", "BudgetAnnealing"]
+
+
+@dataclass(frozen=True)
+class BudgetAnnealing:
+    """Anneal γ between the fractions ``begin`` and ``end`` of the training budget (fitted by ``fit``).
+
+    ``fit`` calls :meth:`AnnealedGate.fit_annealing` with its budget, which replaces this by
+    ``GammaAnnealing.for_budget(total_steps, begin=begin, end=end, final_ratio=final_ratio)`` (offset by
+    the calls the gate had already made). Before that the gate anneals by ``before_fit`` (call counts).
+
+    >>> BudgetAnnealing().for_budget(96)
+    GammaAnnealing(begin=48, end=76, final_ratio=0.002)
+    >>> BudgetAnnealing().for_budget(96, start=10)
+    GammaAnnealing(begin=58, end=86, final_ratio=0.002)
+    """
+
+    begin: float = 0.5
+    end: float = 0.8
+    final_ratio: float = 2e-3
+    before_fit: GammaAnnealing = field(default_factory=GammaAnnealing)
+
+    def __post_init__(self) -> None:
+        for name in ("begin", "end"):
+            check_positive_float(name, getattr(self, name), allow_zero=True)
+        if not 0 <= self.begin < self.end <= 1:
+            raise ValueError(f"need 0 <= begin < end <= 1 (fractions of the budget), got begin={self.begin}, end={self.end}")
+        check_positive_float("final_ratio", self.final_ratio)
+        if self.final_ratio > 1:
+            raise ValueError(f"final_ratio must be in (0, 1], got {self.final_ratio}")
+        if not isinstance(self.before_fit, GammaAnnealing):
+            raise TypeError(f"before_fit must be a GammaAnnealing, got {type(self.before_fit).__name__}")
+
+    def for_budget(self, total_steps: int, *, start: int = 0) -> GammaAnnealing:
+        """The call-count annealing for a run of ``total_steps`` training calls that starts at call ``start``."""
+        total = check_int("total_steps", total_steps, minimum=2)
+        start = check_int("start", start, minimum=0)
+        fitted = GammaAnnealing.for_budget(total, begin=self.begin, end=self.end, final_ratio=self.final_ratio)
+        return GammaAnnealing(begin=start + fitted.begin, end=start + fitted.end, final_ratio=fitted.final_ratio)
+
+
+def _as_record(anneal: GammaAnnealing) -> dict[str, Any]:
+    return {"begin": anneal.begin, "end": anneal.end, "final_ratio": anneal.final_ratio}
 
 
 class AnnealedGate(BaseGate):
     """A :class:`BaseGate` whose smooth-step scale ``gamma`` follows the training-call counter.
 
     ``gamma`` is a number (annealed by ``anneal`` when one is given) or a callable ``calls -> gamma``.
+    ``anneal`` is a :class:`~routing_search.gates.GammaAnnealing` (call counts), a :class:`BudgetAnnealing`
+    (fractions of a budget, fitted once by ``fit`` or :meth:`fit_annealing`) or None (γ fixed).
     """
 
     gamma_schedule: Callable[[int], float] | None
+    anneal: GammaAnnealing | BudgetAnnealing | None
+    fitted_annealing: GammaAnnealing | None
 
-    def _init_gamma(self, gamma: float | Callable[[int], float], anneal: GammaAnnealing | None) -> None:
-        if anneal is not None and not isinstance(anneal, GammaAnnealing):
-            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
+    def _init_gamma(self, gamma: float | Callable[[int], float], anneal: GammaAnnealing | BudgetAnnealing | None) -> None:
+        _check_anneal(anneal)
         self.gamma0 = check_positive_float("gamma", gamma(0) if callable(gamma) else gamma)
         self.anneal = None if callable(gamma) else anneal
+        self.fitted_annealing = None
         if callable(gamma):
             self.gamma_schedule = gamma
-        elif anneal is not None:
-            self.gamma_schedule = functools.partial(anneal.gamma_at, gamma0=self.gamma0)
         else:
-            self.gamma_schedule = None
+            self._use(anneal)
+
+    def _use(self, anneal: GammaAnnealing | BudgetAnnealing | None) -> None:
+        if isinstance(anneal, BudgetAnnealing):
+            anneal = self.fitted_annealing if self.fitted_annealing is not None else anneal.before_fit
+        self.gamma_schedule = None if anneal is None else functools.partial(anneal.gamma_at, gamma0=self.gamma0)
 
     @property
     def gamma(self) -> float:
@@ -43,10 +106,59 @@ class AnnealedGate(BaseGate):
             return self.gamma0
         return check_positive_float("gamma", self.gamma_schedule(max(int(self.calls) - 1, 0)))
 
-    def set_annealing(self, anneal: GammaAnnealing | None) -> None:
+    def set_annealing(self, anneal: GammaAnnealing | BudgetAnnealing | None) -> None:
         """Replace the gamma annealing (e.g. ``GammaAnnealing.for_budget(total_steps)`` once the
-        training budget is known; ``None`` keeps ``gamma0`` fixed). Counts from call 0 of ``calls``."""
-        if anneal is not None and not isinstance(anneal, GammaAnnealing):
-            raise TypeError(f"anneal must be a GammaAnnealing or None, got {type(anneal).__name__}")
+        training budget is known; ``None`` keeps ``gamma0`` fixed). Counts from call 0 of ``calls``.
+        A :class:`BudgetAnnealing` set here is fitted again by the next ``fit``."""
+        _check_anneal(anneal)
         self.anneal = anneal
-        self.gamma_schedule = None if anneal is None else functools.partial(anneal.gamma_at, gamma0=self.gamma0)
+        self.fitted_annealing = None
+        self._use(anneal)
+
+    @property
+    def annealing_pending(self) -> bool:
+        """True while ``anneal`` is a :class:`BudgetAnnealing` that no budget has been fitted to yet."""
+        return isinstance(self.anneal, BudgetAnnealing) and self.fitted_annealing is None
+
+    def fit_annealing(self, total_steps: int) -> dict[str, Any]:
+        """Fit a pending :class:`BudgetAnnealing` to a run of ``total_steps`` training calls from now.
+
+        Only a ``BudgetAnnealing`` is ever fitted (an explicit ``GammaAnnealing``, a callable ``gamma``
+        or ``None`` is the user's choice and stays), and only once; and only while γ has not started
+        to fall under ``before_fit`` (refitting then would raise γ again and re-open saturated codes).
+
+        Returns a record: ``status`` (``'fitted'``, or ``'kept'`` with a ``reason``), and the
+        annealing in use (``begin``, ``end``, ``final_ratio``, in training calls) when there is one;
+        a fitted record also holds ``total_steps`` and ``start`` (the gate's call count when fitted).
+        """
+        total = check_int("total_steps", total_steps, minimum=2)
+        current = self.fitted_annealing if self.fitted_annealing is not None else self.anneal
+        in_use = _as_record(current.before_fit if isinstance(current, BudgetAnnealing) else current) if current is not None else {}
+        if not isinstance(self.anneal, BudgetAnnealing):
+            what = "a callable gamma" if self.anneal is None and self.gamma_schedule is not None else (
+                "no annealing (anneal=None)" if self.anneal is None else f"an explicit {self.anneal!r}")
+            return {"status": "kept", "reason": f"the gate was built with {what}", **in_use}
+        if self.fitted_annealing is not None:
+            return {"status": "kept", "reason": "already fitted to a budget", **in_use}
+        calls = int(self.calls)
+        if self.gamma != self.gamma0:
+            return {"status": "kept", "reason": f"gamma had already started to fall under before_fit (calls={calls})", **in_use}
+        fitted = self.anneal.for_budget(total, start=calls)
+        self.restore_annealing(fitted)
+        return {"status": "fitted", "total_steps": total, "start": calls, **_as_record(fitted)}
+
+    def restore_annealing(self, fitted: GammaAnnealing | dict[str, Any]) -> None:
+        """Put back an annealing fitted earlier (``fit`` does this on resume, from the checkpoint's record)."""
+        if isinstance(fitted, dict):
+            fitted = GammaAnnealing(begin=fitted["begin"], end=fitted["end"], final_ratio=fitted["final_ratio"])
+        if not isinstance(fitted, GammaAnnealing):
+            raise TypeError(f"fitted must be a GammaAnnealing or its record dict, got {type(fitted).__name__}")
+        if not isinstance(self.anneal, BudgetAnnealing):
+            raise ValueError(f"only a gate built with a BudgetAnnealing takes a fitted annealing; this one has {self.anneal!r}")
+        self.fitted_annealing = fitted
+        self._use(self.anneal)
+
+
+def _check_anneal(anneal: Any) -> None:
+    if anneal is not None and not isinstance(anneal, (GammaAnnealing, BudgetAnnealing)):
+        raise TypeError(f"anneal must be a GammaAnnealing, a BudgetAnnealing or None, got {type(anneal).__name__}")

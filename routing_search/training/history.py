@@ -114,6 +114,9 @@ class FitResult:
             model's DSelect-k / COMET gates before hardening (``certificate.after``: after).
         hardened_val_loss / hardened_metrics: with ``harden=True`` and ``val_data``, the validation loss
             and metrics of the hardened model.
+        gamma_annealing: per DSelect-k / COMET gate (module name), what ``fit`` did with its gamma
+            annealing: ``{'status': 'fitted', 'total_steps', 'start', 'begin', 'end', 'final_ratio'}`` for
+            a ``BudgetAnnealing`` fitted to this run's budget, else ``{'status': 'kept', 'reason', ...}``.
     """
 
     model: nn.Module
@@ -131,3 +134,4 @@ class FitResult:
     certificate: HardenCertificate | None = None
     hardened_val_loss: float | None = None
     hardened_metrics: dict[str, float] = field(default_factory=dict)
+    gamma_annealing: dict[str, dict[str, Any]] = field(default_factory=dict)

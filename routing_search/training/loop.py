@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .._validation import check_int, check_positive_float
 from ..batches import call_model, num_rows, to_device, unwrap_prediction
+from ..gates.annealed import AnnealedGate
 from .callbacks import FitEvent, check_callbacks, dispatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data_source import BatchSource, TensorSource, as_source, check_finite_targets, search_subset
@@ -209,6 +210,40 @@ def _postfix(epoch: int, loss: float | None, evaluation: EvalResult | None) -> d
 
 
 # ---------------------------------------------------------------------------------------------- fit
+def _fit_gamma_annealing(model: nn.Module, planned: int | None, saved: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Fit every pending :class:`BudgetAnnealing` of the model's selector gates to the run's budget.
+
+    ``saved`` (on resume: the checkpoint's record, or None when it has none) is put back as it was,
+    so a resumed run uses exactly the schedule of the original one.
+    """
+    records: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, AnnealedGate):
+            continue
+        if saved is not None:  # resume: what the original run did, never refitted
+            record = saved.get(name)
+            if record is not None and record.get("status") == "fitted" and module.annealing_pending:
+                module.restore_annealing(record)
+                records[name] = dict(record)
+                continue
+            if module.annealing_pending:
+                records[name] = {"status": "kept", "reason": "the checkpoint holds no fitted annealing for this gate"}
+                continue
+        if planned is None:
+            records[name] = {"status": "kept", "reason": "the training budget is unknown (data without a length and no max_steps)"}
+            if module.annealing_pending:
+                warnings.warn(
+                    f"gate {name!r}: its gamma annealing is given as fractions of the budget (BudgetAnnealing) but "
+                    "fit cannot tell the budget (the training data has no length and max_steps is not set); it "
+                    "follows BudgetAnnealing.before_fit. Pass max_steps, or build the gate with an explicit "
+                    "GammaAnnealing",
+                    stacklevel=3,
+                )
+            continue
+        records[name] = module.fit_annealing(planned)
+    return records
+
+
 def fit(
     model: nn.Module,
     train_data: Any,
@@ -279,6 +314,12 @@ def fit(
             ``on_search(event)``, called with a :class:`~routing_search.training.FitEvent` at the end of
             every epoch (before its checkpoint) and after every search; returning True or calling
             ``event.request_stop()`` ends training.
+        Gamma annealing: a DSelect-k / COMET gate built with a
+            :class:`~routing_search.gates.annealed.BudgetAnnealing` (fractions of the budget) has it fitted
+            here, once, to this run's budget (``epochs`` × batches per epoch, or ``max_steps`` when
+            smaller) before the first step; an explicit ``GammaAnnealing``, a callable ``gamma`` or
+            ``anneal=None`` is left as it is. What was done per gate is in ``FitResult.gamma_annealing``
+            and in the checkpoint, from which a resumed run restores it (so it continues bit for bit).
         harden: at the end, turn every DSelect-k / COMET gate into its exact binary form
             (:func:`routing_search.analysis.harden`, certified on the validation inputs) and evaluate the
             hardened model; see ``FitResult.certificate``. Without it, ``fit`` warns when a selector gate
@@ -400,6 +441,7 @@ def fit(
 
     history = History()
     start_epoch, step = 0, 0
+    resumed, saved_annealing = False, None
     path: Path | None = None
     config = {"batch_size": batch_size, "seed": seed, "gate_loss_weight": gate_loss_weight, "select_by": select_by, "select_mode": select_mode}
     setup_error: BaseException | None = None
@@ -416,6 +458,7 @@ def fit(
                 start_epoch, step = int(state["epoch"]), int(state["step"])
                 selection.load_state_dict(state["early_stopping"])
                 saved_config = state.get("config", {})
+                resumed, saved_annealing = True, saved_config.get("gamma_annealing")
                 for key, setting in config.items():
                     if key in saved_config and saved_config[key] != setting and ctx.is_main:
                         warnings.warn(
@@ -450,6 +493,9 @@ def fit(
     planned = None if per_epoch is None else epochs * per_epoch
     if planned is not None and max_steps is not None:
         planned = min(planned, max_steps)
+    budget = planned if planned is not None else max_steps
+    gamma_annealing = _fit_gamma_annealing(model, budget, saved_annealing if resumed else None)
+    config["gamma_annealing"] = gamma_annealing  # saved with every checkpoint, restored on resume
     bar = tqdm(total=planned, initial=step if planned is None else min(step, planned), disable=not progress or not ctx.is_main, desc="fit", unit="step")
     stop_reason: str | None = None
     epochs_run = start_epoch
@@ -605,6 +651,7 @@ def fit(
         select_mode=select_mode,
         restored_best=restored,
         stop_reason=stop_reason,
+        gamma_annealing=gamma_annealing,
     )
     final = None
     group_arg = ctx.process_group_arg
