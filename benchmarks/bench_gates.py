@@ -60,6 +60,7 @@ def gate_table(device: torch.device, repeats: int, n: int, k: int, d: int, batch
         "DSelectK": DSelectK(num_experts=n, k=k, input_dim=d, entropy_weight=1e-3),
         "DSelectK(static)": DSelectK(num_experts=n, k=k, entropy_weight=1e-3),
         "COMET": COMET(num_experts=n, k=k, input_dim=d, entropy_weight=1e-3),
+        "COMET(static)": COMET(num_experts=n, k=k, entropy_weight=1e-3),
         "TaskAware(TopK x4)": TaskAware(gates=[TopK(num_experts=n, k=k, input_dim=d) for _ in range(4)]),
     }
     clock = time.perf_counter if device.type == "cuda" else time.process_time

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from .._validation import check_num_experts_k
 from .annealed import AnnealedGate
 from .protocol import GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
 from .router import check_input_dtype
-from .smooth_step import GammaAnnealing, smooth_step, smooth_step_init_
+from .smooth_step import GammaAnnealing, smooth_step_init_
 
 __all__ = ["COMET", "leaf_paths"]
 
@@ -100,19 +101,26 @@ def _reach_levels(s: torch.Tensor, levels: tuple[tuple[int, int], ...], num_expe
 
 
 def _grad_nodes(
-    h: torch.Tensor, s: torch.Tensor, levels: tuple[tuple[int, int], ...], out: torch.Tensor
+    h: torch.Tensor,
+    s: torch.Tensor,
+    levels: tuple[tuple[int, int], ...],
+    out: torch.Tensor,
+    slope: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``dL/ds`` ``[..., n-1, R]`` into ``out`` from ``h = dL/d log pi`` ``[..., n, R]`` (expert order).
+    """``dL/ds`` ``[..., n-1, R]`` (times ``slope`` when given) into ``out``, from ``h = dL/d log pi``
+    ``[..., n, R]`` (expert order).
 
-    With ``H`` the sum of ``h`` over a subtree, ``dL/ds_q = H_left / s_q - H_right / (1 - s_q)``;
-    the sums are formed bottom-up, level by level. A branch of probability exactly 0 passes no
-    gradient: every leaf behind it has ``h = 0`` (its weight and reach are exactly 0), and the
-    divisor is raised to the smallest positive float, so ``0 / 0`` never happens. (Dividing by a
-    node output, never by a reach probability, keeps this exact for any depth.)
+    With ``H`` the sum of ``h`` over a subtree, ``dL/ds_q = H_left / s_q - H_right / (1 - s_q)
+    = (H_left - s_q H_q) / (s_q (1 - s_q))``; the sums are formed bottom-up, level by level, and the
+    divisor ``s (1 - s) / slope`` is formed once for all nodes, in ``out``. A branch of probability
+    exactly 0 passes no gradient: every leaf behind it has ``h = 0`` (its weight and reach are exactly
+    0), so the numerator is exactly 0, and the divisor is at least the smallest positive float (``inf``
+    where the slope is 0), never ``0 / 0``. (Dividing by node outputs, never by reach probabilities,
+    keeps this exact for any depth.)
     """
-    tiny = torch.finfo(s.dtype).tiny
-    left_div = torch.clamp_min(s, tiny, out=out)  # each level overwrites its own part with the gradient
-    right_div = torch.rsub(s, 1.0).clamp_min_(tiny)
+    divisor = torch.addcmul(s, s, s, value=-1.0, out=out).clamp_min_(torch.finfo(s.dtype).tiny)  # s (1 - s)
+    if slope is not None:
+        divisor.div_(slope)
     lead, rows = h.shape[:-2], h.shape[-1]
     first, end = levels[-1]
     children = h[..., : 2 * (end - first), :]
@@ -120,16 +128,15 @@ def _grad_nodes(
     for depth in range(len(levels) - 1, -1, -1):
         first, end = levels[depth]
         width = end - first
-        h_left, h_right = children[..., 0::2, :], children[..., 1::2, :]
+        h_left = children[..., 0::2, :]
+        # `level` holds H of every node on this level (2^depth = first + 1 of them): the children of the level above.
+        level = h.new_empty(*lead, first + 1, rows)
+        subtree = torch.add(h_left, children[..., 1::2, :], out=level[..., :width, :])
+        if first + 1 > width:
+            level[..., width:, :].copy_(tail)
         g = out[..., first:end, :]
-        torch.div(h_left, left_div[..., first:end, :], out=g)  # g and the divisor share memory, element by element
-        g.addcdiv_(h_right, right_div[..., first:end, :], value=-1.0)
-        if depth > 0:
-            level = h.new_empty(*lead, first + 1, rows)  # level `depth` holds 2^depth = first + 1 nodes
-            torch.add(h_left, h_right, out=level[..., :width, :])
-            if first + 1 > width:
-                level[..., width:, :].copy_(tail)
-            children = level
+        torch.div(torch.addcmul(h_left, s[..., first:end, :], subtree, value=-1.0), g, out=g)  # g held the divisor
+        children = level
     return out
 
 
@@ -161,37 +168,34 @@ class _Reach(torch.autograd.Function):
 
 
 def _smooth_step(t: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S(t), u)`` with ``u = clamp(t / gamma, -1/2, 1/2)``: the operations of :func:`smooth_step` (same
-    bits), in place where possible. The slope is ``S'(t) = (3/2 - 6 u^2) / gamma`` (:func:`_slope`)."""
-    u = (torch.div(t, gamma) if gamma != 1.0 else t.clone(memory_format=torch.contiguous_format)).clamp_(-0.5, 0.5)
-    return (u * u).mul_(-2.0).add_(1.5).mul_(u).add_(0.5), u
-
-
-def _slope(u: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``S'(t) = (3/2 - 6 u^2) / gamma``: exactly 0 outside the cubic region."""
-    slope = (u * u).mul_(-6.0).add_(1.5)
-    return slope if gamma == 1.0 else slope.div_(gamma)
+    """``(S(t), u)``: the smooth step ``S = u (3/2 - 2 u^2) + 1/2`` of ``u = clamp(t / gamma, -1/2, 1/2)``
+    (exactly 0 and 1 at the ends), in three passes (two fused multiply-adds, so it may differ from
+    :func:`smooth_step` in the last bit; COMET uses it everywhere: node outputs, the soft gate, the walk).
+    The slope is ``S'(t) = (3/2 - 6 u^2) / gamma`` (formed in the backward from ``u``)."""
+    u = torch.div(t, gamma).clamp(-0.5, 0.5) if gamma != 1.0 else t.clamp(-0.5, 0.5)
+    cubic = torch.addcmul(u.new_tensor(1.5), u, u, value=-2.0)
+    tracked = torch.is_grad_enabled() and t.requires_grad  # public node outputs: differentiable
+    return torch.addcmul(u.new_tensor(0.5), u, cubic, out=None if tracked else cubic), u
 
 
 def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(joint, weights, sel, mix)`` from reach probabilities and leaf logits ``[k, n, R]`` (contiguous).
 
     ``joint_jl = pi_jl e^{a_jl} / sum pi e^a`` ``[k, n, R]`` (one softmax over all ``k n`` scores
-    ``a + log pi``); rows first: ``weights`` ``[R, n]`` its sum over the trees, ``sel`` ``[R, k, n]``
-    each tree's own distribution and ``mix`` ``[R, k]`` each tree's share. Computed as
-    ``pi e^{a - max a}`` normalised per tree and in all: no logarithm, and ``pi = 0`` gives exactly 0.
-    When a tree's unnormalised sum falls below ``tiny / eps`` (its terms could have lost precision to
-    underflow), the log-domain softmax of ``a + log pi`` is used instead. The soft and the hard gate
-    both use this, so they give the same bits.
+    ``a + log pi``); rows first: ``weights`` ``[R, n]`` its sum over the trees (contiguous),
+    ``sel`` ``[R, k, n]`` each tree's own distribution and ``mix`` ``[R, k]`` each tree's share (views
+    of rows-last tensors). Computed as ``pi e^a`` normalised per tree and in all: no logarithm, and
+    ``pi = 0`` gives exactly 0. When a tree's unnormalised sum is below ``tiny / eps`` (its terms could
+    have lost precision to underflow) or above ``max / k`` (``e^a`` may have overflowed), the
+    log-domain softmax of ``a + log pi`` is used instead. The soft and the hard gate both use this,
+    so they give the same bits.
     """
     k, n, rows = leaves.shape
-    flat = leaves.view(k * n, rows)
     grad = torch.is_grad_enabled() and (leaves.requires_grad or pi.requires_grad)  # hard(): no in-place
-    num = torch.sub(flat, flat.amax(dim=0)).view(k, n, rows)
-    num = num.exp() * pi if grad else num.exp_().mul_(pi)
+    num = leaves.exp() * pi if grad else leaves.exp().mul_(pi)
     per_tree = num.sum(dim=1)  # [k, R]
     info = torch.finfo(num.dtype)
-    if per_tree.numel() and bool((per_tree < info.tiny / info.eps).any()):
+    if per_tree.numel() and bool(((per_tree < info.tiny / info.eps) | (per_tree > info.max / k)).any()):
         scores = torch.log(pi) + leaves
         joint = torch.softmax(scores.view(k * n, rows), dim=0).view(k, n, rows)
         sel, mix = torch.softmax(scores, dim=1), joint.sum(dim=1)
@@ -202,13 +206,13 @@ def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torc
     weights = joint[0] if k == 1 else joint[0] + joint[1]
     for j in range(2, k):
         weights = weights + joint[j] if grad else weights.add_(joint[j])
-    return joint, _row_major(weights), _row_major(sel), _row_major(mix)
+    return joint, _row_major(weights), sel.permute(2, 0, 1), mix.t()
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
     """``[a, (b,) R]`` -> ``[R, a, (b)]`` contiguous: the gate's output layout."""
-    rows = t.shape[-1]
-    return t.reshape(-1, rows).t().clone(memory_format=torch.contiguous_format).view(rows, *t.shape[:-1])
+    rows, lead = t.shape[-1], t.shape[:-1]
+    return t.reshape(math.prod(lead), rows).t().clone(memory_format=torch.contiguous_format).view(rows, *lead)
 
 
 class _CometGate(torch.autograd.Function):
@@ -241,13 +245,15 @@ class _CometGate(torch.autograd.Function):
         joint, weights, sel, mix = _combine(pi, zt[kq:].view(k, n, rows))
         ent_rows = None
         if with_entropy:
-            # -sum pi log(pi + eps), and its derivative w.r.t. log pi for the backward:
-            # -(pi log(pi + eps) + pi^2 / (pi + eps)) (times the incoming gradient).
+            # -sum pi log(pi + eps), and (when a gradient is wanted) its derivative w.r.t. log pi for the
+            # backward: -(pi log(pi + eps) + pi^2 / (pi + eps)) (times the incoming gradient).
             shifted = pi + _EPS
-            ent_rows = torch.div(pi, shifted)
+            if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+                ent_rows = torch.div(pi, shifted)
             pi_log = shifted.log_().mul_(pi)
             ent = pi_log.view(k * n, rows).sum(dim=0).neg_()
-            ent_rows.mul_(pi).add_(pi_log)
+            if ent_rows is not None:
+                ent_rows = torch.addcmul(pi_log, ent_rows, pi, out=ent_rows)
         else:
             ent = zt.new_zeros(rows)
         ctx.levels, ctx.gamma = levels, gamma  # type: ignore[attr-defined]
@@ -290,15 +296,16 @@ class _CometGate(torch.autograd.Function):
                 assert g_mix is not None
                 torch.mul(joint, _rows_last(g_mix).sub_(inner).unsqueeze(1), out=grad_leaves)
         if g_sel is not None:
-            sel_t, g_sel_t = _rows_last(sel.reshape(rows, k * n)), _rows_last(g_sel.reshape(rows, k * n))
-            g_sel_t = g_sel_t.view(k, n, rows).sub_((sel_t * g_sel_t).view(k, n, rows).sum(dim=1, keepdim=True))
-            grad_leaves.addcmul_(sel_t.view(k, n, rows), g_sel_t)
+            sel_t, g_sel_t = sel.permute(1, 2, 0), _rows_last(g_sel.reshape(rows, k * n)).view(k, n, rows)
+            grad_leaves.addcmul_(sel_t, g_sel_t.sub_((sel_t * g_sel_t).sum(dim=1, keepdim=True)))
         h = grad_leaves
         if with_entropy:
             assert g_ent is not None
             h = torch.addcmul(grad_leaves, ent_rows, g_ent.neg())
-        grad_nodes = _grad_nodes(h, s, ctx.levels, grad[:kq].view(k, n - 1, rows))  # type: ignore[attr-defined]
-        grad_nodes.mul_(_slope(u, ctx.gamma))  # type: ignore[attr-defined]
+        slope = torch.addcmul(u.new_tensor(1.5), u, u, value=-6.0)  # S'(t) gamma
+        if ctx.gamma != 1.0:  # type: ignore[attr-defined]
+            slope.div_(ctx.gamma)  # type: ignore[attr-defined]
+        _grad_nodes(h, s, ctx.levels, grad[:kq].view(k, n - 1, rows), slope)  # type: ignore[attr-defined]
         return grad, None, None, None, None
 
 
@@ -429,7 +436,7 @@ class COMET(AnnealedGate):
     def node_outputs(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """Node outputs ``S(w.x + b)`` (probability of going left): ``[k, n-1]`` or ``[B, k, n-1]``."""
         nodes, _ = self._logits(self._maybe_check(x))
-        return smooth_step(nodes, self.gamma)
+        return _smooth_step(nodes, self.gamma)[0]
 
     def reach_probabilities(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """Leaf reach probabilities ``pi`` in expert order: ``[k, n]`` (static, x None) or ``[B, k, n]``."""
@@ -486,7 +493,7 @@ class COMET(AnnealedGate):
         """Leaf (expert order) reached by each tree from node logits ``[k, n-1, R]``: ``[k, R]``."""
         n = self.num_experts
         with torch.no_grad():
-            right = (~(smooth_step(nodes, self.gamma) > 0.5)).to(torch.long)  # 1 where the row goes right
+            right = (~(_smooth_step(nodes, self.gamma)[0] > 0.5)).to(torch.long)  # 1 where the row goes right
             node = torch.zeros(nodes.shape[0], 1, nodes.shape[2], dtype=torch.long, device=nodes.device)
             for _ in range((2 * n - 1).bit_length() - 1):  # depth of the deepest leaf
                 step = 2 * node + 1 + right.gather(1, node.clamp_max(n - 2))
