@@ -483,3 +483,122 @@ def test_fused_backward_through_zero_factors_equals_the_composed_autograd() -> N
         assert bool(torch.isfinite(a).all())
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     assert got[1][0, 0] == 0  # the saturated bit
+
+
+# ---------------------------------------------------------------- the fast forward's pieces
+@pytest.mark.parametrize("gamma", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_smooth_step_and_slope_gives_the_bits_of_smooth_step_slope(gamma: float, dtype: torch.dtype) -> None:
+    from routing_search.gates.smooth_step import smooth_step_and_slope, smooth_step_slope
+
+    g = torch.Generator().manual_seed(3)
+    t = (torch.rand(4, 3, 2000, generator=g, dtype=torch.float64) - 0.5).to(dtype) * 1.5 * gamma
+    t[0, 0, :4] = torch.tensor([-gamma / 2, gamma / 2, 0.0, gamma / 2 - 1e-9], dtype=dtype)
+    s_ref, slope_ref = smooth_step_slope(t, gamma)
+    buf = torch.empty(4, 6, 2000, dtype=dtype)  # S written into a strided view, as the gate does
+    slope = smooth_step_and_slope(t, gamma, out=buf[:, 3:])
+    assert torch.equal(buf[:, 3:], s_ref) and torch.equal(s_ref, smooth_step(t, gamma))
+    torch.testing.assert_close(slope, slope_ref, atol=0, rtol=0)
+
+
+def test_padded_logits_t_is_the_transposed_padded_product() -> None:
+    from routing_search.gates.smooth_step import padded_linear, padded_logits_t
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    ws = [torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)]
+    bs = [torch.randn(2, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)]
+    out = padded_logits_t(x, ws, bs)
+    assert out.shape == (16, 9)
+    torch.testing.assert_close(out[:10].t(), torch.cat(padded_linear(x, ws, bs), dim=-1), atol=1e-13, rtol=1e-13)
+    assert bool((out[10:] == 0).all())
+
+
+def _table_of(s: torch.Tensor) -> torch.Tensor:
+    """The gate's selector table for codes ``s`` ``[rows, k, m]`` in ``[0, 1]`` (factor layout and gather as in the forward)."""
+    from routing_search.gates.dselect_k import _gather_matrix, _half_products
+
+    rows, k, m = s.shape
+    factors = torch.cat([1 - s, s], dim=-1).permute(1, 2, 0).contiguous()  # [k, 2m, rows]
+    halves = _half_products(factors)
+    gather = _gather_matrix(m).to(s.dtype)
+    n = 2**m
+    out = []
+    for i in range(k):
+        both = halves[i].t() @ gather
+        out.append(both[:, :n] * both[:, n:])
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kronecker_selector_table_equals_the_code_matrix_form(m: int, dtype: torch.dtype) -> None:
+    """The probability-domain Kronecker table against the reference product and the log/code-matrix form:
+    values to rounding, exact one-hot rows for binary codes, exact zeros behind a zero factor."""
+    from routing_search.gates.binary_encoding import selector_fast
+
+    n = 2**m
+    g = torch.Generator().manual_seed(m)
+    s = torch.rand(6, 3, m, generator=g, dtype=torch.float64).to(dtype)
+    s[0] = (s[0] > 0.5).to(dtype)  # binary codes
+    s[1, 0, 0], s[1, 1, m - 1] = 0.0, 1.0  # one factor exactly 0 (and its partner exactly 1)
+    table, ref, fast = _table_of(s), selector(s, n), selector_fast(s, n)
+    tol = {"atol": 1e-15, "rtol": 1e-13} if dtype == torch.float64 else {"atol": 1e-7, "rtol": 1e-5}
+    torch.testing.assert_close(table, ref, **tol)
+    torch.testing.assert_close(table, fast, **tol)
+    assert torch.equal(table[0], ref[0]) and torch.equal(table[0], fast[0])  # one-hot, bit for bit
+    assert torch.equal(table[1] == 0, ref[1] == 0)
+    assert torch.allclose(table.sum(-1), torch.ones(6, 3, dtype=dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "k"), [(2, 2), (4, 3), (8, 2), (16, 2), (32, 3)])
+@pytest.mark.parametrize("static", [True, False])
+def test_fused_gate_with_saturated_bits_equals_the_composed_form_in_float64(n: int, k: int, static: bool) -> None:
+    """m = 1..5 with some bits saturated (factors exactly 0 and 1) and the rest fractional: every output and
+    the float64 gradients of the fused gate equal the composed form (reference product selector, softmax,
+    entropy) to 1e-12."""
+    from routing_search.gates.binary_encoding import mix_selectors
+
+    gate = make_gate(n, k, static, seed=n + k, entropy_weight=0.3, anneal=None).double()
+    m = num_bits(n)
+    with torch.no_grad():
+        for name, p in gate.named_parameters():
+            p.uniform_(-0.3, 0.3) if name.startswith("z") else p.normal_()
+        z_bias = gate.z_logits if static else gate.z_bias
+        z_bias[0, 0] = 10.0  # S = 1: the factor 1 - s is exactly 0
+        z_bias[k - 1, m - 1] = -10.0  # S = 0
+    x = torch.randn(5, D, dtype=torch.float64)
+    out = gate(x)
+    alpha, z = gate._logits(x)
+    s = smooth_step(z, gate.gamma)
+    assert bool((s == 0).any()) and bool((s == 1).any())
+    assert k * m == 2 or bool(((s > 0) & (s < 1)).any())
+    r = selector(s, n)
+    mix = torch.softmax(alpha, dim=-1)
+    weights = mix_selectors(mix, r)
+    loss = 0.3 * (-(r * torch.log(r + 1e-6)).sum(dim=(-2, -1))).mean()
+    for got, want in ((out.weights, weights), (out.selector_weights, r), (out.selector_mix, mix), (out.loss, loss)):
+        torch.testing.assert_close(got, want.expand_as(got), atol=1e-12, rtol=1e-12)
+    params = list(gate.parameters())
+    probe_w, probe_r = torch.randn(n, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
+    got = torch.autograd.grad((out.weights @ probe_w).sum() + (out.selector_weights * probe_r).sum() + out.loss, params)
+    want = torch.autograd.grad((weights @ probe_w).sum() + (r * probe_r).expand_as(out.selector_weights).sum() + loss, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [8, 6])
+@pytest.mark.parametrize("static", [True, False])
+def test_zero_rows_tokens_and_no_grad(n: int, static: bool) -> None:
+    gate = make_gate(n, 2, static, entropy_weight=0.1)
+    empty = gate(torch.zeros(0, D))
+    assert empty.weights.shape == (0, n) and empty.selector_weights.shape == (0, 2, n) and empty.loss.item() == 0.0
+    empty.loss.backward()  # no rows: a zero loss that still backpropagates
+    x = torch.randn(3, 4, D)
+    tokens, rows = gate(x), gate(x.reshape(12, D))
+    torch.testing.assert_close(tokens.weights, rows.weights.reshape(3, 4, n), atol=0, rtol=0)
+    torch.testing.assert_close(tokens.selector_weights, rows.selector_weights.reshape(3, 4, 2, n), atol=0, rtol=0)
+    with torch.no_grad():
+        plain = gate(x.reshape(12, D))
+    torch.testing.assert_close(plain.weights, rows.weights, atol=0, rtol=0)
+    torch.testing.assert_close(plain.loss, rows.loss, atol=0, rtol=0)
