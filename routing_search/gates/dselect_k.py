@@ -143,15 +143,15 @@ class _DSelectKGate(torch.autograd.Function):
         n = log_codes.shape[1]
         r = logits_t.new_empty(rows, k, n)
         halves = _half_products(factors)
-        scratch = logits_t.new_empty(2 * rows * n)
-        gathered = scratch.view(rows, 2 * n)
+        n_high = 2 ** (m - m // 2)
+        scratch = logits_t.new_empty(2, rows, n)
         ent = r.new_zeros(rows)
         ent_glog = logits_t.new_empty(k, 2 * m, rows) if with_entropy and ctx.needs_input_grad[0] else None  # type: ignore[attr-defined]
         for i in range(k):  # one selector at a time through one scratch buffer, r_i still in cache for its entropy
-            torch.mm(halves[i].t(), gather, out=gathered)
-            r_i = torch.mul(gathered[:, :n], gathered[:, n:], out=r[:, i, :])
+            r_i = torch.mm(halves[i, :n_high].t(), gather[:n_high], out=r[:, i, :])  # A_{c >> h}
+            r_i.mul_(torch.mm(halves[i, n_high:].t(), gather[n_high:], out=scratch[0]))  # times B_{c mod 2^h}
             if with_entropy:
-                _entropy_terms(r_i, scratch.view(2, rows, n), ent, log_codes, None if ent_glog is None else ent_glog[i])
+                _entropy_terms(r_i, scratch, ent, log_codes, None if ent_glog is None else ent_glog[i])
         del halves, scratch
         # The backward divides by the factors: a zero one, clamped to the smallest normal number, keeps its g = 0.
         factors.clamp_min_(torch.finfo(factors.dtype).tiny)
@@ -227,10 +227,11 @@ def _bit_products(factors: torch.Tensor, lo: int, hi: int, out: torch.Tensor) ->
 def _half_products(factors: torch.Tensor) -> torch.Tensor:
     """``[A | B]`` ``[k, 2^(m-h) + 2^h, rows]``: the factor products over the high bits ``h .. m-1`` and the low bits ``0 .. h-1`` (``h = m // 2``).
 
-    With :func:`_gather_matrix` one small matrix product per selector lays out ``[A_{c >> h} | B_{c mod 2^h}]``
-    for every code ``c``, and one multiply gives ``r_i[c] = prod_j f_ij(bit j of c)``: the Kronecker
-    product of the factors in the probability domain (exact zeros and ones, no logs). Each gathered
-    entry is one product times 1 plus zeros, so it is exact.
+    With :func:`_gather_matrix` two small matrix products per selector lay out ``A_{c >> h}`` and
+    ``B_{c mod 2^h}`` for every code ``c`` (example-major, straight into ``r``'s layout), and one multiply
+    gives ``r_i[c] = prod_j f_ij(bit j of c)``: the Kronecker product of the factors in the probability
+    domain (exact zeros and ones, no logs). Each gathered entry is one product times 1 plus zeros, so
+    it is exact.
     """
     k, two_m, rows = factors.shape
     m = two_m // 2
@@ -243,13 +244,13 @@ def _half_products(factors: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_matrix(m: int) -> torch.Tensor:
-    """0/1 ``[2^(m - m//2) + 2^(m//2), 2^(m+1)]``: column ``c`` picks ``A_{c >> h}``, column ``2^m + c`` picks ``B_{c mod 2^h}`` (``h = m // 2``)."""
+    """0/1 ``[2^(m - h) + 2^h, 2^m]`` (``h = m // 2``): column ``c`` picks ``A_{c >> h}`` in the first block of rows and ``B_{c mod 2^h}`` in the second."""
     low = m // 2
     n_high, n = 2 ** (m - low), 2**m
     codes = torch.arange(n)
-    out = torch.zeros(n_high + 2**low, 2 * n)
+    out = torch.zeros(n_high + 2**low, n)
     out[codes >> low, codes] = 1.0
-    out[n_high + (codes & (2**low - 1)), n + codes] = 1.0
+    out[n_high + (codes & (2**low - 1)), codes] = 1.0
     return out
 
 

@@ -522,12 +522,8 @@ def _table_of(s: torch.Tensor) -> torch.Tensor:
     factors = torch.cat([1 - s, s], dim=-1).permute(1, 2, 0).contiguous()  # [k, 2m, rows]
     halves = _half_products(factors)
     gather = _gather_matrix(m).to(s.dtype)
-    n = 2**m
-    out = []
-    for i in range(k):
-        both = halves[i].t() @ gather
-        out.append(both[:, :n] * both[:, n:])
-    return torch.stack(out, dim=1)
+    high = 2 ** (m - m // 2)
+    return torch.stack([(halves[i, :high].t() @ gather[:high]) * (halves[i, high:].t() @ gather[high:]) for i in range(k)], dim=1)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
