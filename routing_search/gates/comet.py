@@ -101,26 +101,20 @@ def _reach_levels(s: torch.Tensor, levels: tuple[tuple[int, int], ...], num_expe
 
 
 def _grad_nodes(
-    h: torch.Tensor,
-    s: torch.Tensor,
-    levels: tuple[tuple[int, int], ...],
-    out: torch.Tensor,
-    slope: torch.Tensor | None = None,
+    h: torch.Tensor, s: torch.Tensor, levels: tuple[tuple[int, int], ...], out: torch.Tensor
 ) -> torch.Tensor:
-    """``dL/ds`` ``[..., n-1, R]`` (times ``slope`` when given) into ``out``, from ``h = dL/d log pi``
-    ``[..., n, R]`` (expert order).
+    """``dL/ds`` ``[..., n-1, R]`` into ``out`` from ``h = dL/d log pi`` ``[..., n, R]`` (expert order).
 
-    With ``H`` the sum of ``h`` over a subtree, ``dL/ds_q = H_left / s_q - H_right / (1 - s_q)
-    = (H_left - s_q H_q) / (s_q (1 - s_q))``; the sums are formed bottom-up, level by level, and the
-    divisor ``s (1 - s) / slope`` is formed once for all nodes, in ``out``. A branch of probability
-    exactly 0 passes no gradient: every leaf behind it has ``h = 0`` (its weight and reach are exactly
-    0), so the numerator is exactly 0, and the divisor is at least the smallest positive float (``inf``
-    where the slope is 0), never ``0 / 0``. (Dividing by node outputs, never by reach probabilities,
-    keeps this exact for any depth.)
+    With ``H`` the sum of ``h`` over a subtree, ``dL/ds_q = H_left / s_q - H_right / (1 - s_q)``;
+    the sums are formed bottom-up, level by level. A branch of probability exactly 0 passes no
+    gradient (as ``d log pi / ds`` with ``log 0`` held constant): every leaf behind it has ``h = 0``
+    (its weight and reach are exactly 0), and the divisor is raised to the smallest positive float,
+    so ``0 / 0`` never happens; the other branch passes its gradient as usual. (Dividing by node
+    outputs, never by reach probabilities, keeps this exact for any depth.)
     """
-    divisor = torch.addcmul(s, s, s, value=-1.0, out=out).clamp_min_(torch.finfo(s.dtype).tiny)  # s (1 - s)
-    if slope is not None:
-        divisor.div_(slope)
+    tiny = torch.finfo(s.dtype).tiny
+    left_div = torch.clamp_min(s, tiny, out=out)  # each level overwrites its part with the gradient
+    right_div = torch.rsub(s, 1.0).clamp_min_(tiny)
     lead, rows = h.shape[:-2], h.shape[-1]
     first, end = levels[-1]
     children = h[..., : 2 * (end - first), :]
@@ -128,15 +122,16 @@ def _grad_nodes(
     for depth in range(len(levels) - 1, -1, -1):
         first, end = levels[depth]
         width = end - first
-        h_left = children[..., 0::2, :]
-        # `level` holds H of every node on this level (2^depth = first + 1 of them): the children of the level above.
-        level = h.new_empty(*lead, first + 1, rows)
-        subtree = torch.add(h_left, children[..., 1::2, :], out=level[..., :width, :])
-        if first + 1 > width:
-            level[..., width:, :].copy_(tail)
+        h_left, h_right = children[..., 0::2, :], children[..., 1::2, :]
         g = out[..., first:end, :]
-        torch.div(torch.addcmul(h_left, s[..., first:end, :], subtree, value=-1.0), g, out=g)  # g held the divisor
-        children = level
+        torch.div(h_left, left_div[..., first:end, :], out=g)  # g held the divisor, element by element
+        g.addcdiv_(h_right, right_div[..., first:end, :], value=-1.0)
+        if depth > 0:  # H of every node on this level (2^depth = first + 1): the children of the level above
+            level = h.new_empty(*lead, first + 1, rows)
+            torch.add(h_left, h_right, out=level[..., :width, :])
+            if first + 1 > width:
+                level[..., width:, :].copy_(tail)
+            children = level
     return out
 
 
@@ -302,10 +297,9 @@ class _CometGate(torch.autograd.Function):
         if with_entropy:
             assert g_ent is not None
             h = torch.addcmul(grad_leaves, ent_rows, g_ent.neg())
-        slope = torch.addcmul(u.new_tensor(1.5), u, u, value=-6.0)  # S'(t) gamma
-        if ctx.gamma != 1.0:  # type: ignore[attr-defined]
-            slope.div_(ctx.gamma)  # type: ignore[attr-defined]
-        _grad_nodes(h, s, ctx.levels, grad[:kq].view(k, n - 1, rows), slope)  # type: ignore[attr-defined]
+        grad_nodes = _grad_nodes(h, s, ctx.levels, grad[:kq].view(k, n - 1, rows))  # type: ignore[attr-defined]
+        slope = torch.addcmul(u.new_tensor(1.5), u, u, value=-6.0)  # S'(t) = (3/2 - 6 u^2) / gamma
+        grad_nodes.mul_(slope if ctx.gamma == 1.0 else slope.div_(ctx.gamma))  # type: ignore[attr-defined]
         return grad, None, None, None, None
 
 

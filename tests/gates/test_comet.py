@@ -427,3 +427,180 @@ def test_reached_leaves_static_and_in_expert_order() -> None:
     with torch.no_grad():
         gate.node_logits.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))  # tree 0: left, right -> heap 4
     assert gate.reached_leaves().tolist() == [1, 2]  # tree 1: right at the root -> heap 2 = expert 2
+
+
+# ---------------------------------------------------------------- level-wise reach, fused gate against the composed form
+def _path_product_reach(s: torch.Tensor, n: int) -> torch.Tensor:
+    """``pi`` ``[..., n]`` as the product of the branches along each leaf's root path (expert order)."""
+    from routing_search.gates.comet import leaf_paths
+
+    columns = []
+    for _, path in leaf_paths(n):
+        p = torch.ones_like(s[..., 0])
+        for q, went_left in path:
+            p = p * (s[..., q] if went_left else 1 - s[..., q])
+        columns.append(p)
+    return torch.stack(columns, dim=-1)
+
+
+def _log_reach(s: torch.Tensor, n: int) -> torch.Tensor:
+    """The former implementation: the path matrix times the branch logs (``log 0`` a large negative constant)."""
+    from routing_search.gates.binary_encoding import log_factors
+
+    return log_factors(torch.cat([s, 1 - s], dim=-1)) @ path_matrix(n, s.dtype)
+
+
+def _log_domain_reach(s: torch.Tensor, n: int) -> torch.Tensor:
+    """``exp`` of :func:`_log_reach` (exact zeros behind a zero branch, no gradient through it)."""
+    return torch.exp(_log_reach(s, n))
+
+
+@pytest.mark.parametrize("n", range(2, 18))
+def test_tree_levels_cover_the_internal_nodes_in_heap_order(n: int) -> None:
+    from routing_search.gates.comet import tree_levels
+
+    levels = tree_levels(n)
+    assert [q for first, end in levels for q in range(first, end)] == list(range(n - 1))
+    for depth, (first, end) in enumerate(levels):
+        assert first == 2**depth - 1 and end <= 2 ** (depth + 1) - 1
+        assert depth == len(levels) - 1 or end == 2 ** (depth + 1) - 1  # only the deepest level may be partial
+
+
+@pytest.mark.parametrize("n", range(2, 18))
+def test_level_wise_reach_equals_the_path_products_in_value_and_gradient(n: int) -> None:
+    """Reach probabilities level by level equal the product along each path, for any n (non powers of two
+    included), in value and float64 gradient; with nodes exactly 0 or 1 the gradient is that of the former
+    log-domain form (a branch of probability 0 passes no gradient, the other branch does)."""
+    gate = COMET(n, 1)  # _reach depends only on n; the 3 trees below are a leading dimension
+    g = torch.Generator().manual_seed(n)
+    s = torch.rand(4, 3, n - 1, dtype=torch.float64, generator=g)
+    probe = torch.randn(4, 3, n, dtype=torch.float64, generator=g)
+    s_in = s.clone().requires_grad_()
+    pi = gate._reach(s_in)
+    ref_in = s.clone().requires_grad_()
+    ref = _path_product_reach(ref_in, n)
+    torch.testing.assert_close(pi, ref, atol=1e-15, rtol=1e-14)
+    (grad,) = torch.autograd.grad((pi * probe).sum(), s_in)
+    (grad_ref,) = torch.autograd.grad((ref * probe).sum(), ref_in)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-13, rtol=1e-12)
+
+    s[0, :, ::2] = 0.0  # saturated nodes: whole subtrees unreachable
+    s[1, :, 1::3] = 1.0
+    s_in = s.clone().requires_grad_()
+    pi = gate._reach(s_in)
+    ref_in = s.clone().requires_grad_()
+    ref = _log_domain_reach(ref_in, n)
+    torch.testing.assert_close(pi, _path_product_reach(s, n), atol=1e-15, rtol=1e-14)
+    torch.testing.assert_close(pi, ref, atol=1e-15, rtol=1e-14)
+    assert bool((pi[0][_path_product_reach(s, n)[0] == 0] == 0).all())  # exact zeros behind a zero branch
+    (grad,) = torch.autograd.grad((pi * probe).sum(), s_in)
+    (grad_ref,) = torch.autograd.grad((ref * probe).sum(), ref_in)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-13, rtol=1e-12)
+
+
+def _composed_comet(gate: COMET, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, ...]:
+    """The gate composed from autograd operations, as the former implementation computed it: smooth step,
+    log-domain reach, one softmax over all k n scores, a per-tree softmax, the entropy with eps inside the log."""
+    from routing_search.gates.smooth_step import smooth_step
+
+    nodes, leaves = gate._logits(x)
+    s = smooth_step(nodes, gate.gamma)
+    log_pi = _log_reach(s, gate.num_experts)
+    pi = torch.exp(log_pi)
+    scores = leaves + log_pi
+    joint = torch.softmax(scores.flatten(-2), dim=-1).view_as(scores)
+    ent = -(pi * torch.log(pi + 1e-6)).sum(dim=(-2, -1))
+    return joint.sum(-2), torch.softmax(scores, dim=-1), joint.sum(-1), lam * ent.mean()
+
+
+@pytest.mark.parametrize("n", [2, 3, 6, 11, 16, 17])
+@pytest.mark.parametrize("static", [True, False])
+def test_fused_gate_equals_the_composed_form_with_saturated_nodes(n: int, static: bool) -> None:
+    """Value and float64 gradient of every output against the composed autograd form, with some nodes
+    saturated (outputs exactly 0 or 1: unreachable subtrees, frozen nodes) and the others fractional."""
+    torch.manual_seed(n)
+    gate = COMET(n, 2, None if static else D, gamma=0.8, anneal=None, entropy_weight=0.3).double()
+    with torch.no_grad():
+        for name, p in gate.named_parameters():
+            p.uniform_(-0.2, 0.2) if name.startswith("node") else p.normal_()
+        nodes = gate.node_logits if static else gate.node_bias
+        nodes[:, ::3] = 5.0  # saturated left
+        nodes[:, 1::4] = -5.0  # saturated right
+        if not static:
+            gate.node_weight[:, ::3] = 0.0
+            gate.node_weight[:, 1::4] = 0.0
+    x = torch.randn(6, D, dtype=torch.float64)
+    s = gate.node_outputs(x)
+    assert bool(((s == 0) | (s == 1)).any()) and (n < 6 or bool((s == 0).any() and (s == 1).any() and ((s > 0) & (s < 1)).any()))
+    out = gate(x)
+    ref = _composed_comet(gate, x, 0.3)
+    got = (out.weights, out.selector_weights, out.selector_mix, out.loss)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b.expand_as(a), atol=1e-12, rtol=1e-10)
+    g = torch.Generator().manual_seed(n)
+    probes = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in got[:3]]
+    params = list(gate.parameters())
+    for with_probe in range(4):  # each output alone, so paths without incoming gradient are covered too
+        total_got = (got[with_probe] * probes[with_probe]).sum() if with_probe < 3 else got[3]
+        total_ref = (ref[with_probe].expand_as(got[with_probe]) * probes[with_probe]).sum() if with_probe < 3 else ref[3]
+        fast = torch.autograd.grad(total_got, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        slow = torch.autograd.grad(total_ref, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        for a, b in zip(fast, slow):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_zero_row_batch(static: bool) -> None:
+    gate = make_gate(5, 2, static, entropy_weight=0.2)
+    x = torch.zeros(0, D)
+    out = gate(x)
+    assert out.weights.shape == (0, 5) and out.selector_weights.shape == (0, 2, 5) and out.selector_mix.shape == (0, 2)
+    assert out.loss.item() == 0.0
+    (out.weights.sum() + out.loss).backward()
+    assert all(p.grad is not None and bool((p.grad == 0).all()) for p in gate.parameters())
+    hard = gate.hard(x)
+    assert hard.weights.shape == (0, 5) and gate.reached_leaves(x).shape == (0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [-1e3, 1e3])
+def test_extreme_leaf_logits_fall_back_to_the_log_domain(dtype: torch.dtype, scale: float) -> None:
+    """``e^a`` under- or overflows (every leaf logit far below or above 0): the same numbers as the
+    composed softmax, finite gradients."""
+    gate = COMET(6, 2, gamma=1.0, anneal=None).to(dtype)
+    with torch.no_grad():
+        gate.node_logits.uniform_(-0.3, 0.3)
+        gate.leaf_logits.normal_().add_(scale)
+    x = torch.zeros(3, 1, dtype=dtype)
+    out = gate(x)
+    ref = _composed_comet(gate, x, 0.0)
+    for a, b in zip((out.weights, out.selector_weights, out.selector_mix), ref[:3]):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a, b.expand_as(a), atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=1e-5)
+    (out.weights[:, 0].sum() + out.selector_weights[:, 1, 2].sum()).backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in gate.parameters())
+
+
+def test_double_backward_is_refused_not_wrong() -> None:
+    gate = make_gate(4, 2, False, entropy_weight=0.1).double()
+    x = torch.randn(3, D, dtype=torch.float64)
+    out = gate(x)
+    (grad,) = torch.autograd.grad(out.weights[:, 0].sum() + out.loss, gate.node_bias, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable|differentiate twice"):
+        grad.sum().backward()  # the hand-written backward is not differentiable: an error, never a wrong number
+
+
+def test_node_outputs_are_the_smooth_step_to_the_last_bit_and_exact_at_the_ends() -> None:
+    """COMET's node function (fused multiply-adds) is the shared smooth step to one unit in the last place,
+    exactly 0 / 1 once saturated, and the same numbers in the soft gate, node_outputs and the walk."""
+    from routing_search.gates.comet import _smooth_step
+    from routing_search.gates.smooth_step import smooth_step
+
+    t = torch.linspace(-1.0, 1.0, 2001, dtype=torch.float64)
+    s, _ = _smooth_step(t, 0.7)
+    torch.testing.assert_close(s, smooth_step(t, 0.7), atol=torch.finfo(torch.float64).eps, rtol=0)
+    assert bool((s[t <= -0.35] == 0).all() and (s[t >= 0.35] == 1).all())
+    gate = COMET(4, 1, gamma=0.7, anneal=None).double()
+    with torch.no_grad():
+        gate.node_logits.copy_(t[995:998].view(1, 3))
+    assert torch.equal(gate.node_outputs(), s[995:998].view(1, 3))
