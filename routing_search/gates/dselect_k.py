@@ -21,7 +21,7 @@ from .protocol import GateOutput, WeightSchedule, check_weight_schedule, entropy
 from .router import check_input_dtype
 from .smooth_step import (
     GammaAnnealing,
-    padded_logits_t,
+    stacked_logits_t,
     smooth_step,
     smooth_step_and_slope,
     smooth_step_init_,
@@ -108,9 +108,9 @@ def _softmax_t(alpha_t: torch.Tensor) -> torch.Tensor:
 class _DSelectKGate(torch.autograd.Function):
     """The whole soft gate when every code names an expert (``n = 2^m``), from the fused logits, with one hand-written backward.
 
-    Input ``logits_t`` ``[width, rows]`` (selector-major, :func:`padded_logits_t`): ``alpha`` in rows
-    ``[0, k)``, the code logits ``z`` (selector by selector, bit by bit) in ``[k, k + k m)`` and
-    padding after them (gradient 0). Outputs ``weights`` ``[rows, n]``, the selector distributions
+    Input ``logits_t`` ``[width, rows]`` (selector-major, :func:`stacked_logits_t`): ``alpha`` in rows
+    ``[0, k)``, the code logits ``z`` (selector by selector, bit by bit) in ``[k, k + k m)``, any
+    further rows get gradient 0. Outputs ``weights`` ``[rows, n]``, the selector distributions
     ``r`` ``[rows, k, n]``, ``mix = softmax(alpha)`` ``[rows, k]`` and the entropy ``sum_i H(r_i)``
     ``[rows]`` (eps inside the log; zeros when not asked). Same numbers as the composed autograd form
     (``weights = sum_i mix_i r_i``) to rounding.
@@ -404,14 +404,14 @@ class DSelectK(AnnealedGate):
 
     # ------------------------------------------------------------------ logits and codes
     def _logits_t(self, x: torch.Tensor | None) -> torch.Tensor:
-        """``[alpha | z | padding]`` selector-major, ``[width, B]`` (:func:`padded_logits_t`); ``[k + k m, 1]`` for a static gate."""
+        """``[alpha | z]`` selector-major, ``[k + k m, B]`` (:func:`stacked_logits_t`); ``[k + k m, 1]`` for a static gate."""
         if self.is_static:
             return torch.cat([self.alpha_logits, self.z_logits.reshape(-1)]).unsqueeze(1)
         if x is None:
             raise ValueError("x is required for a per-example DSelectK gate (input_dim is set)")
         check_input_dtype(x, self.z_weight, self)
         k, m, d = self.z_weight.shape
-        return padded_logits_t(
+        return stacked_logits_t(
             x, [self.alpha_weight, self.z_weight.reshape(k * m, d)], [self.alpha_bias, self.z_bias.reshape(k * m)]
         )
 

@@ -17,7 +17,7 @@ __all__ = [
     "smooth_step_init_",
     "GammaAnnealing",
     "padded_linear",
-    "padded_logits_t",
+    "stacked_logits_t",
 ]
 
 
@@ -168,21 +168,17 @@ def padded_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
     return list(out.split(sizes + ([pad] if pad else []), dim=-1)[: len(sizes)])
 
 
-def padded_logits_t(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The stacked logits of :func:`padded_linear` transposed: ``[C, rows]`` for ``x`` ``[rows, d]``.
+def stacked_logits_t(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` stacked and transposed: ``[sum of rows, rows of x]``.
 
-    Row ``c`` is output column ``c`` of the stacked ``weights`` (in order), padded with zero rows to
-    a multiple of 16 (no parameter behind them: a fused backward returns 0 there). Computed as
-    ``W x^T + b``, which takes the same time as ``x W^T`` on the CPU, so that a fused gate can work on
-    each logit's values as one contiguous row (ops over a last dimension of size ``k`` or ``m`` are
-    several times slower); its weight gradient ``grad @ x`` is the fast orientation too.
+    Computed as one product ``W x^T + b`` (``x`` ``[rows, d]``): row ``c`` is output column ``c`` of the
+    stacked ``weights``, in order. This orientation takes about the same time as ``x W^T`` and needs no
+    padding (on the CPU 10 rows took 0.86x the time of 16, where ``x W^T`` with 10 columns took 1.2x
+    that of 16, the reason for :func:`padded_linear`'s padding); a fused gate then works on each
+    logit's values as one contiguous row (ops over a last dimension of size ``k`` or ``m`` are several
+    times slower), and the weight gradient ``grad @ x`` is the fast orientation too.
 
-    >>> padded_logits_t(torch.ones(2, 3), [torch.ones(1, 3), torch.ones(2, 3)], [torch.zeros(1), torch.ones(2)])[:4].tolist()
-    [[3.0, 3.0], [4.0, 4.0], [4.0, 4.0], [0.0, 0.0]]
+    >>> stacked_logits_t(torch.ones(2, 3), [torch.ones(1, 3), torch.ones(2, 3)], [torch.zeros(1), torch.ones(2)]).tolist()
+    [[3.0, 3.0], [4.0, 4.0], [4.0, 4.0]]
     """
-    pad = -sum(w.shape[0] for w in weights) % 16
-    parts_w, parts_b = list(weights), list(biases)
-    if pad:
-        parts_w.append(weights[0].new_zeros(pad, weights[0].shape[1]))
-        parts_b.append(biases[0].new_zeros(pad))
-    return torch.addmm(torch.cat(parts_b).unsqueeze(1), torch.cat(parts_w), x.t())
+    return torch.addmm(torch.cat(list(biases)).unsqueeze(1), torch.cat(list(weights)), x.t())
