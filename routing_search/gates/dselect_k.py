@@ -7,25 +7,17 @@ import torch
 from torch import nn
 
 from .._validation import check_choice, check_num_experts_k, check_positive_float
-from .binary_encoding import (
-    hard_gate,
-    hard_selector,
-    log_code_matrix,
-    mix_selectors,
-    num_bits,
-    selector_softmax,
-    zero_log,
-)
+from .binary_encoding import hard_selector, log_code_matrix, mix_selectors, num_bits, zero_log
 from .annealed import AnnealedGate
 from .protocol import GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .router import check_input_dtype
 from .smooth_step import (
     GammaAnnealing,
-    stacked_logits_t,
     smooth_step,
     smooth_step_and_slope,
     smooth_step_init_,
     smooth_step_slope,
+    stacked_logits_t,
 )
 
 __all__ = ["DSelectK"]
@@ -146,12 +138,13 @@ class _DSelectKGate(torch.autograd.Function):
         n_high = 2 ** (m - m // 2)
         scratch = logits_t.new_empty(2, rows, n)
         ent = r.new_zeros(rows)
+        ones = r.new_ones(n)
         ent_glog = logits_t.new_empty(k, 2 * m, rows) if with_entropy and ctx.needs_input_grad[0] else None  # type: ignore[attr-defined]
         for i in range(k):  # one selector at a time through one scratch buffer, r_i still in cache for its entropy
             r_i = torch.mm(halves[i, :n_high].t(), gather[:n_high], out=r[:, i, :])  # A_{c >> h}
             r_i.mul_(torch.mm(halves[i, n_high:].t(), gather[n_high:], out=scratch[0]))  # times B_{c mod 2^h}
             if with_entropy:
-                _entropy_terms(r_i, scratch, ent, log_codes, None if ent_glog is None else ent_glog[i])
+                _entropy_terms(r_i, scratch, ones, ent, log_codes, None if ent_glog is None else ent_glog[i])
         del halves, scratch
         # The backward divides by the factors: a zero one, clamped to the smallest normal number, keeps its g = 0.
         factors.clamp_min_(torch.finfo(factors.dtype).tiny)
@@ -269,20 +262,25 @@ def _code_products(r: torch.Tensor, log_codes: torch.Tensor, grad: torch.Tensor)
 
 
 def _entropy_terms(
-    r_i: torch.Tensor, scratch: torch.Tensor, ent: torch.Tensor, log_codes: torch.Tensor, glog_i: torch.Tensor | None
+    r_i: torch.Tensor,
+    scratch: torch.Tensor,
+    ones: torch.Tensor,
+    ent: torch.Tensor,
+    log_codes: torch.Tensor,
+    glog_i: torch.Tensor | None,
 ) -> None:
     """Subtract ``sum_c r_ic log(r_ic + eps)`` from ``ent`` ``[rows]`` and, with ``glog_i``, write its code product there.
 
     ``glog_i`` ``[2m, rows]`` is ``codes @ (-r_i * dH/dr_i)^T`` with ``-r dH/dr = r log(r + eps) + r^2 / (r + eps)``
     (the caller multiplies by ``-dL/dH``). ``scratch`` ``[2, rows, n]`` holds the temporaries, each
-    contiguous (``log`` on a strided ``[rows, n]`` view is about three times slower).
+    contiguous (``log`` on a strided ``[rows, n]`` view is about three times slower); ``ones`` is ``[n]``.
     """
     r_log, ratio = scratch[0], scratch[1]
     torch.add(r_i, _EPS, out=r_log)
     if glog_i is not None:
         torch.div(r_i, r_log, out=ratio)
     r_log.log_().mul_(r_i)  # r log(r + eps)
-    ent.addmv_(r_log, r_i.new_ones(r_i.shape[1]), alpha=-1)  # the row sums, twice as fast as sum(-1) here
+    ent.addmv_(r_log, ones, alpha=-1)  # the row sums, twice as fast as sum(-1) here
     if glog_i is not None:
         torch.mm(log_codes, r_log.addcmul_(r_i, ratio).t(), out=glog_i)
 
