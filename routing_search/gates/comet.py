@@ -136,7 +136,7 @@ def _grad_nodes(
 
 
 def _rows_last(t: torch.Tensor) -> torch.Tensor:
-    """``[..., m]`` -> ``[m, prod(...)]`` (contiguous): the layout of the tree computations."""
+    """``[..., m]`` -> ``[m, prod(...)]``: a new contiguous tensor in the layout of the tree computations."""
     return t.reshape(-1, t.shape[-1]).t().clone(memory_format=torch.contiguous_format)
 
 
@@ -216,11 +216,13 @@ class _CometGate(torch.autograd.Function):
     Input: the logits ``zt`` ``[k(2n-1), R]``, one column per row: rows ``:k(n-1)`` are the node
     logits (tree-major), the rest the leaf logits ``a``. Outputs (rows first) ``weights`` ``[R, n]``,
     ``selector_weights`` ``[R, k, n]``, ``selector_mix`` ``[R, k]`` and, when asked, the reach
-    entropy ``sum_j H(pi_j)`` ``[R]`` (eps inside the log). Forward: ``pi`` level by level
-    (:func:`_reach_levels`), one ``log pi`` (``log 0 = -inf``: such leaves get weight exactly 0),
-    one joint softmax over all ``k n`` scores ``a + log pi`` gives weights and ``mix``, and
-    ``sel_j = joint_j / mix_j``. Backward: ``h = dL/d scores`` (the leaf-logit gradient) plus the
-    entropy's part gives the node gradients level by level (:func:`_grad_nodes`).
+    entropy ``sum_j H(pi_j)`` ``[R]`` (eps inside the log). Forward: the node outputs
+    (:func:`_smooth_step`), ``pi`` level by level (:func:`_reach_levels`), then :func:`_combine`
+    (the softmax over all ``k n`` scores ``a + log pi`` as ``pi e^a`` normalised: no logarithm).
+    Backward: ``h = dL/d scores = dL/d log pi`` (also the leaf-logit gradient) plus the entropy's
+    part gives the node gradients level by level (:func:`_grad_nodes`), times the slope. Every
+    tensor is laid out rows last, so each operation runs over long contiguous memory; only
+    ``weights`` is transposed back (``sel`` and ``mix`` are returned as views).
     """
 
     @staticmethod
@@ -314,8 +316,10 @@ class COMET(AnnealedGate):
 
         g_i(x) = sum_j pi_ji e^{a_ji} / sum_{j,l} pi_jl e^{a_jl}
 
-    computed stably from the scores ``a + log pi`` (scores with ``pi = 0`` are masked, so they get
-    exact zeros and no NaN gradients).
+    i.e. the softmax of the scores ``a + log pi`` over all ``k n`` leaves, computed in the
+    probability domain (``pi`` level by level as products, then ``pi e^a`` normalised, with a log-domain fallback
+    when ``e^a`` would under- or overflow), so a leaf with ``pi = 0`` gets exactly 0 and no NaN
+    gradient; one hand-written backward for the whole gate.
 
     **Expert order**: expert ``i`` is the ``i``-th leaf in *left-to-right* order, which for ``n``
     not a power of two differs from heap order. ``leaf_order[i]`` is the heap index of expert ``i``'s
@@ -323,7 +327,8 @@ class COMET(AnnealedGate):
 
     Output: ``selector_weights[b, j] = pi_j e^{a_j} / sum_l pi_jl e^{a_jl}`` (tree ``j``'s
     distribution), ``selector_mix[b, j] = sum_l pi_jl e^{a_jl} / sum_{j,l} pi e^a``, and
-    ``weights = einsum('bk,bkn->bn', selector_mix, selector_weights)``. At most ``k`` nonzeros once
+    ``weights = einsum('bk,bkn->bn', selector_mix, selector_weights)`` (``selector_weights`` and
+    ``selector_mix`` may be non-contiguous views: they are computed with the rows last). At most ``k`` nonzeros once
     every node output is binary. Loss: ``entropy_weight * mean_batch sum_j H(pi_j)`` (eps 1e-6);
     ``entropy_weight`` may be a callable of the number of training calls so far.
 
@@ -498,9 +503,9 @@ class COMET(AnnealedGate):
         """Gate with every node decision rounded to 0/1 (``s > 0.5`` goes left): at most ``k`` nonzeros.
 
         Each tree is walked from the root by the signs of its rounded node decisions (one gather
-        per level, :meth:`reached_leaves`); the reached leaves' logits are merged by the same joint
-        softmax over all ``k n`` scores as the soft gate, with the other scores at ``-inf``. So the
-        numbers are those of the soft gate with the rounded ``pi`` plugged in, bit for bit; it equals
+        per level, :meth:`reached_leaves`); the one-hot reach of the reached leaves is merged with
+        the leaf logits by the soft gate's own combination. So the numbers are those of the soft
+        gate with the rounded ``pi`` plugged in, bit for bit; it equals
         :meth:`forward` exactly when the node outputs are already binary. Does not advance the call
         counter; the loss is 0; gradients reach the reached leaves' logits only.
         """
