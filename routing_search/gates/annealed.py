@@ -131,7 +131,7 @@ class AnnealedGate(BaseGate):
         annealing in use (``begin``, ``end``, ``final_ratio``, in training calls) when there is one;
         a fitted record also holds ``total_steps`` and ``start`` (the gate's call count when fitted).
         """
-        total = check_int("total_steps", total_steps, minimum=2)
+        total = check_int("total_steps", total_steps, minimum=1)
         current = self.fitted_annealing if self.fitted_annealing is not None else self.anneal
         in_use = _as_record(current.before_fit if isinstance(current, BudgetAnnealing) else current) if current is not None else {}
         if not isinstance(self.anneal, BudgetAnnealing):
@@ -143,7 +143,7 @@ class AnnealedGate(BaseGate):
         calls = int(self.calls)
         if self.gamma != self.gamma0:
             return {"status": "kept", "reason": f"gamma had already started to fall under before_fit (calls={calls})", **in_use}
-        fitted = self.anneal.for_budget(total, start=calls)
+        fitted = self.anneal.for_budget(max(total, 2), start=calls)  # a 1-step run: gamma0 for its one step
         self.restore_annealing(fitted)
         return {"status": "fitted", "total_steps": total, "start": calls, **_as_record(fitted)}
 

@@ -156,3 +156,11 @@ def test_set_annealing_with_a_budget_annealing_is_fitted_again():
     gate.set_annealing(BudgetAnnealing(begin=0.1, end=0.2))
     assert gate.annealing_pending and gate.fitted_annealing is None
     assert gate.fit_annealing(10)["begin"] == 1
+
+
+def test_a_one_step_budget_is_accepted_and_explicit_annealings_are_not_validated_against_it(task):
+    # Regression: fit with max_steps=1 raised "total_steps must be >= 2" even for gates it leaves alone.
+    kept = train(build(GammaAnnealing()), task, max_steps=1)
+    assert kept.gamma_annealing["gate"]["status"] == "kept"
+    fitted = train(build(BudgetAnnealing()), task, max_steps=1)
+    assert fitted.gamma_annealing["gate"]["status"] == "fitted" and fitted.model.gate.gamma == 1.0
