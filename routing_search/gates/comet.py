@@ -190,7 +190,8 @@ def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torc
     num = leaves.exp() * pi if grad else leaves.exp().mul_(pi)
     per_tree = num.sum(dim=1)  # [k, R]
     info = torch.finfo(num.dtype)
-    if per_tree.numel() and bool(((per_tree < info.tiny / info.eps) | (per_tree > info.max / k)).any()):
+    low, high = torch.aminmax(per_tree) if per_tree.numel() else (per_tree.new_ones(()), per_tree.new_ones(()))
+    if bool(low < info.tiny / info.eps) or bool(high > info.max / k):
         scores = torch.log(pi) + leaves
         joint = torch.softmax(scores.view(k * n, rows), dim=0).view(k, n, rows)
         sel, mix = torch.softmax(scores, dim=1), joint.sum(dim=1)
