@@ -181,8 +181,8 @@ def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torc
     ``sel`` ``[R, k, n]`` each tree's own distribution and ``mix`` ``[R, k]`` each tree's share (views
     of rows-last tensors). Computed as ``pi e^a`` normalised per tree and in all: no logarithm, and
     ``pi = 0`` gives exactly 0. When a tree's unnormalised sum is below ``tiny / eps`` (its terms could
-    have lost precision to underflow) or above ``max / k`` (``e^a`` may have overflowed), the
-    log-domain softmax of ``a + log pi`` is used instead. The soft and the hard gate both use this,
+    have lost precision to underflow) or above ``max / k`` or NaN (``e^a`` overflowed), the log-domain
+    softmax of ``a + log pi`` is used instead. The soft and the hard gate both use this,
     so they give the same bits.
     """
     k, n, rows = leaves.shape
@@ -191,7 +191,7 @@ def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torc
     per_tree = num.sum(dim=1)  # [k, R]
     info = torch.finfo(num.dtype)
     low, high = torch.aminmax(per_tree) if per_tree.numel() else (per_tree.new_ones(()), per_tree.new_ones(()))
-    if bool(low < info.tiny / info.eps) or bool(high > info.max / k):
+    if not (bool(low >= info.tiny / info.eps) and bool(high <= info.max / k)):  # NaN (inf * 0) falls back too
         scores = torch.log(pi) + leaves
         joint = torch.softmax(scores.view(k * n, rows), dim=0).view(k, n, rows)
         sel, mix = torch.softmax(scores, dim=1), joint.sum(dim=1)

@@ -604,3 +604,20 @@ def test_node_outputs_are_the_smooth_step_to_the_last_bit_and_exact_at_the_ends(
     with torch.no_grad():
         gate.node_logits.copy_(t[995:998].view(1, 3))
     assert torch.equal(gate.node_outputs(), s[995:998].view(1, 3))
+
+
+def test_overflowing_logit_of_an_unreachable_leaf_gives_no_nan() -> None:
+    """Regression: ``e^a = inf`` at a leaf with ``pi = 0`` made ``inf * 0 = NaN`` slip past the fallback check."""
+    gate = COMET(4, 2, gamma=1.0, anneal=None)
+    with torch.no_grad():
+        gate.node_logits.copy_(torch.tensor([[5.0, 0.1, -0.2], [0.05, -0.1, 0.3]]))  # tree 0 never goes right
+        gate.leaf_logits.zero_()
+        gate.leaf_logits[0, 3] = 200.0  # e^200 overflows float32; that leaf is unreachable
+    x = torch.zeros(2, 1)
+    out = gate(x)
+    assert bool(torch.isfinite(out.weights).all() and torch.isfinite(out.selector_weights).all())
+    ref = _composed_comet(gate, x, 0.0)
+    torch.testing.assert_close(out.weights, ref[0].expand_as(out.weights), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.selector_weights, ref[1].expand_as(out.selector_weights), atol=1e-6, rtol=1e-5)
+    out.weights[:, 0].sum().backward()
+    assert bool(torch.isfinite(gate.leaf_logits.grad).all() and torch.isfinite(gate.node_logits.grad).all())
