@@ -14,7 +14,7 @@ from .protocol import GateOutput, WeightSchedule, check_weight_schedule, resolve
 from .router import check_input_dtype
 from .smooth_step import GammaAnnealing, smooth_step_init_
 
-__all__ = ["COMET", "leaf_paths"]
+__all__ = ["COMET", "leaf_paths", "tree_levels"]
 
 _EPS = 1e-6
 _LEAF_INIT = 0.05
@@ -255,7 +255,7 @@ class _CometGate(torch.autograd.Function):
         else:
             ent = zt.new_zeros(rows)
         ctx.levels, ctx.gamma = levels, gamma  # type: ignore[attr-defined]
-        ctx.save_for_backward(joint, weights, mix, sel, s, u, ent_rows)
+        ctx.save_for_backward(joint, weights, mix, sel, s, u, ent_rows)  # type: ignore[arg-type]
         return weights, sel, mix, ent
 
     @staticmethod
