@@ -1,7 +1,9 @@
 """Do static DSelect-k gates reach k experts, and do they recover the true supports? (issue 8, item 1)
 
-    python benchmarks/sparsity_study.py [--seeds 10] [--epochs 30] [--tasks 16] [--experts 8 6]
-                                        [--arms dselect topk softmax] [--entropy 1e-2] [--gamma-end 1.0]
+    python benchmarks/sparsity_study.py [--seeds 10] [--first-seed 0] [--epochs 30] [--tasks 16] [--experts 8 6]
+                                        [--arms dselect topk softmax oracle] [--entropy 1e-2] [--gamma-end 1.0]
+                                        [--schedule BEGIN STOP] [--cycles OPEN BEGIN STOP ...] [--towers linear]
+                                        [--diagnose] [--trace]
 
 Setting (the demo's): data from :func:`routing_search.make_synthetic_moe` (d = 10, 6000 rows split
 70/15/15, hidden 16, noise 0.1, k = 2 true experts per task), a multi-gate MoE with one *static*
@@ -22,6 +24,15 @@ trained), the test MSE after hardening (``routing_search.analysis.harden``), the
 gates whose codes are binary at the end, the mean number of experts per task (weight > 1e-3) and
 the support F1 against the truth. Learned experts are matched to true experts by the correlation of
 their outputs on the test inputs (``match_experts_by_outputs``), not by the supports being scored.
+``--diagnose`` explains every wrong support (per task, over all seeds): whether the loss-optimal
+support under the *learned* experts (refitted exhaustively over every size-2 support on the training
+rows, simplex weights; with ``--towers linear`` free weights and an intercept) is the true one — if so
+the gate missed it, if not the experts themselves are wrong (co-adapted mixtures of true experts) —,
+whether the task's two selectors picked the same expert, the true weights and expert correlations,
+and the F1 that the loss-optimal supports would reach (a ceiling for the learned experts). The
+``oracle`` arm fixes every task on its true support: how well the experts are learned, and whether the
+truth is loss-optimal, when the selection is right (a check that the family is identifiable).
+``--trace`` prints F1, experts per task and support changes after every epoch.
 One torch thread; results are printed, nothing is written.
 """
 
