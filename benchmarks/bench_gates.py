@@ -2,7 +2,8 @@
 
     python benchmarks/bench_gates.py [--device cuda] [--repeats 20]
 
-Every gate at n = 16, k = 2, input 128, batch 4096; then MoE inference with binary gates
+Every gate at n = 16, k = 2, input 128, batch 4096 (DSelectK and COMET with the entropy
+regulariser at 1e-3, and at their defaults, where it is off); then MoE inference with binary gates
 (MLP experts 128 → 256 → 64): sparse dispatch vs the dense path (and vs the previous sparse loop) on
 the same modules and inputs, interleaved round by round; then the cost of input validation in a
 MultiGateMoE training step. The speed-up limit of sparse dispatch is n / k = 8×.
@@ -59,7 +60,9 @@ def gate_table(device: torch.device, repeats: int, n: int, k: int, d: int, batch
         "GumbelSoftmax(static)": GumbelSoftmax(num_experts=n),
         "DSelectK": DSelectK(num_experts=n, k=k, input_dim=d, entropy_weight=1e-3),
         "DSelectK(static)": DSelectK(num_experts=n, k=k, entropy_weight=1e-3),
+        "DSelectK(defaults)": DSelectK(num_experts=n, k=k, input_dim=d),
         "COMET": COMET(num_experts=n, k=k, input_dim=d, entropy_weight=1e-3),
+        "COMET(defaults)": COMET(num_experts=n, k=k, input_dim=d),
         "COMET(static)": COMET(num_experts=n, k=k, entropy_weight=1e-3),
         "TaskAware(TopK x4)": TaskAware(gates=[TopK(num_experts=n, k=k, input_dim=d) for _ in range(4)]),
     }
