@@ -5,6 +5,7 @@ Built-in gates: :class:`Softmax` (dense), :class:`TopK` (Shazeer et al.), :class
 wrapper :class:`TaskAware`. Any ``nn.Module`` following :class:`Gate` works wherever a gate is expected.
 """
 
+from .annealed import BudgetAnnealing
 from .comet import COMET
 from .dselect_k import DSelectK
 from .gumbel import GumbelSoftmax
@@ -21,6 +22,7 @@ __all__ = [
     "BaseGate",
     "smooth_step",
     "GammaAnnealing",
+    "BudgetAnnealing",
     "Softmax",
     "TopK",
     "Hash",

@@ -8,7 +8,7 @@ from torch import nn
 
 from .._validation import check_choice, check_num_experts_k, check_positive_float
 from .binary_encoding import hard_selector, log_code_matrix, mix_selectors, num_bits, zero_log
-from .annealed import AnnealedGate
+from .annealed import AnnealedGate, BudgetAnnealing
 from .protocol import GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
 from .router import check_input_dtype
 from .smooth_step import (
@@ -328,12 +328,15 @@ class DSelectK(AnnealedGate):
     gate's value (and limit) at that binary point under both policies, so they agree with the soft
     gate whenever ``S(Z)`` is binary.
 
-    Smooth-step scale: ``gamma`` (default 1) is annealed by default (``anneal=GammaAnnealing()``):
-    constant for the first 500 training calls, then geometrically down to ``gamma * 2e-3`` at call
-    800, so the codes end binary (at most ``k`` experts) within an ordinary budget while the experts
-    and mixing weights keep training on the hard selection. ``anneal=None`` keeps ``gamma`` fixed
-    (the paper's plain form); ``GammaAnnealing.for_budget(total_steps)`` fits another budget;
-    ``gamma`` may also be a callable of the training-call count. The attribute ``gamma`` is the
+    Smooth-step scale: ``gamma`` (default 1) is annealed by default (``anneal=BudgetAnnealing()``):
+    constant for the first half of the training budget, then geometrically down to ``gamma * 2e-3`` at
+    80 % of it, so the codes end binary (at most ``k`` experts) while the experts and mixing weights
+    keep training on the hard selection. :func:`routing_search.fit` fits the budget (epochs x batches)
+    before its first step; until then (a hand-written loop) the gate follows
+    ``BudgetAnnealing.before_fit`` (constant for 500 calls, down by call 800) unless you call
+    :meth:`fit_annealing`. An explicit ``GammaAnnealing`` (call counts) is never changed;
+    ``anneal=None`` keeps ``gamma`` fixed (the paper's plain form); ``gamma`` may also be a
+    callable of the training-call count. The attribute ``gamma`` is the
     value in use, computed from the saved call counter.
 
     Init: ``Z`` parameters (weights and biases) ``U(-gamma/100, gamma/100)``, inside the fractional
@@ -350,7 +353,7 @@ class DSelectK(AnnealedGate):
         input_dim: int | None = None,
         *,
         gamma: WeightSchedule = 1.0,
-        anneal: GammaAnnealing | None = GammaAnnealing(),
+        anneal: GammaAnnealing | BudgetAnnealing | None = BudgetAnnealing(),
         entropy_weight: WeightSchedule = 0.0,
         unreachable: str = "renormalize",
         reachability_weight: float = 0.0,
