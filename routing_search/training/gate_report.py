@@ -123,7 +123,7 @@ def warn_non_binary(report: dict[str, dict[str, Any]], *, stacklevel: int = 1) -
     if not names:
         return
     details = "; ".join(
-        f"{n}: {100 * report[n]['fraction_fractional']:.0f}% fractional entries, "
+        f"{n}: {100 * report[n]['fraction_fractional']:.3g}% fractional entries, "
         f"{report[n]['experts_per_row']:.2f} experts per row for k={report[n]['k']}"
         for n in names
     )

@@ -61,3 +61,11 @@ def test_harden_model_makes_every_selector_gate_binary_in_place():
     assert all(entry["binary"] and entry["experts_per_row"] <= 2 for entry in report.values())
     with pytest.raises(ValueError, match="x is required"):
         harden_model(TwoLayers(), {})
+
+
+def test_warning_shows_a_small_fractional_share_instead_of_rounding_it_to_zero():
+    # Regression: 0.4 % of the entries fractional was printed as "0% fractional entries" next to
+    # "non-binary", which read as a contradiction.
+    report = {"moe.gates.0": {"binary": False, "fraction_fractional": 0.004, "experts_per_row": 1.75, "k": 2}}
+    with pytest.warns(RuntimeWarning, match=r"moe\.gates\.0: 0\.4% fractional entries, 1\.75 experts per row for k=2"):
+        warn_non_binary(report)
