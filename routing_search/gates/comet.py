@@ -172,7 +172,9 @@ def _smooth_step(t: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Ten
     return torch.addcmul(u.new_tensor(0.5), u, cubic, out=None if tracked else cubic), u
 
 
-def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _combine(
+    pi: torch.Tensor, leaves: torch.Tensor, *, consume_pi: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(joint, weights, sel, mix)`` from reach probabilities and leaf logits ``[k, n, R]`` (contiguous).
 
     ``joint_jl = pi_jl e^{a_jl} / sum pi e^a`` ``[k, n, R]`` (one softmax over all ``k n`` scores
@@ -183,7 +185,8 @@ def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torc
     ``pi = 0`` gives exactly 0. When a tree's unnormalised sum is below ``tiny / eps`` (its terms could
     have lost precision to underflow) or above ``max / k`` or NaN (``e^a`` overflowed), the log-domain
     softmax of ``a + log pi`` is used instead. The soft and the hard gate both use this,
-    so they give the same bits.
+    so they give the same bits. ``consume_pi=True`` (outside autograd only) lets ``joint`` be written
+    over ``pi`` (one large allocation fewer; ``pi`` must not be used afterwards).
     """
     k, n, rows = leaves.shape
     grad = torch.is_grad_enabled() and (leaves.requires_grad or pi.requires_grad)  # hard(): no in-place
@@ -197,7 +200,8 @@ def _combine(pi: torch.Tensor, leaves: torch.Tensor) -> tuple[torch.Tensor, torc
         sel, mix = torch.softmax(scores, dim=1), joint.sum(dim=1)
     else:
         total = per_tree.sum(dim=0)
-        joint, mix = num / total, per_tree / total
+        joint = torch.div(num, total, out=pi) if consume_pi and not grad else num / total
+        mix = per_tree / total
         sel = num / per_tree.unsqueeze(1) if grad else num.div_(per_tree.unsqueeze(1))
     weights = joint[0] if k == 1 else joint[0] + joint[1]
     for j in range(2, k):
@@ -240,7 +244,6 @@ class _CometGate(torch.autograd.Function):
         levels = tree_levels(n)
         s, u = _smooth_step(zt[:kq].view(k, n - 1, rows), gamma)
         pi = _reach_levels(s, levels, n)
-        joint, weights, sel, mix = _combine(pi, zt[kq:].view(k, n, rows))
         ent_rows = None
         if with_entropy:
             # -sum pi log(pi + eps), and (when a gradient is wanted) its derivative w.r.t. log pi for the
@@ -252,8 +255,10 @@ class _CometGate(torch.autograd.Function):
             ent = pi_log.view(k * n, rows).sum(dim=0).neg_()
             if ent_rows is not None:
                 ent_rows = torch.addcmul(pi_log, ent_rows, pi, out=ent_rows)
+            del shifted, pi_log  # freed before the combination allocates: a lower peak, fewer fresh pages
         else:
             ent = zt.new_zeros(rows)
+        joint, weights, sel, mix = _combine(pi, zt[kq:].view(k, n, rows), consume_pi=True)  # pi is spent here
         ctx.levels, ctx.gamma = levels, gamma  # type: ignore[attr-defined]
         ctx.save_for_backward(joint, weights, mix, sel, s, u, ent_rows)  # type: ignore[arg-type]
         return weights, sel, mix, ent
