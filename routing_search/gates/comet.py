@@ -193,8 +193,8 @@ def _combine(
     num = torch.exp2(leaves * _LOG2E) * pi if grad else leaves.mul(_LOG2E).exp2_().mul_(pi)  # exp2: ~3x faster than exp
     per_tree = num.sum(dim=1)  # [k, R]
     info = torch.finfo(num.dtype)
-    low, high = torch.aminmax(per_tree) if per_tree.numel() else (per_tree.new_ones(()), per_tree.new_ones(()))
-    if not (bool(low >= info.tiny / info.eps) and bool(high <= info.max / k)):  # NaN (inf * 0) falls back too
+    low, high = (float(t) for t in torch.aminmax(per_tree.detach())) if per_tree.numel() else (1.0, 1.0)
+    if not (low >= info.tiny / info.eps and high <= info.max / k):  # NaN (inf * 0) compares False: falls back too
         scores = torch.log(pi) + leaves
         joint = torch.softmax(scores.view(k * n, rows), dim=0).view(k, n, rows)
         sel, mix = torch.softmax(scores, dim=1), joint.sum(dim=1)
