@@ -123,14 +123,16 @@ def warn_non_binary(report: dict[str, dict[str, Any]], *, stacklevel: int = 1) -
     if not names:
         return
     details = "; ".join(
-        f"{n}: {100 * report[n]['fraction_fractional']:.3g}% fractional entries, "
-        f"{report[n]['experts_per_row']:.2f} experts per row for k={report[n]['k']}"
+        f"{n}: {report[n]['rows_over_k']} of {report[n]['rows']} rows use more than k={report[n]['k']} experts, "
+        f"{100 * report[n]['fraction_fractional']:.3g}% fractional entries, "
+        f"{report[n]['experts_per_row']:.2f} experts per row"
         for n in names
     )
     warnings.warn(
-        f"training ended with non-binary selector gate(s) ({details}): they mix more than k experts and "
-        "their hard (Prop. 1) form differs from what was trained. Train longer, raise the gate's "
-        "entropy/sparsity weight, or pass harden=True to fit (and check the hardened validation loss)",
+        f"training ended with non-binary selector gate(s) ({details}): where a code is fractional the gate "
+        "mixes more experts than its hard (Prop. 1) form, which differs from what was trained. Train longer, "
+        "raise the gate's entropy/sparsity weight, or pass harden=True to fit (and check the hardened "
+        "validation loss)",
         RuntimeWarning,
         stacklevel=stacklevel + 1,
     )

@@ -290,9 +290,11 @@ def test_cuda_without_cuda_names_device(task):
 
 
 # --------------------------------------------------------------------------------- gates and hardening
-def build_dselect(static: bool = True) -> MoE:
+def build_dselect(static: bool = True, anneal: object = None) -> MoE:
+    """A DSelect-k MoE; ``anneal=None`` (fixed gamma) keeps it soft through a short run."""
     torch.manual_seed(0)
-    return MoE([nn.Linear(5, 1) for _ in range(4)], DSelectK(4, 2, None if static else 5))
+    gate = DSelectK(4, 2, None if static else 5) if anneal == "default" else DSelectK(4, 2, None if static else 5, anneal=anneal)
+    return MoE([nn.Linear(5, 1) for _ in range(4)], gate)
 
 
 @pytest.mark.parametrize("static", [True, False])
@@ -318,6 +320,29 @@ def test_gate_report_warning_and_harden(task, static):
         hardened.model.eval()
         weights = hardened.model(val[0]).weights
     assert int((weights != 0).sum(dim=1).max()) <= 2
+
+
+def test_default_static_gate_ends_binary_within_a_short_fit_without_warning(task):
+    # The default BudgetAnnealing is fitted to fit's budget, so 8 epochs (56 steps) are enough to end binary
+    # (with the old call-count default, annealing began at call 500 and the gate stayed dense).
+    train, val = task
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = fit(build_dselect(True, anneal="default"), train, mse_loss, val_data=val, epochs=8, batch_size=32,
+                     progress=False)
+    (entry,) = result.history.gates[-1].values()
+    assert entry["binary"] and entry["experts_per_row"] <= 2
+
+
+def test_default_per_example_gate_is_fractional_only_on_boundary_rows(task):
+    # A per-example code is a linear function of x, so rows within gamma/2 of a decision boundary stay
+    # fractional; everything else is binary, and the warning says how many rows use more than k experts.
+    train, val = task
+    with pytest.warns(RuntimeWarning, match=r"gate: \d+ of 100 rows use more than k=2 experts"):
+        result = fit(build_dselect(False, anneal="default"), train, mse_loss, val_data=val, epochs=8, batch_size=32,
+                     progress=False)
+    (entry,) = result.history.gates[-1].values()
+    assert entry["fraction_fractional"] < 0.02 and entry["experts_per_row"] <= 2
 
 
 def test_no_warning_for_gates_without_selectors(task):

@@ -43,7 +43,7 @@ def test_report_names_each_selector_gate_and_measures_it():
     assert non_binary_gates(report) == ["first.gates.1"]
     # without the layer's input only static gates can be certified
     assert sorted(gate_report(model)) == ["first.gates.0"]
-    with pytest.warns(RuntimeWarning, match=r"first\.gates\.1: 100% fractional"):
+    with pytest.warns(RuntimeWarning, match=r"first\.gates\.1: 64 of 64 rows use more than k=2 experts, 100% fractional"):
         warn_non_binary(report)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -66,6 +66,8 @@ def test_harden_model_makes_every_selector_gate_binary_in_place():
 def test_warning_shows_a_small_fractional_share_instead_of_rounding_it_to_zero():
     # Regression: 0.4 % of the entries fractional was printed as "0% fractional entries" next to
     # "non-binary", which read as a contradiction.
-    report = {"moe.gates.0": {"binary": False, "fraction_fractional": 0.004, "experts_per_row": 1.75, "k": 2}}
-    with pytest.warns(RuntimeWarning, match=r"moe\.gates\.0: 0\.4% fractional entries, 1\.75 experts per row for k=2"):
+    report = {"moe.gates.0": {"binary": False, "fraction_fractional": 0.004, "experts_per_row": 1.75, "k": 2,
+                              "rows_over_k": 3, "rows": 500}}
+    with pytest.warns(RuntimeWarning, match=r"moe\.gates\.0: 3 of 500 rows use more than k=2 experts, 0\.4% fractional "
+                                            r"entries, 1\.75 experts per row"):
         warn_non_binary(report)
