@@ -292,7 +292,9 @@ class _CometGate(torch.autograd.Function):
                 inner = from_mix if inner is None else inner.add_(from_mix)
             assert inner is not None
             if g_weights is not None:
-                torch.mul(joint, _rows_last(g_weights).sub_(inner), out=grad_leaves)
+                # g_weights rows last, in the node rows of grad when they fit (scratch until _grad_nodes fills them)
+                g_t = grad[:n].copy_(g_weights.t()) if kq >= n else _rows_last(g_weights)
+                torch.mul(joint, g_t.sub_(inner), out=grad_leaves)
                 if g_mix is not None:
                     grad_leaves.addcmul_(joint, _rows_last(g_mix).unsqueeze(1))
             else:
@@ -306,7 +308,8 @@ class _CometGate(torch.autograd.Function):
             assert g_ent is not None
             h = torch.addcmul(grad_leaves, ent_rows, g_ent.neg())
         grad_nodes = _grad_nodes(h, s, ctx.levels, grad[:kq].view(k, n - 1, rows))  # type: ignore[attr-defined]
-        slope = torch.addcmul(u.new_tensor(1.5), u, u, value=-6.0)  # S'(t) = (3/2 - 6 u^2) / gamma
+        spent = h.view(-1)[: u.numel()].view_as(u) if h is not grad_leaves else None  # h is done with: reuse it
+        slope = torch.addcmul(u.new_tensor(1.5), u, u, value=-6.0, out=spent)  # S'(t) = (3/2 - 6 u^2) / gamma
         grad_nodes.mul_(slope if ctx.gamma == 1.0 else slope.div_(ctx.gamma))  # type: ignore[attr-defined]
         return grad, None, None, None, None
 
