@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     escape.add_argument("--seeds", type=_positive_int, default=10, help="number of seeds (0 .. N-1)")
     escape.add_argument("--epochs", type=_positive_int, default=None)
     escape.add_argument("--samples", type=_positive_int, default=None, help="rows of each synthetic instance")
+    escape.add_argument("--curve", action="store_true",
+                        help="also record every arm's test loss after its start and every epoch (steps to sgd's final loss)")
     escape.add_argument("--no-progress", action="store_true", help="hide progress output")
     return parser
 
@@ -231,7 +233,8 @@ def _configure(args: argparse.Namespace) -> Any:
                 extra["epochs"] = args.epochs
             if args.samples is not None:
                 extra["num_samples"] = args.samples
-            return EscapeConfig(families=args.families, arms=args.arms, seeds=tuple(range(args.seeds)), out=args.out, **extra)
+            return EscapeConfig(families=args.families, arms=args.arms, seeds=tuple(range(args.seeds)), out=args.out,
+                                curve=args.curve, **extra)
         if args.command == "study":
             if not 2 <= args.experts <= 8:
                 raise UsageError(f"--experts must be in [2, 8] for exact permutation solves, got {args.experts}")

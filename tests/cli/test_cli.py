@@ -204,6 +204,18 @@ def test_escape_command_runs(tmp_path, capsys):
     assert "report in" in capsys.readouterr().out
     runs = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(runs) == 1 and (runs[0] / "report.json").exists()
+    assert not any(row.get("curve") for row in json.loads((runs[0] / "report.json").read_text())["runs"])
+
+
+def test_escape_command_records_curves_when_asked(tmp_path, capsys):
+    argv = ["escape", "--families", "topk_margin", "--arms", "sgd,random", "--seeds", "1", "--epochs", "2",
+            "--samples", "200", "--curve", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = json.loads((run / "report.json").read_text())["runs"]
+    assert {row["arm"] for row in rows} == {"sgd", "random"}
+    for row in rows:  # the start, then one point per epoch
+        assert len(row["curve"]) == 3 and row["curve"][0][0] == 0
 
 
 # ----------------------------------------------------------------------------- smoke runs
