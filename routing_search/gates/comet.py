@@ -9,7 +9,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._validation import check_num_experts_k
-from .annealed import AnnealedGate
+from .annealed import AnnealedGate, BudgetAnnealing
 from .protocol import GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
 from .router import check_input_dtype
 from .smooth_step import GammaAnnealing, smooth_step_init_
@@ -341,13 +341,16 @@ class COMET(AnnealedGate):
     every node output is binary. Loss: ``entropy_weight * mean_batch sum_j H(pi_j)`` (eps 1e-6);
     ``entropy_weight`` may be a callable of the number of training calls so far.
 
-    Smooth-step scale: ``gamma`` (default 1) is annealed by default (``anneal=GammaAnnealing()``):
-    constant for the first 500 training calls, then geometrically down to ``gamma * 2e-3`` at call
-    800, so the codes end binary (at most ``k`` experts) within an ordinary budget while the experts
-    and mixing weights keep training on the hard selection. ``anneal=None`` keeps ``gamma`` fixed
-    (the paper's plain form); ``GammaAnnealing.for_budget(total_steps)`` fits another budget;
-    ``gamma`` may also be a callable of the training-call count. The attribute ``gamma`` is the
-    value in use, computed from the saved call counter.
+    Smooth-step scale: ``gamma`` (default 1) is annealed by default (``anneal=BudgetAnnealing()``):
+    constant for the first half of the training budget, then geometrically down to ``gamma * 2e-3`` at
+    80 % of it, so the trees end binary (at most ``k`` experts) while the experts and mixing weights
+    keep training on the hard selection. :func:`routing_search.fit` fits the budget (epochs x batches)
+    before its first step; until then (a hand-written loop) the gate follows
+    ``BudgetAnnealing.before_fit`` (constant for 500 calls, down by call 800) unless you call
+    :meth:`fit_annealing`. An explicit ``GammaAnnealing`` (call counts) is never changed;
+    ``anneal=None`` keeps ``gamma`` fixed (the paper's plain form); ``gamma`` may also be a
+    callable of the training-call count. The attribute ``gamma`` is the value in use, computed from
+    the saved call counter.
 
     Static variant (``input_dim=None``): node and leaf logits are plain parameters. Parameters:
     ``k (2n - 1) (d + 1)`` per-example, ``k (2n - 1)`` static. Init: nodes ``U(-gamma/100, gamma/100)``,
@@ -363,7 +366,7 @@ class COMET(AnnealedGate):
         input_dim: int | None = None,
         *,
         gamma: WeightSchedule = 1.0,
-        anneal: GammaAnnealing | None = GammaAnnealing(),
+        anneal: GammaAnnealing | BudgetAnnealing | None = BudgetAnnealing(),
         entropy_weight: WeightSchedule = 0.0,
         validate: bool = True,
     ) -> None:
