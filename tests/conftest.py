@@ -6,8 +6,12 @@ gives the ``key``/``task`` keyword arguments that gate needs (an empty dict for 
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 from datetime import timedelta
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -141,3 +145,25 @@ def group_of_one():
         yield dist.group.WORLD
     finally:
         dist.destroy_process_group()
+
+
+def _load_by_path(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_by_path():
+    """``load(name, path)``: import a helper module of the tests by its path (under ``--import-mode=importlib``
+    the tests are not a package, so ``tests/mp_harness.py`` and the rank workers cannot be imported by name)."""
+    return _load_by_path
+
+
+@pytest.fixture(scope="session")
+def harness() -> ModuleType:
+    """``tests/mp_harness.py``: launches the ranks of the multi-process tests."""
+    return _load_by_path("mp_harness", Path(__file__).with_name("mp_harness.py"))

@@ -3,8 +3,8 @@
 ``launch(worker, case, world, tmp_path, args=...)`` runs ``python worker RANK WORLD PORT CASE TIMEOUT OUT_JSON
 *args`` for every rank on a free port and returns each rank's JSON result. Each rank must call
 ``init_process_group(..., timeout=timedelta(seconds=TIMEOUT))`` (collectives time out) and the whole
-launch is killed after ``wall`` seconds (a test fails instead of hanging CI). Load it from a test with
-``load_harness()`` below (the test suite runs with ``--import-mode=importlib``, so tests are not a package).
+launch is killed after ``wall`` seconds (a test fails instead of hanging CI). Tests get it as the ``harness``
+fixture of ``tests/conftest.py`` (the suite runs with ``--import-mode=importlib``, so tests are not a package).
 """
 
 from __future__ import annotations

@@ -8,8 +8,6 @@ and the same loss up to the order of a float64 sum.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -20,19 +18,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load("mp_harness", Path(__file__).resolve().parents[1] / "mp_harness.py")
-
-
-def launch(tmp_path: Path, case: str, shards: str, world: int, *, timeout: float = 60.0, wall: float = 120.0) -> list[dict]:
+def launch(harness: ModuleType, tmp_path: Path, case: str, shards: str, world: int, *, timeout: float = 60.0, wall: float = 120.0) -> list[dict]:
     """Run ``case`` with the ``shards`` split on ``world`` ranks; each rank's JSON result (in rank order)."""
     return harness.launch(WORKER, case, world, tmp_path, args=(shards,), timeout=timeout, wall=wall)
 
@@ -55,13 +41,13 @@ CONFIGS = [(2, "unequal"), (2, "empty"), (3, "empty3")]
 
 
 @pytest.fixture(scope="module")
-def world_results(tmp_path_factory):
+def world_results(tmp_path_factory, harness):
     """Every rank's results of the 'all' case, per (world size, shards); each group is started once."""
     cache: dict[tuple[int, str], list[dict]] = {}
 
     def get(world: int, shards: str) -> list[dict]:
         if (world, shards) not in cache:
-            cache[(world, shards)] = ok(launch(tmp_path_factory.mktemp("dist"), "all", shards, world))
+            cache[(world, shards)] = ok(launch(harness, tmp_path_factory.mktemp("dist"), "all", shards, world))
         return cache[(world, shards)]
 
     return get
@@ -104,16 +90,16 @@ def test_code_moves_searcher_and_sinkhorn_rounding_agree_across_ranks(world_resu
     assert any(rank["sinkhorn"]["alone"] != rounded[0] for rank in ranks[1:])  # (the ranks' own would differ)
 
 
-def test_a_rank_that_fails_while_preparing_makes_every_rank_fail_at_once(tmp_path):
+def test_a_rank_that_fails_while_preparing_makes_every_rank_fail_at_once(tmp_path, harness):
     # The collective timeout is far longer than the test's wall limit: rank 0 fails because it was told
     # of rank 1's error by the setup exchange, not because a collective timed out.
-    results = launch(tmp_path, "raise_setup", "equal", 2, timeout=600.0, wall=300.0)
+    results = launch(harness, tmp_path, "raise_setup", "equal", 2, timeout=600.0, wall=300.0)
     assert "error" in results[1] and results[1]["error"] != "DistributedSearchError"  # rank 1 raises its own error
     assert results[0]["error"] == "DistributedSearchError" and "rank 1" in results[0]["message"]
 
 
-def test_a_rank_that_fails_mid_search_makes_every_rank_fail_within_the_timeout(tmp_path):
-    results = launch(tmp_path, "raise_mid", "unequal3", 3, timeout=8.0, wall=90.0)
+def test_a_rank_that_fails_mid_search_makes_every_rank_fail_within_the_timeout(tmp_path, harness):
+    results = launch(harness, tmp_path, "raise_mid", "unequal3", 3, timeout=8.0, wall=90.0)
     assert results[1]["error"] == "RuntimeError" and "rank 1's loss failed" in results[1]["message"]
     for r in (0, 2):
         assert "error" in results[r], f"rank {r} finished although rank 1 failed: {results[r]}"

@@ -7,8 +7,6 @@ permutations and moves, the same written last layers (to 1e-10), the same loss u
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -18,18 +16,6 @@ import pytest
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("refit_dist_worker.py")
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load("mp_harness", Path(__file__).resolve().parents[1] / "mp_harness.py")
 
 
 def assert_same_refit(got: dict, ref: dict) -> None:
@@ -43,7 +29,7 @@ def assert_same_refit(got: dict, ref: dict) -> None:
 
 
 @pytest.mark.parametrize(("world", "shards"), [(2, "unequal"), (2, "empty"), (3, "unequal3")])
-def test_sharded_refit_equals_one_process(tmp_path: Path, world: int, shards: str) -> None:
+def test_sharded_refit_equals_one_process(tmp_path: Path, harness: ModuleType, world: int, shards: str) -> None:
     results = harness.ok(harness.launch(WORKER, "refit", world, tmp_path, args=(shards,)))
     ref = results[0]
     assert ref["plain/reference"]["nit"] >= 2  # the search moves: the comparison is not vacuous
@@ -62,7 +48,7 @@ def test_sharded_refit_equals_one_process(tmp_path: Path, world: int, shards: st
     assert any(ref["fit/reference"]["moves"])
 
 
-def test_ranks_with_other_models_refuse_together(tmp_path: Path) -> None:
+def test_ranks_with_other_models_refuse_together(tmp_path: Path, harness: ModuleType) -> None:
     results = harness.launch(WORKER, "refit_raise", 2, tmp_path, args=("equal",))
     assert all("error" in r for r in results)
     assert all("last layers" in r["message"] for r in results)

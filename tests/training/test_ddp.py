@@ -8,8 +8,6 @@ at another world size where the arithmetic allows it and be refused, saying why,
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +22,10 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "ddp_worker.py"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load("mp_harness", HERE.parent / "mp_harness.py")
-worker = _load("ddp_worker", WORKER)
+@pytest.fixture(scope="module")
+def worker(load_by_path):
+    """The rank worker, for building the one-process references in this process."""
+    return load_by_path("ddp_worker", WORKER)
 
 
 def flat(summary: dict) -> np.ndarray:
@@ -52,7 +43,7 @@ def assert_same_run(got: dict, want: dict, *, rtol: float = 1e-10) -> None:
 
 
 @pytest.mark.parametrize("world,form", [(2, "tensors"), (3, "dataset_wrapped")])
-def test_fit_with_search_agrees_on_every_rank_and_with_one_process(tmp_path, world, form):
+def test_fit_with_search_agrees_on_every_rank_and_with_one_process(tmp_path, harness, world, form):
     ranks = harness.ok(harness.launch(WORKER, "fit", world, tmp_path, args=(form,)))
     reference = ranks[0]["reference"]
     assert reference["moves"], "the search accepted no move: the comparison would be trivial"
@@ -69,7 +60,7 @@ def test_fit_with_search_agrees_on_every_rank_and_with_one_process(tmp_path, wor
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_evaluation_sums_over_unequal_and_empty_shards(tmp_path, world):
+def test_evaluation_sums_over_unequal_and_empty_shards(tmp_path, harness, world):
     ranks = harness.ok(harness.launch(WORKER, "evaluate", world, tmp_path))
     for key, entry in ranks[0].items():
         ref = entry["reference"]
@@ -86,7 +77,7 @@ def test_evaluation_sums_over_unequal_and_empty_shards(tmp_path, world):
     assert "tensors/2" in ranks[0]  # 2 rows over 3 ranks: one rank evaluates an empty shard
 
 
-def test_a_failing_rank_stops_every_rank_at_once(tmp_path):
+def test_a_failing_rank_stops_every_rank_at_once(tmp_path, harness):
     ranks = harness.ok(harness.launch(WORKER, "raise", 3, tmp_path, timeout=60.0))
     error = [rank["error"] for rank in ranks]
     assert error[1]["error"] == "RuntimeError" and "third call" in error[1]["message"]
@@ -99,14 +90,14 @@ def test_a_failing_rank_stops_every_rank_at_once(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_process_checkpoints(tmp_path_factory):
+def two_process_checkpoints(tmp_path_factory, harness):
     """Checkpoints after epoch 1 (and the uninterrupted 2-epoch runs) of 2-process runs, per variant."""
     base = tmp_path_factory.mktemp("ddp_checkpoints")
     ranks = harness.ok(harness.launch(WORKER, "checkpoint", 2, base, args=(str(base),)))
     return base, ranks
 
 
-def test_a_two_process_checkpoint_resumes_exactly_in_one_process(two_process_checkpoints):
+def test_a_two_process_checkpoint_resumes_exactly_in_one_process(two_process_checkpoints, worker):
     base, ranks = two_process_checkpoints
     resumed = fit(worker.build_model(0), worker.make_data(worker.TRAIN_ROWS, 1), worker.rows_loss,
                   **worker.fit_kwargs(epochs=2, checkpoint_dir=base / "plain" / "part", resume=True))
@@ -114,7 +105,7 @@ def test_a_two_process_checkpoint_resumes_exactly_in_one_process(two_process_che
     assert ranks[1]["plain"]["params"] == ranks[0]["plain"]["params"]
 
 
-def test_a_one_process_checkpoint_resumes_exactly_in_two_processes(tmp_path):
+def test_a_one_process_checkpoint_resumes_exactly_in_two_processes(tmp_path, harness, worker):
     part = tmp_path / "part"
     data = worker.make_data(worker.TRAIN_ROWS, 1)
     fit(worker.build_model(0), data, worker.rows_loss, **worker.fit_kwargs(epochs=1, checkpoint_dir=part))
@@ -125,7 +116,8 @@ def test_a_one_process_checkpoint_resumes_exactly_in_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("variant,reason", [("dropout", r"per-rank random streams \['torch'\]"), ("gate_loss", r"\['gate loss'\]")])
-def test_a_checkpoint_that_cannot_resume_exactly_at_another_world_size_is_refused(two_process_checkpoints, variant, reason):
+def test_a_checkpoint_that_cannot_resume_exactly_at_another_world_size_is_refused(two_process_checkpoints, worker, variant,
+                                                                                  reason):
     base, _ = two_process_checkpoints
     build, weight = worker.VARIANTS[variant]
     model = build()
