@@ -12,7 +12,7 @@ from .._validation import check_num_experts_k
 from .annealed import AnnealedGate, BudgetAnnealing
 from .protocol import GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
 from .router import check_input_dtype
-from .smooth_step import GammaAnnealing, smooth_step_init_
+from .smooth_step import GammaAnnealing, smooth_step_init_, stacked_logits_t
 
 __all__ = ["COMET", "leaf_paths", "tree_levels"]
 
@@ -411,7 +411,7 @@ class COMET(AnnealedGate):
     def _logits_t(self, x: torch.Tensor | None) -> torch.Tensor:
         """All node and leaf logits, one column per row: ``[k(2n-1), R]``, rows ``:k(n-1)`` the nodes
         (tree-major), then the leaves (the layout of the tree computations). Per-example: one matrix
-        product ``W x^T``; static (``x`` ignored): one column."""
+        product ``W x^T + b`` (:func:`stacked_logits_t`); static (``x`` ignored): one column."""
         if self.is_static:
             return torch.cat([self.node_logits.reshape(-1), self.leaf_logits.reshape(-1)]).unsqueeze(1)
         if x is None:
@@ -419,9 +419,11 @@ class COMET(AnnealedGate):
         check_input_dtype(x, self.node_weight, self)
         k, q, d = self.node_weight.shape
         n = self.leaf_weight.shape[1]
-        weight = torch.cat([self.node_weight.reshape(k * q, d), self.leaf_weight.reshape(k * n, d)])
-        bias = torch.cat([self.node_bias.reshape(k * q), self.leaf_bias.reshape(k * n)])
-        return torch.addmm(bias.unsqueeze(1), weight, x.t())
+        return stacked_logits_t(
+            x,
+            [self.node_weight.reshape(k * q, d), self.leaf_weight.reshape(k * n, d)],
+            [self.node_bias.reshape(k * q), self.leaf_bias.reshape(k * n)],
+        )
 
     def _logits(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Node logits ``[B, k, n-1]`` and leaf logits ``[B, k, n]`` (no batch dim: static, x None)."""
