@@ -69,8 +69,8 @@ def selector(z: torch.Tensor, num_experts: int) -> torch.Tensor:
     differentiable everywhere. Only the first ``num_experts`` codes are returned; when
     ``num_experts`` is not a power of two the entries may sum to less than 1.
 
-    This is the reference form (one factor per bit, multiplied in bit order); the gates use
-    :func:`selector_fast`, which computes the same table in log space with one matrix product.
+    This is the reference form (one factor per bit, multiplied in bit order); :func:`selector_fast`
+    computes the same table in log space with one matrix product.
 
     >>> selector(torch.tensor([1.0, 0.0]), 4)  # code 1 = bits (1, 0)
     tensor([0., 1., 0., 0.])
@@ -129,7 +129,9 @@ def selector_fast(z: torch.Tensor, num_experts: int, *, log_codes: torch.Tensor 
     matrix; a zero factor is given the log :func:`zero_log` so that its codes get exactly 0 after ``exp``
     (and a zero gradient, as in :func:`selector` wherever the smooth step is saturated). Entries
     agree with :func:`selector` to a few units in the last place; binary ``z`` gives the same
-    exact one-hot rows. Used by the gates for speed; :func:`selector` is the reference.
+    exact one-hot rows. :class:`~routing_search.gates.DSelectK` computes this log-space product (fused
+    with its backward) when ``num_experts`` is not a power of two, and a probability-domain Kronecker
+    product of the factors otherwise; :func:`selector` is the reference.
     ``log_codes`` is :func:`log_code_matrix` ``(m)`` in ``z``'s dtype, to skip rebuilding it.
 
     >>> selector_fast(torch.tensor([1.0, 0.0]), 4)
