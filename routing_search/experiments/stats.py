@@ -106,6 +106,14 @@ def _order(scores: Sequence[float], higher_is_better: bool) -> np.ndarray:
     return np.lexsort((np.arange(s.size), key))
 
 
+def _ranked_values(values: Sequence[float], order: np.ndarray) -> np.ndarray:
+    """``values`` in the order of the ranked scores; one value per score (else a silent truncation)."""
+    v = np.asarray(values, dtype=float)
+    if v.shape != order.shape:
+        raise ValueError(f"values must be a 1-D sequence with one entry per score ({order.size}), got shape {v.shape}")
+    return v[order]
+
+
 def best_of_n_weights(num_trials: int, n: int, *, replace: bool = False) -> np.ndarray:
     """``P_i`` (i = 1..T, worst to best) that the i-th ranked trial is the best of ``n`` draws.
 
@@ -135,7 +143,7 @@ def expected_best_of_n(scores: Sequence[float], values: Sequence[float] | None, 
     0.3
     """
     order = _order(scores, higher_is_better)
-    v = np.asarray(scores if values is None else values, dtype=float)[order]
+    v = _ranked_values(scores if values is None else values, order)
     return float(np.dot(best_of_n_weights(len(order), n, replace=replace), v))
 
 
@@ -145,7 +153,7 @@ def reach_probability(scores: Sequence[float], values: Sequence[float], target: 
     Exact over the draws: summing ``P_i`` over the ranked trials whose value reaches the target.
     """
     order = _order(scores, higher_is_better)
-    v = np.asarray(values, dtype=float)[order]
+    v = _ranked_values(values, order)
     reaches = v >= target if higher_is_better else v <= target
     return float(np.dot(best_of_n_weights(len(order), n, replace=replace), reaches.astype(float)))
 
@@ -165,7 +173,7 @@ def trials_needed(scores: Sequence[float], values: Sequence[float], target: floa
     if not 0 < probability < 1:
         raise ValueError(f"probability must be in (0, 1), got {probability}")
     order = _order(scores, higher_is_better)
-    v = np.asarray(values, dtype=float)[order]
+    v = _ranked_values(values, order)
     reaches = (v >= target if higher_is_better else v <= target).astype(float)
     t = len(order)
     if replace:

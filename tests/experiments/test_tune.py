@@ -174,3 +174,14 @@ def test_trials_needed_rejects_a_probability_outside_the_open_interval():
     for p in (0.0, 1.0):
         with pytest.raises(ValueError, match="probability must be in"):
             trials_needed([1.0, 2.0], [1.0, 2.0], 1.5, probability=p, higher_is_better=True)
+
+
+def test_best_of_n_statistics_reject_values_that_do_not_pair_with_the_scores():
+    # values longer than the scores were silently cut to the scores' length (an answer about other trials)
+    expected_best_of_n = importlib.import_module("routing_search.experiments.stats").expected_best_of_n
+    for call in (lambda v: trials_needed([1.0, 2.0], v, 1.0, probability=0.5, higher_is_better=True),
+                 lambda v: reach_probability([1.0, 2.0], v, 1.0, 1, higher_is_better=True),
+                 lambda v: expected_best_of_n([1.0, 2.0], v, 1, higher_is_better=True)):
+        for values in ([0.0, 0.0, 5.0], [0.0]):
+            with pytest.raises(ValueError, match="values must be a 1-D sequence with one entry per score"):
+                call(values)
