@@ -18,7 +18,7 @@ from .._validation import check_choice, check_permutation, check_rng
 from ..batches import eval_mode
 from ..distributed import all_gather_objects, broadcast_object, resolve_group
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE, make_result
-from .guards import evaluate_guards, guard_name, guard_tolerance, worse_by
+from .guards import check_guard_start, evaluate_guards, guard_report, guards_violated
 from .codes import code_sites, gate_selector_slot, moved_gate_output, set_selector_slot
 from ..layers.multigate import MultiGateMoE
 from .moves import MOVES, MoveOperator, perturb, swap_moves
@@ -77,12 +77,7 @@ class _Search:
         if not self.guards:
             return
         self.guard_start = self._guard_values()
-        bad = [guard_name(g) for g, v in zip(self.guards, self.guard_start) if not math.isfinite(v)]
-        if bad:
-            raise ValueError(
-                f"guard: the metric(s) {bad} are not finite at the start of the search ({self.guard_start}); "
-                "a guard needs a finite value on the evaluation data (e.g. ROC AUC needs both classes)"
-            )
+        check_guard_start(self.guards, self.guard_start, "the search")
 
     def guard_rejects(self) -> bool:
         """True (and counted in ``guard_rejections``) when a guard at the current state is worse than at the
@@ -90,8 +85,7 @@ class _Search:
         if not self.guards:
             return False
         values = self._guard_values()
-        bad = any(worse_by(g, v0, v) > guard_tolerance(g) for g, v0, v in zip(self.guards, self.guard_start, values))
-        if self.obj.any_rank(bad):
+        if self.obj.any_rank(guards_violated(self.guards, self.guard_start, values)):
             self.guard_rejections += 1
             return True
         return False
@@ -100,11 +94,7 @@ class _Search:
         """``{name: {'start', 'end', 'tolerance', 'greater_is_better'}}`` at the current state (None: no guards)."""
         if not self.guards:
             return None
-        end = self._guard_values()
-        return {
-            guard_name(g): {"start": v0, "end": v, "tolerance": guard_tolerance(g), "greater_is_better": bool(g.greater_is_better)}
-            for g, v0, v in zip(self.guards, self.guard_start, end)
-        }
+        return guard_report(self.guards, self.guard_start, self._guard_values())
 
     # -- budget
     def _check_budget(self) -> None:

@@ -33,7 +33,10 @@ from typing import Any
 
 from .._validation import check_positive_float
 
-__all__ = ["MetricGuard", "check_guards", "evaluate_guards", "guard_name", "guard_tolerance", "worse_by"]
+__all__ = [
+    "MetricGuard", "check_guards", "evaluate_guards", "guard_name", "guard_tolerance", "worse_by",
+    "check_guard_start", "guards_violated", "guard_report",
+]
 
 
 @dataclass(frozen=True)
@@ -122,3 +125,28 @@ def worse_by(guard: Any, start: float, value: float) -> float:
 def evaluate_guards(guards: Sequence[Any], predictions: Any, targets: Any) -> list[float]:
     """Every guard's value on ``predictions`` and ``targets``."""
     return [float(g(predictions, targets)) for g in guards]
+
+
+def check_guard_start(guards: Sequence[Any], start: Sequence[float], where: str = "the search") -> None:
+    """Raise ``ValueError`` naming every guard whose reference value ``start`` is not finite."""
+    bad = [guard_name(g) for g, v in zip(guards, start) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(
+            f"guard: the metric(s) {bad} are not finite at the start of {where} ({list(start)}); "
+            "a guard needs a finite value on the evaluation data (e.g. ROC AUC needs both classes)"
+        )
+
+
+def guards_violated(guards: Sequence[Any], start: Sequence[float], values: Sequence[float]) -> bool:
+    """Whether some guard's ``values`` entry is worse than its ``start`` by more than its tolerance."""
+    return any(worse_by(g, v0, v) > guard_tolerance(g) for g, v0, v in zip(guards, start, values))
+
+
+def guard_report(guards: Sequence[Any], start: Sequence[float], end: Sequence[float]) -> dict[str, dict[str, Any]] | None:
+    """``{name: {'start', 'end', 'tolerance', 'greater_is_better'}}`` (``None`` without guards), as ``result.guard``."""
+    if not guards:
+        return None
+    return {
+        guard_name(g): {"start": v0, "end": v, "tolerance": guard_tolerance(g), "greater_is_better": bool(g.greater_is_better)}
+        for g, v0, v in zip(guards, start, end)
+    }

@@ -44,7 +44,6 @@ from scipy.optimize import OptimizeResult
 from torch import nn
 
 import hashlib
-import math
 
 from .._validation import check_int, check_no_unknown_options, check_positive_float
 from ..batches import as_batch, eval_mode, to_device
@@ -53,7 +52,7 @@ from ..gates.protocol import GateOutput
 from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, make_result
-from .guards import check_guards, evaluate_guards, guard_name, guard_tolerance, worse_by
+from .guards import check_guard_start, check_guards, evaluate_guards, guard_report, guards_violated
 from .objective import DistributedSearchError, LossFn, find_routing_layer
 
 __all__ = ["RefitObjective", "RefitMove", "RefitOptions", "refit_search", "last_linear_layers", "MAX_REDUCE_VALUES"]
@@ -631,7 +630,12 @@ def refit_search(
     if guard_start is not None:
         if not guards:
             raise ValueError("guard_start is used only with guard=; pass guard or drop guard_start")
-        guard_start = [float(v) for v in guard_start]
+        if not isinstance(guard_start, Sequence) or isinstance(guard_start, str):
+            raise TypeError(f"guard_start must be a list of floats, one per guard, got {type(guard_start).__name__}")
+        try:
+            guard_start = [float(v) for v in guard_start]
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"guard_start must be a list of floats, one per guard, got {list(guard_start)!r}") from exc
         if len(guard_start) != len(guards):
             raise ValueError(f"guard_start must hold one value per guard ({len(guards)}), got {len(guard_start)}")
     obj = RefitObjective(model, fit_data, score_data, loss, ridge=ridge, process_group=process_group)
@@ -643,10 +647,7 @@ def refit_search(
     reference: list[float] = []
     if guards:
         reference = list(guard_start) if guard_start is not None else guard_values()
-        bad = [guard_name(g) for g, v in zip(guards, reference) if not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"guard: the metric(s) {bad} are not finite at the start of the refit search ({reference}); "
-                             "a guard needs a finite value on the score rows (e.g. ROC AUC needs both classes)")
+        check_guard_start(guards, reference, "the refit search")
     rejections = 0
     moves: list[RefitMove] = []
     status, message = STATUS_CONVERGED, "local optimum: no refit-scored swap improves"
@@ -669,7 +670,7 @@ def refit_search(
             if guards:
                 predictions, targets = obj.predictions(new, theta)
                 values = evaluate_guards(guards, predictions, targets)
-                worse = any(worse_by(g, v0, v) > guard_tolerance(g) for g, v0, v in zip(guards, reference, values))
+                worse = guards_violated(guards, reference, values)
                 if bool(obj.reduce_sum(torch.tensor([1.0 if worse else 0.0], dtype=torch.float64))[0] > 0):
                     rejections += 1
                     continue
@@ -684,11 +685,7 @@ def refit_search(
         moves.append(RefitMove("refit-swap", p, s, obj.state[p][s].tolist(), new[p][s].tolist(), before, value,
                                sorted(theta), [a, c]))
         obj.accept(new, theta)
-    report = None
-    if guards:
-        end = guard_values()
-        report = {guard_name(g): {"start": v0, "end": v, "tolerance": guard_tolerance(g), "greater_is_better": bool(g.greater_is_better)}
-                  for g, v0, v in zip(guards, reference, end)}
+    report = guard_report(guards, reference, guard_values()) if guards else None
     if apply:
         obj.write_back(layers=write_layers)
     return make_result(

@@ -160,6 +160,21 @@ def test_a_guard_refuses_refit_moves_and_the_search_tries_the_next_best() -> Non
         refit_search(_collapsed_multigate()[0], fit_data, score_data, loss, guard=guard, guard_start=[0.0, 1.0])
 
 
+
+def test_refit_guard_start_that_is_not_a_list_of_finite_floats_is_refused_by_name() -> None:
+    # Regression: a bare float gave "'float' object is not iterable", naming no argument.
+    from routing_search.search import MetricGuard
+
+    loss = multitask_loss(["mse"] * 3)
+    guard = MetricGuard(lambda p, y: float(((p[0].squeeze(1) - y[:, 0]) ** 2).mean()), name="task0")
+    model, fit_data, score_data = _collapsed_multigate()
+    with pytest.raises(TypeError, match="guard_start must be a list of floats"):
+        refit_search(model, fit_data, score_data, loss, guard=guard, guard_start=0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="guard_start must be a list of floats"):
+        refit_search(model, fit_data, score_data, loss, guard=guard, guard_start=["high"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"\['task0'\] are not finite at the start of the refit search"):
+        refit_search(model, fit_data, score_data, loss, guard=guard, guard_start=[float("nan")])
+
 def test_score_moves_equals_one_move_at_a_time() -> None:
     model, fit_data, score_data = _collapsed_multigate(seed=3)
     obj = RefitObjective(model, fit_data, score_data, multitask_loss(["mse"] * 3))
