@@ -74,6 +74,16 @@ class AnnealedGate(BaseGate):
     ``gamma`` is a number (annealed by ``anneal`` when one is given) or a callable ``calls -> gamma``.
     ``anneal`` is a :class:`~routing_search.gates.GammaAnnealing` (call counts), a :class:`BudgetAnnealing`
     (fractions of a budget, fitted once by ``fit`` or :meth:`fit_annealing`) or None (γ fixed).
+
+    The selector gates (DSelectK, COMET) default to ``gamma=1`` and ``anneal=BudgetAnnealing()``:
+    ``gamma`` constant for the first half of the training budget, then geometrically down to
+    ``gamma * 2e-3`` at 80 % of it, so every selector ends binary (at most ``k`` experts) while the
+    experts and mixing weights keep training on the hard selection. :func:`routing_search.fit` fits
+    the budget (epochs x batches) before its first step; until then (a hand-written loop) the gate
+    follows ``BudgetAnnealing.before_fit`` (constant for 500 calls, down by call 800) unless you call
+    :meth:`fit_annealing`. An explicit ``GammaAnnealing`` (call counts) is never changed;
+    ``anneal=None`` keeps ``gamma`` fixed (the paper's plain form). The attribute :attr:`gamma` is
+    the value in use, computed from the saved call counter.
     """
 
     gamma_schedule: Callable[[int], float] | None

@@ -341,16 +341,10 @@ class COMET(AnnealedGate):
     every node output is binary. Loss: ``entropy_weight * mean_batch sum_j H(pi_j)`` (eps 1e-6);
     ``entropy_weight`` may be a callable of the number of training calls so far.
 
-    Smooth-step scale: ``gamma`` (default 1) is annealed by default (``anneal=BudgetAnnealing()``):
-    constant for the first half of the training budget, then geometrically down to ``gamma * 2e-3`` at
-    80 % of it, so the trees end binary (at most ``k`` experts) while the experts and mixing weights
-    keep training on the hard selection. :func:`routing_search.fit` fits the budget (epochs x batches)
-    before its first step; until then (a hand-written loop) the gate follows
-    ``BudgetAnnealing.before_fit`` (constant for 500 calls, down by call 800) unless you call
-    :meth:`fit_annealing`. An explicit ``GammaAnnealing`` (call counts) is never changed;
-    ``anneal=None`` keeps ``gamma`` fixed (the paper's plain form); ``gamma`` may also be a
-    callable of the training-call count. The attribute ``gamma`` is the value in use, computed from
-    the saved call counter.
+    Smooth-step scale: ``gamma`` (default 1), annealed over the training budget by default
+    (``anneal=BudgetAnnealing()``) so the trees end binary; the base class
+    :class:`~routing_search.gates.annealed.AnnealedGate` describes the schedule and the other choices
+    (an explicit ``GammaAnnealing``, ``None``, a callable ``gamma``).
 
     Static variant (``input_dim=None``): node and leaf logits are plain parameters. Parameters:
     ``k (2n - 1) (d + 1)`` per-example, ``k (2n - 1)`` static. Init: nodes ``U(-gamma/100, gamma/100)``,

@@ -328,16 +328,10 @@ class DSelectK(AnnealedGate):
     gate's value (and limit) at that binary point under both policies, so they agree with the soft
     gate whenever ``S(Z)`` is binary.
 
-    Smooth-step scale: ``gamma`` (default 1) is annealed by default (``anneal=BudgetAnnealing()``):
-    constant for the first half of the training budget, then geometrically down to ``gamma * 2e-3`` at
-    80 % of it, so the codes end binary (at most ``k`` experts) while the experts and mixing weights
-    keep training on the hard selection. :func:`routing_search.fit` fits the budget (epochs x batches)
-    before its first step; until then (a hand-written loop) the gate follows
-    ``BudgetAnnealing.before_fit`` (constant for 500 calls, down by call 800) unless you call
-    :meth:`fit_annealing`. An explicit ``GammaAnnealing`` (call counts) is never changed;
-    ``anneal=None`` keeps ``gamma`` fixed (the paper's plain form); ``gamma`` may also be a
-    callable of the training-call count. The attribute ``gamma`` is the
-    value in use, computed from the saved call counter.
+    Smooth-step scale: ``gamma`` (default 1), annealed over the training budget by default
+    (``anneal=BudgetAnnealing()``) so the codes end binary; the base class
+    :class:`~routing_search.gates.annealed.AnnealedGate` describes the schedule and the other choices
+    (an explicit ``GammaAnnealing``, ``None``, a callable ``gamma``).
 
     Init: ``Z`` parameters (weights and biases) ``U(-gamma/100, gamma/100)``, inside the fractional
     region of S; ``alpha`` parameters ``U(-0.05, 0.05)``.
