@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .._validation import check_int, check_positive_float
 from .protocol import BaseGate
 from .smooth_step import GammaAnnealing
@@ -99,6 +101,13 @@ class AnnealedGate(BaseGate):
             self.gamma_schedule = gamma
         else:
             self._use(anneal)
+
+    def _mean_over_batch(self, per_example: torch.Tensor, batch: int) -> torch.Tensor:
+        """Batch mean of a per-example loss term (0 for an empty batch); a static gate computes one row,
+        shared by every example, so its mean is that row's value."""
+        if self.is_static:
+            return per_example.sum() if batch > 0 else per_example.sum() * 0.0
+        return per_example.sum() / max(per_example.shape[0], 1)
 
     def _use(self, anneal: GammaAnnealing | BudgetAnnealing | None) -> None:
         if isinstance(anneal, BudgetAnnealing):

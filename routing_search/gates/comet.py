@@ -21,11 +21,6 @@ _LEAF_INIT = 0.05
 _LOG2E = 1.0 / math.log(2.0)
 
 
-def _batch_mean(per_example: torch.Tensor) -> torch.Tensor:
-    """Mean over the leading (batch) dimension; 0 for an empty batch."""
-    return per_example.sum() / max(per_example.shape[0], 1)
-
-
 def leaf_paths(num_experts: int) -> list[tuple[int, list[tuple[int, bool]]]]:
     """Leaves of the heap-indexed tree in left-to-right order, each with its root path.
 
@@ -472,11 +467,7 @@ class COMET(AnnealedGate):
         weights, sel, mix, per_example = _CometGate.apply(zt, self.num_selectors, self.num_experts, self.gamma, lam != 0.0)
         loss = self._zero_loss(weights)
         if lam != 0.0:
-            if self.is_static:
-                term = per_example[0] if batch > 0 else per_example[0] * 0.0
-            else:
-                term = _batch_mean(per_example)
-            loss = loss + lam * term
+            loss = loss + lam * self._mean_over_batch(per_example, batch)
         if self.is_static:
             weights = weights.expand(batch, -1).contiguous()
             sel = sel.expand(batch, -1, -1).contiguous()

@@ -26,11 +26,6 @@ _EPS = 1e-6
 _ALPHA_INIT = 0.05
 
 
-def _batch_mean(per_example: torch.Tensor) -> torch.Tensor:
-    """Mean over the leading (batch) dimension; 0 for an empty batch."""
-    return per_example.sum() / max(per_example.shape[0], 1)
-
-
 class _SmoothSelector(torch.autograd.Function):
     """``selector_fast(S(z))`` over all ``2^m`` codes with one fused backward.
 
@@ -520,12 +515,6 @@ class DSelectK(AnnealedGate):
             r = r.expand(batch, -1, -1).contiguous()
             mix = mix.expand(batch, -1).contiguous()
         return GateOutput(weights=weights, loss=loss, selector_weights=r, selector_mix=mix)
-
-    def _mean_over_batch(self, per_example: torch.Tensor, batch: int) -> torch.Tensor:
-        """Batch mean of a per-example term; a static gate's term is one value shared by every row."""
-        if self.is_static:  # one value ([] or [1]) shared by every row
-            return per_example.sum() if batch > 0 else per_example.sum() * 0.0
-        return _batch_mean(per_example)
 
     def hard(self, x: torch.Tensor) -> GateOutput:
         """Combinatorial gate ``q(alpha, round(S(Z)))`` of Prop. 1 (at most ``k`` nonzeros per row).
