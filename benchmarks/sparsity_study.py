@@ -322,7 +322,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 6])
-    parser.add_argument("--arms", nargs="+", default=["dselect", "topk", "softmax"])
+    parser.add_argument("--arms", nargs="+", default=["dselect", "topk", "softmax"],
+                        choices=["dselect", "comet", "topk", "softmax", "oracle"])
     parser.add_argument("--entropy", type=float, default=None, help="DSelect-k entropy weight (default: the gate's)")
     parser.add_argument("--gamma-end", type=float, default=1.0,
                         help="custom annealing of gamma from 1 to this over --schedule (1: the gate's default)")
@@ -342,6 +343,8 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true",
                         help="per task: wrong supports, the loss-optimal support under the learned experts, the truth")
     args = parser.parse_args()
+    if args.cycles is not None and len(args.cycles) % 3:
+        parser.error(f"--cycles takes triples OPEN BEGIN STOP, got {len(args.cycles)} values: {args.cycles}")
     torch.set_num_threads(1)
     if args.entropy is None:
         args.entropy = DSelectK(2, 1).entropy_weight  # the gate's default
