@@ -483,8 +483,8 @@ class DSelectK(AnnealedGate):
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
         lam = resolve_weight(self.entropy_weight, calls)
         ent: torch.Tensor | None
+        logits_t = self._logits_t(None if self.is_static else x)
         if self.is_power_of_two:
-            logits_t = self._logits_t(None if self.is_static else x)
             weights, r, mix, ent = _DSelectKGate.apply(
                 logits_t,
                 self.num_selectors,
@@ -496,7 +496,6 @@ class DSelectK(AnnealedGate):
             )
             mass = None
         else:
-            logits_t = self._logits_t(None if self.is_static else x)
             k, m = self.num_selectors, self.num_bits
             r, mass = self._selector_distribution(logits_t[k : k + k * m].view(k, m, -1).permute(2, 0, 1))
             mix = _softmax_t(logits_t[:k]).t()
