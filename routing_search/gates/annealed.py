@@ -102,6 +102,10 @@ class AnnealedGate(BaseGate):
         else:
             self._use(anneal)
 
+    def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """``x`` checked as a batch, or None (a static gate's inspection methods take ``x=None``)."""
+        return None if x is None else self._check_x(x)
+
     def _mean_over_batch(self, per_example: torch.Tensor, batch: int) -> torch.Tensor:
         """Batch mean of a per-example loss term (0 for an empty batch); a static gate computes one row,
         shared by every example, so its mean is that row's value."""

@@ -426,9 +426,6 @@ class COMET(AnnealedGate):
         kq = k * (n - 1)
         return _row_major(zt[:kq].view(k, n - 1, -1)), _row_major(zt[kq:].view(k, n, -1))
 
-    def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else self._check_x(x)
-
     def _reach(self, s: torch.Tensor) -> torch.Tensor:
         """Reach probabilities ``[..., n]`` (expert order) from node outputs ``s`` ``[..., n-1]``: the product
         of the branches on each path, level by level; differentiable (a branch of probability exactly 0

@@ -422,9 +422,6 @@ class DSelectK(AnnealedGate):
         k, m = self.num_selectors, self.num_bits
         return logits_t[:k].t(), logits_t[k : k + k * m].view(k, m, -1).permute(2, 0, 1)
 
-    def _maybe_check(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else self._check_x(x)
-
     def smooth_codes(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """``S(Z)`` in ``[0, 1]``: ``[k, m]`` for a static gate with ``x=None``, else ``[B, k, m]``."""
         _, z = self._logits(self._maybe_check(x))
