@@ -151,8 +151,8 @@ def padded_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
 
     The stacked output is padded with zero rows to a multiple of 16 columns: on the CPU a product
     with, say, 10 or 62 output columns takes about as long as one with 32 or 80 (the odd width
-    falls off the fast kernels), so the gates' fused logits are computed 16 columns at a time.
-    The padding's output is dropped (it receives no gradient).
+    falls off the fast kernels). The padding's output is dropped (it receives no gradient). The
+    gates compute their fused logits with :func:`stacked_logits_t`, which needs no padding.
 
     >>> a, b = padded_linear(torch.ones(2, 3), [torch.ones(1, 3), torch.ones(2, 3)], [torch.zeros(1), torch.ones(2)])
     >>> a.tolist(), b.tolist()
