@@ -35,6 +35,7 @@ from ..search.refit import RefitOptions
 from ..search.codes import set_selector_slot
 from ..training import SearchSchedule, fit, multitask_loss
 from ..experiments.output import new_run_dir
+from ..experiments.stats import paired_comparison
 
 __all__ = ["run_demo", "DemoConfig", "train_and_score", "paired_against_control", "verdict"]
 
@@ -170,13 +171,8 @@ def paired_against_control(per_method: dict[str, list[dict]], *, threshold: floa
     for name, results in per_method.items():
         if name == RANDOM_ARM:
             continue
-        ratios = [r["test_loss"] / c for r, c in zip(results, control)]
-        out[name] = {
-            "wins": int(sum(q <= 1 - threshold for q in ratios)),
-            "losses": int(sum(q >= 1 + threshold for q in ratios)),
-            "seeds": len(ratios),
-            "median_ratio": float(np.median(ratios)),
-        }
+        c = paired_comparison([r["test_loss"] for r in results], control, higher_is_better=False, threshold=threshold)
+        out[name] = {"wins": c["better"], "losses": c["worse"], "seeds": c["n"], "median_ratio": c["median_ratio"]}
     return out
 
 

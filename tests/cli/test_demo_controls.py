@@ -45,3 +45,12 @@ def test_study_says_in_words_how_search_compares_with_both_controls() -> None:
     rows = [row(ARMS[0], 1.0), row(ARMS[1], 1.005), row(ARMS[2], 1.0)]
     (line,) = [x for x in interpret(rows) if x.startswith("- TopK")]
     assert "within 1 % of first-order training" in line and "within 1 % of the random control" in line
+
+
+def test_paired_against_control_rejects_arms_with_other_seed_counts() -> None:
+    # the per-seed pairing used zip, which silently dropped the seeds one list lacked
+    import pytest
+
+    per_method = {RANDOM_ARM: [{"test_loss": 1.0}] * 3, "first-order only": [{"test_loss": 2.0}] * 2}
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_against_control(per_method)
