@@ -485,7 +485,8 @@ def fit(
     dstep = DistributedStep(ctx, train_module, loss, gate_loss_weight, device) if ctx.active else None
     gate_loss_seen = False
 
-    if searcher is not None and plan.at_start and start_epoch == 0 and step == 0:
+    # due(0): not when the schedule's rounds are used up (rounds=0: no search at all)
+    if searcher is not None and plan.at_start and start_epoch == 0 and step == 0 and searcher.due(0):
         _search_at_start(searcher, search_batch, history, callbacks, model, optimizer)
 
     # ---- the loop

@@ -220,3 +220,12 @@ def test_history_counts_the_moves_a_guard_refused() -> None:
     (g,), (f,) = guarded.history.searches, free.history.searches
     assert f["accepted"] > 0 and f["guard_rejections"] == 0
     assert g["accepted"] == 0 and g["guard_rejections"] > 0
+
+
+def test_rounds_bounds_the_search_before_training_too() -> None:
+    # Regression: rounds=0 with at_start=True still searched once before training ("at most this many
+    # searches in the whole run"); the start search counts as one of the rounds.
+    none = fit(_collapsed(), TRAIN, LOSS, epochs=1, search=SearchSchedule(every_steps=2, rounds=0, at_start=True), **KW)
+    assert none.history.searches == []
+    one = fit(_collapsed(), TRAIN, LOSS, epochs=1, search=SearchSchedule(every_steps=2, rounds=1, at_start=True), **KW)
+    assert [(s["epoch"], s["step"]) for s in one.history.searches] == [(0, 0)]
