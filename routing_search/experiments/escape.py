@@ -513,16 +513,18 @@ def curve_summary(rows: list[dict[str, Any]], cfg: EscapeConfig, family: str,
     target; ``None``: never on the curve), ``reached`` (seeds that got there), ``median_steps`` (over the
     seeds that got there), and ``budgets``: at each budget (epochs; 0 = after the start) the mean ± s.e.
     of test loss and the wins / losses against ``random`` at that budget (``win_threshold``), over the
-    seeds whose curve is that long. ``cfg.epochs`` is always one of the budgets.
+    seeds whose curve is that long. ``cfg.epochs`` is always one of the budgets; budgets beyond it are left
+    out; a negative or non-integer budget is an error.
     """
     check_choice("family", family, FAMILIES)
+    requested = [check_int("budgets entry", b, minimum=0) for b in budgets]
     runs = {(r["arm"], r["seed"]): r for r in rows if r["family"] == family and r.get("curve")}
     arms = [a for a in cfg.arms if any(key[0] == a for key in runs)]
     if "sgd" not in arms:
         raise ValueError(f"curve_summary needs the sgd arm's curves for {family!r} (run with curve=True)")
     seeds = sorted(s for (a, s) in runs if a == "sgd" and all((b, s) in runs for b in arms))
     targets = {s: runs[("sgd", s)]["test_loss"] for s in seeds}
-    budgets = tuple(sorted({int(b) for b in budgets if 0 <= b <= cfg.epochs} | {cfg.epochs}))
+    budgets = tuple(sorted({b for b in requested if b <= cfg.epochs} | {cfg.epochs}))
     out: dict[str, Any] = {"seeds": seeds, "targets": [targets[s] for s in seeds], "budgets": list(budgets), "arms": {}}
     for arm in arms:
         steps: list[int | None] = []

@@ -146,3 +146,12 @@ def test_curves_record_test_loss_along_training(tmp_path) -> None:
         curve_summary([dict(r, curve=[]) for r in report["runs"]], cfg, "hash_misassigned")
     with pytest.raises(TypeError, match="curve must be True or False"):
         EscapeConfig(curve=1)  # type: ignore[arg-type]
+
+
+def test_curve_summary_rejects_a_bad_budget_naming_it():
+    # a negative budget was dropped silently and a fractional one truncated to an epoch it did not name
+    cfg = EscapeConfig(families=("hash_misassigned",), seeds=(0,), curve=True)
+    with pytest.raises(ValueError, match="budgets entry"):
+        curve_summary([], cfg, "hash_misassigned", budgets=(0, -1))
+    with pytest.raises(TypeError, match="budgets entry"):
+        curve_summary([], cfg, "hash_misassigned", budgets=(0, 1.5))  # type: ignore[arg-type]
