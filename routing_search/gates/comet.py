@@ -12,7 +12,7 @@ from .._validation import check_num_experts_k
 from .annealed import AnnealedGate, BudgetAnnealing
 from .protocol import GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
 from .router import check_input_dtype
-from .smooth_step import GammaAnnealing, smooth_step_init_, stacked_logits_t
+from .smooth_step import GammaAnnealing, entropy_terms, smooth_step_init_, stacked_logits_t
 
 __all__ = ["COMET", "leaf_paths", "tree_levels"]
 
@@ -243,14 +243,9 @@ class _CometGate(torch.autograd.Function):
         if with_entropy:
             # -sum pi log(pi + eps), and (when a gradient is wanted) its derivative w.r.t. log pi for the
             # backward: -(pi log(pi + eps) + pi^2 / (pi + eps)) (times the incoming gradient).
-            shifted = pi + _EPS
-            if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-                ent_rows = torch.div(pi, shifted)
-            pi_log = shifted.log_().mul_(pi)
+            pi_log, ent_rows = entropy_terms(pi, _EPS, slope=ctx.needs_input_grad[0])  # type: ignore[attr-defined]
             ent = pi_log.view(k * n, rows).sum(dim=0).neg_()
-            if ent_rows is not None:
-                ent_rows = torch.addcmul(pi_log, ent_rows, pi, out=ent_rows)
-            del shifted, pi_log  # freed before the combination allocates: a lower peak, fewer fresh pages
+            del pi_log  # freed before the combination allocates: a lower peak, fewer fresh pages
         else:
             ent = zt.new_zeros(rows)
         joint, weights, sel, mix = _combine(pi, zt[kq:].view(k, n, rows), consume_pi=True)  # pi is spent here

@@ -15,6 +15,7 @@ from .smooth_step import (
     GammaAnnealing,
     smooth_step,
     smooth_step_and_slope,
+    entropy_terms,
     smooth_step_init_,
     smooth_step_slope,
     stacked_logits_t,
@@ -270,14 +271,11 @@ def _entropy_terms(
     (the caller multiplies by ``-dL/dH``). ``scratch`` ``[2, rows, n]`` holds the temporaries, each
     contiguous (``log`` on a strided ``[rows, n]`` view is about three times slower); ``ones`` is ``[n]``.
     """
-    r_log, ratio = scratch[0], scratch[1]
-    torch.add(r_i, _EPS, out=r_log)
-    if glog_i is not None:
-        torch.div(r_i, r_log, out=ratio)
-    r_log.log_().mul_(r_i)  # r log(r + eps)
+    r_log, neg_slope = entropy_terms(r_i, _EPS, slope=glog_i is not None, out=(scratch[0], scratch[1]))
     ent.addmv_(r_log, ones, alpha=-1)  # the row sums, twice as fast as sum(-1) here
     if glog_i is not None:
-        torch.mm(log_codes, r_log.addcmul_(r_i, ratio).t(), out=glog_i)
+        assert neg_slope is not None
+        torch.mm(log_codes, neg_slope.t(), out=glog_i)
 
 
 class DSelectK(AnnealedGate):

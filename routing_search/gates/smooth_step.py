@@ -18,6 +18,7 @@ __all__ = [
     "GammaAnnealing",
     "padded_linear",
     "stacked_logits_t",
+    "entropy_terms",
 ]
 
 
@@ -182,3 +183,22 @@ def stacked_logits_t(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: S
     [[3.0, 3.0], [4.0, 4.0], [4.0, 4.0]]
     """
     return torch.addmm(torch.cat(list(biases)).unsqueeze(1), torch.cat(list(weights)), x.t())
+
+
+def entropy_terms(
+    p: torch.Tensor, eps: float, *, slope: bool, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(p log(p + eps), p log(p + eps) + p^2 / (p + eps))`` for the fused gates' entropy ``H = -sum p log(p + eps)``.
+
+    The second term is ``-dH/d log p`` (the backward's part of the entropy), computed only with
+    ``slope=True`` (else None). ``out`` is a pair of buffers shaped like ``p`` that receive the two
+    terms (the first is also the scratch for ``p + eps``); without it new tensors are used. Each
+    operation runs over whole contiguous tensors.
+
+    >>> entropy_terms(torch.tensor([0.0, 0.5]), 1e-6, slope=True)
+    (tensor([-0.0000, -0.3466]), tensor([0.0000, 0.1534]))
+    """
+    p_log = torch.add(p, eps, out=None if out is None else out[0])
+    ratio = torch.div(p, p_log, out=None if out is None else out[1]) if slope else None
+    p_log.log_().mul_(p)
+    return p_log, None if ratio is None else torch.addcmul(p_log, ratio, p, out=ratio)
