@@ -1,4 +1,4 @@
-"""The smooth-step function of DSelect-k (§3.1.3) and COMET's tree nodes, and the fused logits product both gates use."""
+"""The smooth-step function of DSelect-k (§3.1.3) and COMET's tree nodes, and the pieces both fused gates share (the logits product, the entropy terms)."""
 
 from __future__ import annotations
 
