@@ -65,9 +65,11 @@ from ..search.refit import RefitOptions
 from ..training import LocalSearcher, SearchSchedule, fit
 from ..training.searcher import generator_state, set_generator_state
 from .output import new_run_dir
+from .stats import mean_se, paired_comparison
 
 __all__ = ["EscapeConfig", "FAMILIES", "ARMS", "run_escape", "build_start", "run_arm", "summarise", "run_tuning",
-           "trials_needed", "expected_best", "write_report", "curve_summary"]
+           "trials_needed", "expected_best", "write_report", "curve_summary", "compare_to_control", "meets_criterion",
+           "ESCAPE_WORSE_RULE"]
 
 FAMILIES = ("dselect_collapsed", "comet_collapsed", "topk_margin", "hash_misassigned", "trained_shuffled")
 ARMS = ("sgd", "random", "search", "refit", "refit_route", "lookahead")
@@ -107,8 +109,9 @@ class EscapeConfig:
         refit_max_iter: accepted refit moves per search at most.
         lookahead_candidates: moves (ranked by the refit score) judged by lookahead per search.
         lookahead_steps: Adam steps of each lookahead.
-        win_threshold: a seed counts as a win when the arm's test loss is below ``(1 - win_threshold)``
-            times the control's.
+        win_threshold: relative margin of the per-seed counts: a win when the arm's test loss is at least
+            this much (0.01 = 1 %) below the control's, a loss when it is more than this much above it (see
+            :data:`ESCAPE_WORSE_RULE` and :func:`compare_to_control`).
         curve: also record every arm's test loss along training (after the arm's start, i.e. after the
             random permutation or the search before training, and after every epoch; the restored best
             epoch is not a point of the curve), and report steps to a target and the loss at several
@@ -451,18 +454,41 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- summary
-def _compare(arm: list[float], control: list[float], threshold: float) -> dict[str, Any]:
-    ratios = [a / c for a, c in zip(arm, control)]
-    wins = sum(r <= 1 - threshold for r in ratios)
-    losses = sum(r > 1 + threshold for r in ratios)
-    return {"wins": int(wins), "losses": int(losses), "seeds": len(ratios),
-            "median_ratio": float(statistics.median(ratios)), "ratios": ratios}
+#: How the escape study counts a seed against a control (test loss, lower is better; ``t`` =
+#: ``EscapeConfig.win_threshold``, 0.01 by default): a **win** when the arm's loss is at least ``t`` (relative)
+#: below the control's, a **loss** when it is *more than* ``t`` above it (a seed exactly ``t`` worse is neither),
+#: i.e. :func:`~routing_search.experiments.stats.paired_comparison` with ``worse_rule="more_than"``.
+#: The criterion an arm meets: wins on at least 80 % of the seeds against ``random`` and no loss against ``sgd``.
+ESCAPE_WORSE_RULE = "more_than"
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = float(np.mean(values))
-    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return mean, se
+def compare_to_control(arm: list[float], control: list[float], threshold: float) -> dict[str, Any]:
+    """The escape study's paired comparison of an arm's test losses with a control's (one value per seed).
+
+    ``{'wins', 'losses', 'seeds', 'median_ratio', 'ratios', 'sign_p', 'wilcoxon_p'}``, counted by
+    :func:`~routing_search.experiments.stats.paired_comparison` under the rule of :data:`ESCAPE_WORSE_RULE`
+    (``ratios``: arm / control per seed, ``None`` where the control is 0).
+
+    >>> c = compare_to_control([0.5, 1.25, 1.5], [1.0, 1.0, 1.0], threshold=0.25)
+    >>> c["wins"], c["losses"], c["seeds"], c["median_ratio"]
+    (1, 1, 3, 1.25)
+    """
+    c = paired_comparison(arm, control, higher_is_better=False, threshold=threshold, worse_rule=ESCAPE_WORSE_RULE)
+    return {"wins": c["better"], "losses": c["worse"], "seeds": c["n"], "median_ratio": c["median_ratio"],
+            "ratios": [float(a) / float(b) if b != 0 else None for a, b in zip(arm, control)],
+            "sign_p": c["sign_p"], "wilcoxon_p": c["wilcoxon_p"]}
+
+
+def meets_criterion(vs_random: dict[str, Any], vs_sgd: dict[str, Any]) -> bool:
+    """The escape criterion on two :func:`compare_to_control` results: at least 1 % (``win_threshold``) lower
+    test loss than ``random`` on at least 80 % of the seeds, and no seed more than 1 % worse than ``sgd``."""
+    return bool(vs_random["wins"] >= math.ceil(0.8 * vs_random["seeds"]) and vs_sgd["losses"] == 0)
+
+
+def _mean_pm_se(entry: dict[str, Any]) -> str:
+    """``'mean ± se'`` (4 decimals) of a :func:`mean_se`-style entry; ``'–'`` for the s.e. of one seed."""
+    se = "–" if entry["se"] is None else f"{entry['se']:.4f}"
+    return f"{entry['mean']:.4f} ± {se}"
 
 
 def summarise(rows: list[dict[str, Any]], cfg: EscapeConfig) -> dict[str, Any]:
@@ -479,29 +505,34 @@ def summarise(rows: list[dict[str, Any]], cfg: EscapeConfig) -> dict[str, Any]:
             values = [results[s]["test_loss"] for s in seeds]
             if not values:
                 continue
-            mean, se = _mean_se(values)
-            entry: dict[str, Any] = {"mean": mean, "se": se, "median": float(statistics.median(values)),
+            m = mean_se(values)
+            entry: dict[str, Any] = {"mean": m["mean"], "se": m["se"], "median": float(statistics.median(values)),
                                      "moves": float(np.mean([results[s]["moves"] for s in seeds])),
                                      "seconds": float(np.mean([results[s]["seconds"] for s in seeds]))}
             for control in ("random", "sgd"):
                 if arm != control:
-                    entry[f"vs_{control}"] = _compare(values, [by_arm[control][s]["test_loss"] for s in seeds], cfg.win_threshold)
+                    entry[f"vs_{control}"] = compare_to_control(values, [by_arm[control][s]["test_loss"] for s in seeds],
+                                                                cfg.win_threshold)
             if arm not in ("sgd", "random"):
-                vr, vs = entry["vs_random"], entry["vs_sgd"]
-                entry["meets_criterion"] = bool(vr["wins"] >= math.ceil(0.8 * len(seeds)) and vs["losses"] == 0)
+                entry["meets_criterion"] = meets_criterion(entry["vs_random"], entry["vs_sgd"])
             fam["arms"][arm] = entry
         out[family] = fam
     return out
 
 
-def _sentence(family: str, arm: str, e: dict[str, Any], seeds: int) -> str:
+def _percent(threshold: float) -> str:
+    return f"{100 * threshold:g} %"
+
+
+def _sentence(family: str, arm: str, e: dict[str, Any], seeds: int, threshold: float) -> str:
     vr, vs = e["vs_random"], e["vs_sgd"]
     verdict = "meets" if e["meets_criterion"] else "does not meet"
-    return (f"{family}, {arm}: at least 1 % lower test loss than the random-permutation control on {vr['wins']}/{seeds} "
-            f"seeds (more than 1 % higher on {vr['losses']}), median ratio to random {vr['median_ratio']:.3f}; against "
-            f"SGD alone lower on {vs['wins']}/{seeds} and higher on {vs['losses']}/{seeds} (median ratio "
-            f"{vs['median_ratio']:.3f}). It {verdict} the criterion: at least 1 % better than random on at least 80 % "
-            "of the seeds, and never more than 1 % worse than SGD alone.")
+    t = _percent(threshold)
+    return (f"{family}, {arm}: at least {t} lower test loss than the random-permutation control on {vr['wins']}/{seeds} "
+            f"seeds (more than {t} higher on {vr['losses']}), median ratio to random {vr['median_ratio']:.3f}; against "
+            f"SGD alone at least {t} lower on {vs['wins']}/{seeds} and more than {t} higher on {vs['losses']}/{seeds} "
+            f"(median ratio {vs['median_ratio']:.3f}). It {verdict} the criterion: at least {t} better than random on "
+            f"at least 80 % of the seeds, and never more than {t} worse than SGD alone.")
 
 
 def curve_summary(rows: list[dict[str, Any]], cfg: EscapeConfig, family: str,
@@ -538,10 +569,10 @@ def curve_summary(rows: list[dict[str, Any]], cfg: EscapeConfig, family: str,
                      if len(runs[(arm, s)]["curve"]) > b and ("random", s) in runs and len(runs[("random", s)]["curve"]) > b]
             if not pairs:
                 continue
-            mean, se = _mean_se([v for v, _ in pairs])
-            entry: dict[str, Any] = {"mean": mean, "se": se, "seeds": len(pairs)}
+            m = mean_se([v for v, _ in pairs])
+            entry: dict[str, Any] = {"mean": m["mean"], "se": m["se"], "seeds": len(pairs)}
             if arm != "random":
-                cmp = _compare([v for v, _ in pairs], [c for _, c in pairs], cfg.win_threshold)
+                cmp = compare_to_control([v for v, _ in pairs], [c for _, c in pairs], cfg.win_threshold)
                 entry.update(wins=cmp["wins"], losses=cmp["losses"])
             at[str(b)] = entry
         out["arms"][arm] = {"steps_to_target": steps, "reached": len(reached),
@@ -572,7 +603,7 @@ def _curve_lines(cfg: EscapeConfig, rows: list[dict[str, Any]]) -> list[str]:
                     cells.append("-")
                 else:
                     wl = f" ({v['wins']}/{v['losses']})" if "wins" in v else ""
-                    cells.append(f"{v['mean']:.4f} ± {v['se']:.4f}{wl}")
+                    cells.append(f"{_mean_pm_se(v)}{wl}")
             med = "-" if e["median_steps"] is None else f"{e['median_steps']:.0f}"
             lines.append(f"| {arm} | {e['reached']}/{len(c['seeds'])} | {med} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -636,8 +667,9 @@ def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], s
              f"{cfg.epochs} epochs (early stopping patience {cfg.patience}); test loss = mean per-example MSE (summed over "
              "tasks) on the held-out test split, at the best validation epoch.", "",
              "How to read the tables: every arm starts from the same bad start, data and batch order as the others "
-             "with the same seed. 'wins/losses vs random' counts the seeds where the arm's test loss is at least 1 % "
-             "lower / more than 1 % higher than the random-permutation control's; a median ratio below 1 means the arm "
+             f"with the same seed. 'wins/losses vs random' counts the seeds where the arm's test loss is at least "
+             f"{_percent(cfg.win_threshold)} lower / more than {_percent(cfg.win_threshold)} higher than the "
+             "random-permutation control's; a median ratio below 1 means the arm "
              "usually ends lower. The control is the cheapest explanation of a gain (it breaks a collapse as well as any "
              "search); an arm helps only if it beats it.", ""]
     for family, fam in summary.items():
@@ -649,14 +681,14 @@ def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], s
             vr = e.get("vs_random", {})
             vs = e.get("vs_sgd", {})
             lines.append(
-                f"| {arm} | {e['mean']:.4f} ± {e['se']:.4f} | {e['median']:.4f} | "
+                f"| {arm} | {_mean_pm_se(e)} | {e['median']:.4f} | "
                 f"{vr.get('wins', '-')}/{vr.get('losses', '-')} | {vr.get('median_ratio', float('nan')):.3f} | "
                 f"{vs.get('wins', '-')}/{vs.get('losses', '-')} | {e['moves']:.1f} |"
             )
         lines.append("")
         for arm, e in fam["arms"].items():
             if "meets_criterion" in e:
-                lines.append("- " + _sentence(family, arm, e, seeds))
+                lines.append("- " + _sentence(family, arm, e, seeds, cfg.win_threshold))
         lines.append("")
     lines += _curve_lines(cfg, rows)
     lines += _tuning_lines(cfg, tuning or {})

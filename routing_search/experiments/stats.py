@@ -3,7 +3,10 @@
 Paired comparison of arm A against a control B on one metric (one value per seed for each arm):
 
 * per seed, the relative improvement ``r = ±(a − b) / |b|`` (sign so that positive is better);
-  "better by ≥ 1 % on w/n seeds" counts ``r ≥ 0.01``, and "worse" counts ``r ≤ −0.01``;
+  "better by ≥ 1 % on w/n seeds" counts ``r ≥ 0.01`` (``threshold``), and "worse" counts, by
+  ``worse_rule``, ``r ≤ −0.01`` (``'at_least'``: at least 1 % worse; the experiment reports) or
+  ``r < −0.01`` (``'more_than'``: more than 1 % worse; the escape study, whose "never worse than SGD
+  alone" allows a seed exactly 1 % worse). This is the one place these counts are made;
 * the median of ``a / b`` over the seeds;
 * the mean ± standard error of the paired difference ``a − b``;
 * two-sided p-values: the sign test (``scipy.stats.binomtest`` on the non-zero differences) and the
@@ -33,7 +36,10 @@ from typing import Any
 import numpy as np
 from scipy import special, stats  # type: ignore[import-untyped]
 
+from .._validation import check_choice
+
 __all__ = [
+    "WORSE_RULES",
     "mean_se",
     "paired_comparison",
     "best_of_n_weights",
@@ -41,6 +47,10 @@ __all__ = [
     "reach_probability",
     "trials_needed",
 ]
+
+
+WORSE_RULES = ("at_least", "more_than")
+"""How :func:`paired_comparison` counts a seed as worse: by at least ``threshold``, or by more than it."""
 
 
 def mean_se(values: Sequence[float]) -> dict[str, Any]:
@@ -57,13 +67,29 @@ def mean_se(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(arr.mean()), "se": se, "n": n, "values": [float(v) for v in arr]}
 
 
-def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool, threshold: float = 0.01) -> dict[str, Any]:
+def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool, threshold: float = 0.01,
+                      worse_rule: str = "at_least") -> dict[str, Any]:
     """Compare ``a`` with the control ``b``, seed by seed (see the module docstring).
+
+    Args:
+        a, b: one value per seed of the arm and of the control (equal lengths, paired by position).
+        higher_is_better: the metric's direction.
+        threshold: relative margin ``t`` (0.01 = 1 %): a seed is better when ``r >= t``.
+        worse_rule: ``'at_least'`` (default): a seed is worse when ``r <= -t``; ``'more_than'``: only
+            when ``r < -t`` (see :data:`WORSE_RULES`).
+
+    Returns ``{'n', 'better', 'worse', 'threshold', 'worse_rule', 'median_ratio', 'diff', 'sign_p',
+    'wilcoxon_p'}`` (``median_ratio``: median of ``a / b`` over the seeds with ``b != 0``; ``diff``: a
+    :func:`mean_se` entry of ``a − b``).
 
     >>> r = paired_comparison([1.0, 2.0, 3.0], [1.1, 2.1, 2.0], higher_is_better=False)
     >>> r["better"], r["worse"], r["n"]
     (2, 1, 3)
+    >>> [paired_comparison([3.0, 5.0], [4.0, 4.0], higher_is_better=False, threshold=0.25, worse_rule=rule)["worse"]
+    ...  for rule in WORSE_RULES]  # 5 is exactly 25 % worse than 4
+    [1, 0]
     """
+    check_choice("worse_rule", worse_rule, WORSE_RULES)
     x = np.asarray(a, dtype=float)
     y = np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
@@ -86,8 +112,9 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_bette
     return {
         "n": int(x.size),
         "better": int((rel >= threshold).sum()),
-        "worse": int((rel <= -threshold).sum()),
+        "worse": int((rel <= -threshold).sum() if worse_rule == "at_least" else (rel < -threshold).sum()),
         "threshold": threshold,
+        "worse_rule": worse_rule,
         "median_ratio": float(np.median(finite_ratio)) if finite_ratio.size else None,
         "diff": mean_se(diff.tolist()),
         "sign_p": sign_p,
