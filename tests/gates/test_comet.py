@@ -328,28 +328,17 @@ def test_is_binary_ignores_nodes_behind_a_zero_branch() -> None:
 
 
 # ---------------------------------------------------------------- fused forward/backward and the hard walk
-def _all_outputs(gate: COMET, x: torch.Tensor):
-    """A function of the gate's parameters returning every output, for gradcheck."""
-    names = [name for name, _ in gate.named_parameters()]
-
-    def run(*params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = functional_call(gate, dict(zip(names, params)), (x,))
-        return out.weights, out.selector_weights, out.selector_mix, out.loss
-
-    return run, tuple(p.detach().clone().requires_grad_() for p in gate.parameters())
-
-
 @pytest.mark.parametrize(("n", "k"), [(2, 1), (5, 2), (8, 3)])
 @pytest.mark.parametrize("static", [True, False])
 @pytest.mark.parametrize("entropy_weight", [0.0, 0.3])
-def test_fused_gate_passes_gradcheck_on_every_output(n: int, k: int, static: bool, entropy_weight: float) -> None:
+def test_fused_gate_passes_gradcheck_on_every_output(n: int, k: int, static: bool, entropy_weight: float, all_outputs) -> None:
     """The hand-written backward (one autograd Function for the whole gate) against finite differences,
     output by output (so the paths where the other outputs get no gradient are checked too)."""
     gate = make_gate(n, k, static, seed=n + k, entropy_weight=entropy_weight, anneal=None).double()
     with torch.no_grad():
         for name, p in gate.named_parameters():
             p.uniform_(-0.3, 0.3) if name.startswith("node") else p.normal_()
-    run, params = _all_outputs(gate, torch.randn(4, D, dtype=torch.float64))
+    run, params = all_outputs(gate, torch.randn(4, D, dtype=torch.float64))
     assert torch.autograd.gradcheck(run, params, eps=1e-6, atol=1e-7)
 
 

@@ -431,20 +431,10 @@ def test_smooth_step_gradcheck_and_exact_ends() -> None:
     assert grad.tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
-def _all_outputs(gate: DSelectK, x: torch.Tensor):
-    names = [name for name, _ in gate.named_parameters()]
-
-    def run(*params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = functional_call(gate, dict(zip(names, params)), (x,))
-        return out.weights, out.selector_weights, out.selector_mix, out.loss
-
-    return run, tuple(p.detach().clone().requires_grad_() for p in gate.parameters())
-
-
 @pytest.mark.parametrize(("n", "k", "unreachable"), [(2, 1, "renormalize"), (8, 2, "renormalize"), (16, 3, "fold"), (6, 2, "renormalize"), (5, 2, "fold")])
 @pytest.mark.parametrize("static", [True, False])
 @pytest.mark.parametrize("entropy_weight", [0.0, 0.3])
-def test_fused_gate_passes_gradcheck_on_every_output(n: int, k: int, unreachable: str, static: bool, entropy_weight: float) -> None:
+def test_fused_gate_passes_gradcheck_on_every_output(n: int, k: int, unreachable: str, static: bool, entropy_weight: float, all_outputs) -> None:
     """The hand-written backward (the whole gate for n = 2^m, the selector table otherwise) against finite
     differences, output by output (so the paths where the other outputs get no gradient are checked too)."""
     gate = make_gate(
@@ -454,7 +444,7 @@ def test_fused_gate_passes_gradcheck_on_every_output(n: int, k: int, unreachable
     with torch.no_grad():
         for name, p in gate.named_parameters():
             p.uniform_(-0.3, 0.3) if name.startswith("z") else p.normal_()
-    run, params = _all_outputs(gate, torch.randn(4, D, dtype=torch.float64))
+    run, params = all_outputs(gate, torch.randn(4, D, dtype=torch.float64))
     assert torch.autograd.gradcheck(run, params, eps=1e-6, atol=1e-7)
 
 
@@ -502,7 +492,7 @@ def test_smooth_step_and_slope_gives_the_bits_of_smooth_step_slope(gamma: float,
 
 
 def test_stacked_logits_t_is_the_transposed_stacked_product() -> None:
-    from routing_search.gates.smooth_step import padded_linear, stacked_logits_t
+    from routing_search.gates.smooth_step import stacked_logits_t
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 5, generator=g, dtype=torch.float64)
@@ -510,7 +500,8 @@ def test_stacked_logits_t_is_the_transposed_stacked_product() -> None:
     bs = [torch.randn(2, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)]
     out = stacked_logits_t(x, ws, bs)
     assert out.shape == (10, 9)
-    torch.testing.assert_close(out.t(), torch.cat(padded_linear(x, ws, bs), dim=-1), atol=1e-13, rtol=1e-13)
+    separate = [torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)]
+    torch.testing.assert_close(out.t(), torch.cat(separate, dim=-1), atol=1e-13, rtol=1e-13)
 
 
 def _table_of(s: torch.Tensor) -> torch.Tensor:
