@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .._validation import check_int, check_positive_float
 
@@ -16,7 +15,6 @@ __all__ = [
     "smooth_step_and_slope",
     "smooth_step_init_",
     "GammaAnnealing",
-    "padded_linear",
     "stacked_logits_t",
     "entropy_terms",
 ]
@@ -147,35 +145,13 @@ def smooth_step_init_(tensor: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
         return tensor.uniform_(-gamma / 100.0, gamma / 100.0)
 
 
-def padded_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` as one matrix product.
-
-    The stacked output is padded with zero rows to a multiple of 16 columns: on the CPU a product
-    with, say, 10 or 62 output columns takes about as long as one with 32 or 80 (the odd width
-    falls off the fast kernels). The padding's output is dropped (it receives no gradient). The
-    gates compute their fused logits with :func:`stacked_logits_t`, which needs no padding.
-
-    >>> a, b = padded_linear(torch.ones(2, 3), [torch.ones(1, 3), torch.ones(2, 3)], [torch.zeros(1), torch.ones(2)])
-    >>> a.tolist(), b.tolist()
-    ([[3.0], [3.0]], [[4.0, 4.0], [4.0, 4.0]])
-    """
-    sizes = [w.shape[0] for w in weights]
-    pad = -sum(sizes) % 16
-    parts_w, parts_b = list(weights), list(biases)
-    if pad:
-        parts_w.append(weights[0].new_zeros(pad, weights[0].shape[1]))
-        parts_b.append(biases[0].new_zeros(pad))
-    out = F.linear(x, torch.cat(parts_w), torch.cat(parts_b))
-    return list(out.split(sizes + ([pad] if pad else []), dim=-1)[: len(sizes)])
-
-
 def stacked_logits_t(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` stacked and transposed: ``[sum of rows, rows of x]``.
 
     Computed as one product ``W x^T + b`` (``x`` ``[rows, d]``): row ``c`` is output column ``c`` of the
-    stacked ``weights``, in order. This orientation takes about the same time as ``x W^T`` and needs no
-    padding (on the CPU 10 rows took 0.86x the time of 16, where ``x W^T`` with 10 columns took 1.2x
-    that of 16, the reason for :func:`padded_linear`'s padding); a fused gate then works on each
+    stacked ``weights``, in order. This orientation needs no padding to an even width (on the CPU 10
+    rows took 0.86x the time of 16, where ``x W^T`` with 10 columns took 1.2x that of 16, and with 62
+    columns 1.3x that of 64); a fused gate then works on each
     logit's values as one contiguous row (ops over a last dimension of size ``k`` or ``m`` are several
     times slower), and the weight gradient ``grad @ x`` is the fast orientation too.
 
