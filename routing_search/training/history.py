@@ -42,7 +42,9 @@ class History:
         permutations: per epoch (after its searches), ``{layer name: [index rows of each permutation module]}``.
         searches: one dict per search: ``epoch``, ``step``, ``fun0``, ``fun``, ``accepted`` (number of
             moves kept), ``nit`` (moves accepted in total; larger for 'ils', whose discarded descents also
-            count), ``nfev``, ``seconds``, ``moves`` (kind, slot, selector, before, after, fun_before, fun_after).
+            count), ``nfev``, ``seconds``, ``moves`` (kind, slot, selector, before, after, fun_before, fun_after),
+            ``guard_rejections`` and ``guard`` (each guard's value at the search's start and end, see
+            :func:`~routing_search.training.searcher.guard_record`; None without ``guard=``).
         sinkhorn: learned-permutation events: ``epoch``, ``module``, ``event`` ('progress' or 'round'),
             and ``tau``/``iters`` or the rounded ``permutation``.
     """

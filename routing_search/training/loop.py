@@ -59,7 +59,7 @@ from .fit_state import checkpoint_state, module_generators, restore_checkpoint
 from .gate_report import gate_report, harden_model, warn_non_binary
 from .history import FitResult, History
 from .schedule import SearchSchedule, make_searcher
-from .searcher import LocalSearcher, Searcher
+from .searcher import LocalSearcher, Searcher, guard_record
 from .selection import Selection, resolve_select_mode
 from .sinkhorn_schedule import anneal_sinkhorn
 
@@ -178,6 +178,9 @@ def _search_record(result: OptimizeResult, epoch: int, step: int, seconds: float
         "all_reduce": dict(getattr(result, "all_reduce", None) or {}),
         # moves a metric guard refused (0 without guard=)
         "guard_rejections": int(getattr(result, "guard_rejections", 0) or 0),
+        # each guard's value at the search's start and end ({name: {start, end, tolerance, greater_is_better}};
+        # None without guard=), from result.guard
+        "guard": guard_record(result),
     }
 
 

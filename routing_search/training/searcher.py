@@ -40,7 +40,8 @@ from ..search import METHODS, RoutingObjective, SearchOptions, local_search, opt
 from ..search.refit import RefitOptions, refit_search
 from .checkpoint import to_plain
 
-__all__ = ["LocalSearcher", "Searcher", "check_searcher", "search_option_names", "generator_state", "set_generator_state"]
+__all__ = ["LocalSearcher", "Searcher", "check_searcher", "search_option_names", "generator_state", "set_generator_state",
+           "guard_record"]
 
 
 @runtime_checkable
@@ -50,7 +51,8 @@ class Searcher(Protocol):
     * ``due(step) -> bool``: whether ``step(step, data)`` would search at this 1-based optimiser step.
     * ``step(step, data) -> OptimizeResult | None``: search on the held-out ``data`` when due; the result
       has ``fun0``, ``fun``, ``nit``, ``nfev`` and optionally ``moves`` (objects with ``kind``, ``slot``,
-      ``selector``, ``before``, ``after``, ``fun_before``, ``fun_after``), as ``local_search`` returns.
+      ``selector``, ``before``, ``after``, ``fun_before``, ``fun_after``) and ``guard`` (as
+      ``local_search`` returns them; ``fit`` records ``guard`` with :func:`guard_record`).
     * ``log``: a list with one dict per search; ``fit`` records the last one's ``'seconds'`` when present.
     * ``state_dict()`` / ``load_state_dict(state)``: plain Python values saved in ``fit``'s checkpoints
       (restored on resume, so that a resumed run searches as the uninterrupted one).
@@ -87,6 +89,39 @@ def search_option_names(method: str) -> tuple[str, ...]:
     Same as :func:`routing_search.search.option_names` (kept under this name for existing code).
     """
     return option_names(method)
+
+
+def guard_record(result: Any) -> dict[str, dict[str, Any]] | None:
+    """A search result's guard report as plain values, as ``LocalSearcher.log`` and ``History.searches`` record it.
+
+    ``{guard name: {'start', 'end', 'tolerance', 'greater_is_better'}}``: each guard's value at the start of
+    the search (the reference every move was judged against) and at its end, from ``result.guard``
+    (:func:`~routing_search.search.guards.guard_report`; for a two-stage refit search, the start of the
+    first stage and the end of the refit stage). ``None`` when the search ran without ``guard=`` (or the
+    result has no ``guard``).
+
+    >>> from routing_search.result import make_result
+    >>> r = make_result(x=[0], fun=1.0, nit=0, nfev=1, status=0, message="",
+    ...                 guard={"acc": {"start": 0.9, "end": 0.95, "tolerance": 0.0, "greater_is_better": True}})
+    >>> guard_record(r)
+    {'acc': {'start': 0.9, 'end': 0.95, 'tolerance': 0.0, 'greater_is_better': True}}
+    >>> guard_record(make_result(x=[0], fun=1.0, nit=0, nfev=1, status=0, message="")) is None
+    True
+    """
+    report = getattr(result, "guard", None)
+    if report is None:
+        return None
+    if not isinstance(report, dict):
+        raise TypeError(f"result.guard must be None or a dict {{name: {{'start', 'end', ...}}}}, got {type(report).__name__}")
+    return {
+        str(name): {
+            "start": float(entry["start"]),
+            "end": float(entry["end"]),
+            "tolerance": float(entry.get("tolerance", 0.0)),
+            "greater_is_better": bool(entry.get("greater_is_better", True)),
+        }
+        for name, entry in report.items()
+    }
 
 
 def generator_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -131,7 +166,9 @@ class LocalSearcher:
 
     Attributes:
         rounds_done: searches run so far.
-        log: one dict per search: ``step``, ``fun0``, ``fun``, ``nit``, ``nfev``, ``seconds``.
+        log: one dict per search: ``step``, ``fun0``, ``fun``, ``nit``, ``nfev``, ``seconds``, ``guard``
+            (each guard's value at the start and the end of the search, see :func:`guard_record`; None
+            without ``guard=``).
         last_result: the last ``OptimizeResult`` (or None).
     """
 
@@ -222,6 +259,7 @@ class LocalSearcher:
                 "nit": int(result.nit),
                 "nfev": int(result.nfev),
                 "seconds": float(seconds),
+                "guard": guard_record(result),
             }
         )
         return result

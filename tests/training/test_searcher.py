@@ -33,7 +33,7 @@ def test_step_runs_on_schedule_and_counts_rounds():
     assert ran == [3, 6]
     assert searcher.rounds_done == 2 and searcher.exhausted
     assert [entry["step"] for entry in searcher.log] == [3, 6]
-    assert set(searcher.log[0]) == {"step", "fun0", "fun", "nit", "nfev", "seconds"}
+    assert set(searcher.log[0]) == {"step", "fun0", "fun", "nit", "nfev", "seconds", "guard"}
     forced = searcher(data())  # __call__ always searches
     assert forced is not None and searcher.rounds_done == 3
 
