@@ -20,6 +20,7 @@ __all__ = [
     "DATASETS",
     "GATES",
     "ARMS",
+    "SEARCH_ARMS",
     "PRESETS",
     "GATE_INPUTS",
     "ModelConfig",
@@ -40,6 +41,7 @@ DATASETS = ("synthetic", "keyed", "movielens", "multi-mnist", "multi-fashion")
 GATES = ("softmax", "topk", "hash", "dselect_k", "comet", "gumbel")
 ARMS = ("sgd", "random", "search", "guarded", "sinkhorn")
 SEARCH_ARMS = ("search", "guarded")
+"""The arms of :data:`ARMS` that search during training (``guarded`` adds metric guards to ``search``)."""
 PRESETS = ("cpu", "paper")
 GATE_INPUTS = ("static", "example")
 KEYED_DATASETS = ("keyed", "movielens")

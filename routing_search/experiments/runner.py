@@ -13,8 +13,9 @@ same weights; ``fit`` shuffles with its own generator seeded by the same seed, a
 * ``guarded``: the ``search`` arm with a :class:`~routing_search.search.MetricGuard` on every task's paper
   metric (``ExperimentData.guard_metrics``), computed on the same validation rows the search scores: a
   move the loss accepts is kept only if no guarded metric is worse than at the start of that search by
-  more than ``config.guard.tolerance``. Each search's guard values at its start and end and the moves
-  the guards refused are recorded.
+  more than ``config.guard.tolerance``. Each search's guard values at its start and end (as the search
+  reports them in ``result.guard``, recorded by ``fit`` in ``History.searches``) and the moves the guards
+  refused are recorded.
 * ``sinkhorn``: the task gates wrapped by one shared learned permutation (COMET+), annealed, rounded and
   frozen by ``fit``.
 """
@@ -33,12 +34,13 @@ from torch import nn
 from .._validation import check_rng
 from ..metrics import match_experts_by_outputs, support_recovery
 from ..search import MetricGuard, sinkhorn_modules
-from ..training import FitEvent, fit
-from .config import ExperimentConfig
-from .datasets import ExperimentData, MetricSpec, load_experiment_data
+from ..training import fit
+from .config import SEARCH_ARMS, ExperimentConfig
+from .datasets import ExperimentData, load_experiment_data
 from .models import build_model, moe_layer, training_steps
 
-__all__ = ["RunRecord", "ExperimentResult", "run_experiment", "run_one", "apply_random_permutations", "evaluate", "is_identity"]
+__all__ = ["RunRecord", "ExperimentResult", "run_experiment", "run_one", "apply_random_permutations", "evaluate", "is_identity",
+           "metric_guards", "guard_checks"]
 
 EVAL_BATCH = 4096
 
@@ -61,7 +63,8 @@ class RunRecord:
         seconds, search_share: wall time of ``fit`` and the share spent in searches (not reproducible).
         guard_rejections: moves the loss accepted but a guard refused (``guarded`` arm; 0 otherwise).
         guard_checks: ``guarded`` arm: per search, ``{metric: {'start': v0, 'end': v1}}`` on the search's
-            validation rows (empty for the other arms).
+            validation rows, from the search's own guard report (see :func:`guard_checks`; empty for the
+            other arms).
     """
 
     seed: int
@@ -184,38 +187,24 @@ def _support_f1(model: nn.Module, data: ExperimentData, task_weights: torch.Tens
     return float(recovery.mean_f1)
 
 
-class _GuardProbe:
-    """A guarded metric that keeps every value it computes, so that each search's start and end values can be
-    read back (a search computes its guards first at its start and last at its end)."""
-
-    def __init__(self, spec: MetricSpec) -> None:
-        self.spec = spec
-        self.values: list[float] = []
-
-    def __call__(self, predictions: Any, targets: Any) -> float:
-        value = float(self.spec.fn(predictions, targets))
-        self.values.append(value)
-        return value
-
-    def guard(self, tolerance: float) -> MetricGuard:
-        """This metric as a guard: its direction, ``tolerance``, the metric's name."""
-        return MetricGuard(self, greater_is_better=self.spec.higher_is_better, tolerance=tolerance, name=self.spec.name)
+def metric_guards(data: ExperimentData, tolerance: float) -> list[MetricGuard]:
+    """The ``guarded`` arm's guards: every metric of ``data.guard_metrics`` with its direction and name, each
+    allowed to get worse than at the start of a search by ``tolerance`` (in the metric's units)."""
+    return [MetricGuard(spec.fn, greater_is_better=spec.higher_is_better, tolerance=tolerance, name=spec.name)
+            for spec in data.guard_metrics]
 
 
-class _GuardLog:
-    """A ``fit`` callback: after every search, the guards' values at its start and end (from the probes)."""
+def guard_checks(searches: list[dict[str, Any]]) -> list[dict[str, dict[str, float]]]:
+    """Per search of a ``fit`` history, ``{metric: {'start': v0, 'end': v1}}``: each guard's value at the start and
+    at the end of that search, as the search reported them (``History.searches[i]['guard']``; ``{}`` for a search
+    that ran without guards).
 
-    def __init__(self, probes: list[_GuardProbe]) -> None:
-        self.probes = probes
-        self.checks: list[dict[str, dict[str, float]]] = []
-
-    def on_search(self, event: FitEvent) -> None:
-        check: dict[str, dict[str, float]] = {}
-        for probe in self.probes:
-            if probe.values:
-                check[probe.spec.name] = {"start": probe.values[0], "end": probe.values[-1]}
-            probe.values.clear()
-        self.checks.append(check)
+    >>> guard_checks([{"guard": {"acc": {"start": 0.5, "end": 0.75, "tolerance": 0.0, "greater_is_better": True}}},
+    ...               {"guard": None}])
+    [{'acc': {'start': 0.5, 'end': 0.75}}, {}]
+    """
+    return [{name: {"start": float(g["start"]), "end": float(g["end"])} for name, g in (record["guard"] or {}).items()}
+            for record in searches]
 
 
 def run_one(config: ExperimentConfig, data: ExperimentData, gate: str, arm: str, seed: int) -> RunRecord:
@@ -229,15 +218,13 @@ def run_one(config: ExperimentConfig, data: ExperimentData, gate: str, arm: str,
     if arm == "random":
         initial = apply_random_permutations(model, np.random.default_rng([seed, 7_919]))
     search = None
-    guard_log: _GuardLog | None = None
-    if arm == "guarded":
-        if not data.guard_metrics:
-            raise ValueError(f"arm 'guarded' needs per-task metrics to guard; the data of {config.dataset!r} define none")
-        probes = [_GuardProbe(spec) for spec in data.guard_metrics]
-        guard_log = _GuardLog(probes)
-        search = config.search.as_fit_option(guard=[probe.guard(config.guard.tolerance) for probe in probes])
-    elif arm == "search":
-        search = config.search.as_fit_option()
+    if arm in SEARCH_ARMS:
+        guards: list[MetricGuard] = []
+        if arm == "guarded":
+            if not data.guard_metrics:
+                raise ValueError(f"arm 'guarded' needs per-task metrics to guard; the data of {config.dataset!r} define none")
+            guards = metric_guards(data, config.guard.tolerance)
+        search = config.search.as_fit_option(guard=guards)
     lr = config.train.lr
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -254,7 +241,6 @@ def run_one(config: ExperimentConfig, data: ExperimentData, gate: str, arm: str,
         device=config.device,
         progress=config.progress,
         gate_loss_weight=config.train.gate_loss_weight,
-        callbacks=None if guard_log is None else [guard_log],
     )
     seconds = time.perf_counter() - start
     for module in sinkhorn_modules(model):
@@ -286,7 +272,7 @@ def run_one(config: ExperimentConfig, data: ExperimentData, gate: str, arm: str,
         seconds=float(seconds),
         search_share=float(history.search_share()),
         guard_rejections=sum(int(s.get("guard_rejections", 0)) for s in history.searches),
-        guard_checks=[] if guard_log is None else guard_log.checks,
+        guard_checks=guard_checks(history.searches) if arm == "guarded" else [],
     )
 
 

@@ -22,7 +22,7 @@ from routing_search.experiments import (
     run_experiment,
     run_one,
 )
-from routing_search.experiments.config import GuardConfig
+from routing_search.experiments.config import SEARCH_ARMS, GuardConfig
 from routing_search.experiments.models import build_model, moe_layer, training_steps
 from routing_search.gates import COMET, DSelectK, GammaAnnealing
 from routing_search.training.task_metrics import mse
@@ -92,7 +92,7 @@ def test_every_arm_runs_for_every_gate(dataset, gates):
         assert all(math.isfinite(v) for v in r.metrics.values()), (r.gate, r.arm)
         assert len(r.experts_used) == cfg.data.num_tasks
         assert len(r.usage) == cfg.train.epochs
-        if r.arm in ("search", "guarded"):
+        if r.arm in SEARCH_ARMS:
             assert r.searches == cfg.train.epochs  # one search at the end of every epoch
             assert len(r.guard_checks) == (cfg.train.epochs if r.arm == "guarded" else 0)
         else:
@@ -179,6 +179,29 @@ def test_guarded_arm_never_worsens_a_guarded_metric_at_a_search():
     for check in guarded.guard_checks:  # ... so the guarded metric (here: higher is better) never fell at a search
         assert check["task0/mse"]["end"] >= check["task0/mse"]["start"]
     assert search.guard_checks == [] and search.guard_rejections == 0
+
+
+def test_guard_checks_are_the_values_each_search_reported(monkeypatch):
+    # The guarded arm's start/end values come from each search's own result (result.guard, recorded by fit),
+    # not from the order in which the guards happen to be computed; one check per search.
+    import routing_search.training.searcher as searcher_module
+
+    results = []
+    real = searcher_module.local_search
+
+    def spy(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(searcher_module, "local_search", spy)
+    cfg = tiny(gates=("topk",), arms=("guarded",), train={"epochs": 3})
+    data = _conflicting_guard_data(cfg)
+    guarded = run_one(cfg, data, "topk", "guarded", 0)
+    assert guarded.searches == len(guarded.guard_checks) == len(results) == 3
+    assert guarded.guard_rejections == sum(r.guard_rejections for r in results) > 0
+    for check, result in zip(guarded.guard_checks, results):
+        assert check == {name: {"start": g["start"], "end": g["end"]} for name, g in result.guard.items()}
+        assert set(check) == {"task0/mse"}
 
 
 def test_guarded_equals_search_when_no_guard_refuses():
