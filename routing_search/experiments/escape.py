@@ -43,6 +43,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ from ..search.refit import RefitOptions
 from ..training import LocalSearcher, SearchSchedule, fit
 from ..training.searcher import generator_state, set_generator_state
 from .output import new_run_dir
-from .stats import mean_se, paired_comparison
+from .stats import expected_best_of_n, mean_se, paired_comparison
+from .stats import trials_needed as stats_trials_needed
 
 __all__ = ["EscapeConfig", "FAMILIES", "ARMS", "run_escape", "build_start", "run_arm", "summarise", "run_tuning",
            "trials_needed", "expected_best", "write_report", "curve_summary", "compare_to_control", "meets_criterion",
@@ -618,7 +620,14 @@ def _trial_settings(cfg: EscapeConfig, family: str) -> list[dict[str, Any]]:
 
 
 def trials_needed(p: float, probability: float) -> float:
-    """Smallest N with ``1 - (1 - p)^N >= probability`` (``inf`` when ``p == 0``)."""
+    """Deprecated: use :func:`routing_search.experiments.stats.trials_needed` (on the trials' values).
+
+    Smallest N with ``1 - (1 - p)^N >= probability`` (``inf`` when ``p == 0``), ``p`` the fraction of
+    trials that reach the target.
+    """
+    warnings.warn("escape.trials_needed(p, probability) is deprecated; use routing_search.experiments.stats."
+                  "trials_needed(scores, values, target, probability=..., higher_is_better=...)", DeprecationWarning,
+                  stacklevel=2)
     if p <= 0:
         return float("inf")
     if p >= 1:
@@ -627,10 +636,17 @@ def trials_needed(p: float, probability: float) -> float:
 
 
 def expected_best(values: list[float], trials: int) -> float:
-    """Expected minimum of ``trials`` draws (with replacement) from the empirical distribution of ``values``."""
-    x = sorted(values)
-    m = len(x)
-    return float(sum(v * (((m - i) / m) ** trials - ((m - i - 1) / m) ** trials) for i, v in enumerate(x)))
+    """Expected minimum of ``trials`` draws (with replacement) from the empirical distribution of ``values``:
+    :func:`~routing_search.experiments.stats.expected_best_of_n` with the values as their own (lower is
+    better) selection scores."""
+    return expected_best_of_n(values, None, trials, higher_is_better=False, replace=True)
+
+
+def _trials_to_reach(values: list[float], target: float, probability: float) -> float:
+    """Trials needed (with replacement) for one of them to reach ``target`` with ``probability``, as a float
+    (``inf``: no trial reached it), by :func:`~routing_search.experiments.stats.trials_needed`."""
+    n = stats_trials_needed(values, values, target, probability=probability, higher_is_better=False, replace=True)
+    return float("inf") if n is None else float(n)
 
 
 def run_tuning(cfg: EscapeConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -651,7 +667,7 @@ def run_tuning(cfg: EscapeConfig, *, progress: bool = False) -> dict[str, Any]:
         for arm in cfg.tune_arms:
             values = [r["test_loss"] for r in rows if r["arm"] == arm]
             p = float(np.mean([v <= target for v in values]))
-            arms[arm] = {"reach_fraction": p, "trials_needed": trials_needed(p, cfg.tune_probability),
+            arms[arm] = {"reach_fraction": p, "trials_needed": _trials_to_reach(values, target, cfg.tune_probability),
                          "expected_best": {str(n): expected_best(values, n) for n in (1, 2, 4, 8)},
                          "median": float(statistics.median(values))}
         out[family] = {"target": target, "arms": arms, "runs": rows}

@@ -78,8 +78,10 @@ def test_summary_counts_paired_wins() -> None:
 
 
 def test_trials_needed_and_expected_best() -> None:
-    assert trials_needed(0.5, 0.9) == 4  # 1 - 0.5**4 = 0.9375 >= 0.9 > 1 - 0.5**3
-    assert trials_needed(1.0, 0.9) == 1 and trials_needed(0.0, 0.9) == float("inf")
+    with pytest.deprecated_call(match="stats.trials_needed"):
+        assert trials_needed(0.5, 0.9) == 4  # 1 - 0.5**4 = 0.9375 >= 0.9 > 1 - 0.5**3
+    with pytest.deprecated_call():
+        assert trials_needed(1.0, 0.9) == 1 and trials_needed(0.0, 0.9) == float("inf")
     values = [3.0, 1.0, 2.0]
     assert expected_best(values, 1) == pytest.approx(2.0)
     # min of two draws: P(min = 1) = 5/9, P(min = 2) = 3/9, P(min = 3) = 1/9.
@@ -103,6 +105,14 @@ def test_tiny_run_writes_the_report(tmp_path) -> None:
     assert "## dselect_collapsed" in (run_dir / "report.md").read_text()
     assert set(report["summary"]) == {"dselect_collapsed", "hash_misassigned"}
     assert set(report["tuning"]["hash_misassigned"]["arms"]) == {"sgd", "search"}
+    tuning = report["tuning"]["hash_misassigned"]
+    for arm, entry in tuning["arms"].items():  # stats' figures equal the closed form 1 - (1 - m/T)^N >= probability
+        values = [r["test_loss"] for r in tuning["runs"] if r["arm"] == arm]
+        m = sum(v <= tuning["target"] for v in values)
+        closed = (float("inf") if m == 0 else 1.0 if m == len(values) else
+                  float(np.ceil(np.log(1 - cfg.tune_probability) / np.log(1 - m / len(values)) - 1e-12)))
+        assert entry["trials_needed"] == closed and entry["reach_fraction"] == m / len(values)
+        assert entry["expected_best"]["2"] == pytest.approx(np.mean([min(a, b) for a in values for b in values]))
     assert "## Tuning budget" in (run_dir / "report.md").read_text()
     for row in report["runs"]:
         assert np.isfinite(row["test_loss"])

@@ -100,3 +100,4 @@ def test_curve_budgets_count_with_the_same_rule() -> None:
                          "curve": [[0, 8.0], [10, end]]})
     at_end = curve_summary(rows, cfg, "hash_misassigned")["arms"]["search"]["budgets"]["1"]
     assert (at_end["wins"], at_end["losses"], at_end["seeds"]) == (1, 0, 2)
+
