@@ -8,7 +8,13 @@ exposes, so that a checkpoint can store and restore them (exact resume).
 * A map-style ``Dataset`` (items ``(inputs, targets)``) is wrapped by :func:`make_loader`, whose sampler
   draws the same ``torch.randperm(n, generator=g)``: with the same seed and batch size a ``Dataset`` (or
   ``make_loader(dataset, seed=...)``) gives exactly the batches of the equivalent tensor pair.
-* A ``DataLoader`` is used as it is (its own sampler decides the order).
+* A ``DataLoader`` is used as it is (its own sampler decides the order); its items must be batches:
+  each is checked by :func:`~routing_search.batches.check_batch`, and a ``DataLoader(TensorDataset(...),
+  batch_size=None)``, which yields single rows, is refused (:func:`~routing_search.batches.check_loader`).
+
+A list of pairs is not a training set: it is refused with a message saying how to pass rows (one
+stacked pair, a ``Dataset``, or a ``DataLoader`` with ``batch_size``). Only held-out data read whole
+(:func:`materialize`) takes a list, as batches (:func:`~routing_search.batches.as_batch`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler
 
 from .._validation import check_int
-from ..batches import as_batch, num_rows, take_rows, tensors_of, to_device
+from ..batches import ROWS_HINT, as_batch, check_batch, check_loader, num_rows, take_rows, tensors_of, to_device
 
 __all__ = ["BatchSource", "TensorSource", "LoaderSource", "PermutationSampler", "as_source", "make_loader", "materialize", "search_subset", "check_finite_targets"]
 
@@ -37,9 +43,14 @@ def check_finite_targets(targets: Any, where: str) -> None:
 
 
 def _check_pair(name: str, data: Any) -> tuple[Any, Any]:
+    if isinstance(data, (tuple, list)) and data and all(isinstance(item, (tuple, list)) and len(item) == 2 for item in data):
+        raise TypeError(
+            f"{name} must be a pair (inputs, targets) of tensors, a torch Dataset of (inputs, targets) rows or a DataLoader, "
+            f"got a {type(data).__name__} of {len(data)} pair{'' if len(data) == 1 else 's'} (rows and batches cannot be told apart there); {ROWS_HINT}"
+        )
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(
-            f"{name} must be a pair (inputs, targets) of tensors, a torch Dataset of (inputs, targets) items or a "
+            f"{name} must be a pair (inputs, targets) of tensors, a torch Dataset of (inputs, targets) rows or a "
             f"DataLoader, got {type(data).__name__}"
         )
     inputs, targets = data
@@ -52,6 +63,7 @@ def _check_pair(name: str, data: Any) -> tuple[Any, Any]:
         raise ValueError(f"{name}: inputs and targets must have the same number of rows, got {sorted(rows)}")
     if rows == {0}:
         raise ValueError(f"{name} holds no rows")
+    check_batch((inputs, targets), name=name)
     check_finite_targets(targets, name)
     return inputs, targets
 
@@ -113,11 +125,14 @@ class TensorSource(BatchSource):
 
 
 class LoaderSource(BatchSource):
-    """A ``DataLoader`` whose batches are ``(inputs, targets)`` pairs (its sampler fixes the order)."""
+    """A ``DataLoader`` whose batches are ``(inputs, targets)`` pairs (its sampler fixes the order).
+
+    Every batch is checked as it is read (:func:`~routing_search.batches.check_batch`): an item that is a
+    single row (a scalar target, inputs and targets of different lengths) is refused, never trained on.
+    """
 
     def __init__(self, name: str, loader: DataLoader) -> None:
-        if not isinstance(loader, DataLoader):
-            raise TypeError(f"{name} must be a torch DataLoader here, got {type(loader).__name__}")
+        check_loader(loader, name=name)
         self.name = name
         self.loader = loader
 
@@ -131,7 +146,8 @@ class LoaderSource(BatchSource):
             inputs, targets = batch
             if not isinstance(inputs, (torch.Tensor, Mapping)):
                 raise TypeError(f"{self.name}: batch inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}")
-            rows = num_rows((inputs, targets))
+            rows = check_batch((inputs, targets), name=f"{self.name}: batch {index}",
+                               hint=f"a DataLoader must yield batches (inputs, targets); {ROWS_HINT}")
             yield to_device(inputs, device), to_device(targets, device), rows
 
     def num_batches(self) -> int | None:
@@ -226,24 +242,27 @@ def as_source(name: str, data: Any, batch_size: int, generator: torch.Generator,
     return TensorSource(name, data, batch_size, generator, shuffle=shuffle)
 
 
-def materialize(source_or_data: Any, batch_size: int = 1024) -> tuple[Any, Any]:
-    """All rows of a pair, a list of pairs, a ``Dataset``, a ``DataLoader`` or a :class:`BatchSource` as one pair."""
+def materialize(source_or_data: Any, batch_size: int = 1024, *, name: str = "data") -> tuple[Any, Any]:
+    """All rows of one batch, a list of batches, a ``Dataset`` of rows, a ``DataLoader`` or a
+    :class:`BatchSource` as one pair ``(inputs, targets)`` (``name``: the argument, for messages).
+
+    A list of pairs is read as batches, a ``Dataset`` as rows (see :func:`~routing_search.batches.as_batch`):
+    a list of single rows is refused rather than concatenated into wrong shapes.
+    """
     if isinstance(source_or_data, BatchSource):
-        return as_batch([(inputs, targets) for inputs, targets, _ in source_or_data.batches(torch.device("cpu"), shuffle=False)])
-    if isinstance(source_or_data, DataLoader):
-        return as_batch([tuple(batch) for batch in source_or_data])
-    if isinstance(source_or_data, Dataset):
-        return as_batch([tuple(batch) for batch in make_loader(source_or_data, batch_size=batch_size, shuffle=False)])
-    return as_batch(source_or_data)
+        return as_batch([(inputs, targets) for inputs, targets, _ in source_or_data.batches(torch.device("cpu"), shuffle=False)], name=name)
+    if isinstance(source_or_data, Dataset) and not isinstance(source_or_data, DataLoader):
+        return as_batch(make_loader(source_or_data, batch_size=batch_size, shuffle=False), name=name)
+    return as_batch(source_or_data, name=name)
 
 
-def search_subset(data: Any, rows: int | None, seed: int) -> tuple[Any, Any]:
+def search_subset(data: Any, rows: int | None, seed: int, *, name: str = "data") -> tuple[Any, Any]:
     """At most ``rows`` held-out rows, a fixed seeded subset in their original order (the same at every search).
 
     ``data`` may be anything :func:`materialize` takes; the row count comes from every tensor of the
-    batch, whatever the model's keyword names are.
+    batch, whatever the model's keyword names are; ``name`` is the argument, for messages.
     """
-    inputs, targets = materialize(data)
+    inputs, targets = materialize(data, name=name)
     total = num_rows((inputs, targets))
     if rows is None or total <= rows:
         return inputs, targets
