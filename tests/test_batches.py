@@ -170,3 +170,12 @@ def test_check_batch_counts_rows_and_allows_plain_values_in_inputs_only() -> Non
         check_batch(({"task": 1}, None))
     with pytest.raises(TypeError, match="must be a pair"):
         check_batch((x, y, y))
+
+
+def test_refit_search_names_fit_data_and_score_data() -> None:
+    x, y = _data()
+    rows = list(zip(x, y))
+    with pytest.raises(ValueError, match=r"^fit_data\[0\]: .*single rows"):
+        refit_search(_moe(), rows, (x, y), mse_loss)
+    with pytest.raises(ValueError, match=r"^score_data\[0\]: .*single rows"):
+        refit_search(_moe(), (x, y), rows, mse_loss)

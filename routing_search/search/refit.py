@@ -231,8 +231,8 @@ class RefitObjective:
         # Everything the search computes lives on the CPU in float64, whatever the model's device.
         self.theta = [torch.cat([lin.weight.detach().t(), _bias(lin).unsqueeze(0)], dim=0).to("cpu", torch.float64)
                       for lin in self.linears]
-        self.fit_part = self._cache(fit_data)
-        self.score_part = self._cache(score_data)
+        self.fit_part = self._cache(fit_data, "fit_data")
+        self.score_part = self._cache(score_data, "score_data")
         self.state = [slot.index.detach().clone().cpu() for slot in self.slots]
         self.per_example = self._check_loss()
 
@@ -314,8 +314,8 @@ class RefitObjective:
         return out
 
     @torch.no_grad()
-    def _cache(self, data: Any) -> _Part:
-        inputs, targets = as_batch(data)
+    def _cache(self, data: Any, name: str) -> _Part:
+        inputs, targets = as_batch(data, name=name)
         x, task, key = _split_inputs(inputs)
         captured: list[torch.Tensor] = []
         handles = [lin.register_forward_hook(lambda m, a, out: captured.append(a[0].detach())) for lin in self.linears]

@@ -157,7 +157,7 @@ def refit_rows(train_data: Any, rows: int | None, seed: int) -> tuple[Any, Any]:
         if not isinstance(train_data.dataset, Dataset) or isinstance(train_data.dataset, IterableDataset):
             raise TypeError("a refit schedule needs train_data as tensors, a map-style Dataset or a DataLoader over one")
         train_data = train_data.dataset  # read in order; iterating the loader would draw from its sampler
-    return search_subset(train_data, rows, seed + 1)
+    return search_subset(train_data, rows, seed + 1, name="train_data")
 
 
 @dataclass

@@ -97,3 +97,18 @@ def test_materialize_reads_lists_as_batches_and_datasets_as_rows() -> None:
         search_subset(list(zip(x, y)), 5, seed=0, name="search_data")
     with pytest.raises(ValueError, match=r"^val_data: DataLoader\(batch_size=None\)"):
         materialize(DataLoader(TensorDataset(x, y), batch_size=None), name="val_data")
+
+
+def test_fit_names_search_data_and_train_data_for_the_search_rows() -> None:
+    from routing_search.search.refit import RefitOptions
+    from routing_search.training import SearchSchedule
+
+    x, y = _data()
+    rows = list(zip(x, y))
+    with pytest.raises(ValueError, match=r"^search_data\[0\]: .*single rows"):
+        _fit((x, y), search=SearchSchedule(every_epochs=1), search_data=rows)
+    with pytest.raises(TypeError, match=r"^val_data must be .* got a list of 12 pairs"):
+        _fit((x, y), search=SearchSchedule(every_epochs=1), val_data=rows)
+    refit = SearchSchedule(every_epochs=1, refit=RefitOptions(max_iter=1))
+    with pytest.raises(ValueError, match=r"^train_data: DataLoader\(batch_size=None\)"):
+        _fit(DataLoader(TensorDataset(x, y), batch_size=None), search=refit, search_data=(x, y))
