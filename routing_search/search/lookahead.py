@@ -41,7 +41,7 @@ def lookahead_score(
     clone = copy.deepcopy(model)
     clone.train()
     optimizer = torch.optim.Adam(clone.parameters(), lr=lr)
-    inputs, targets = as_batch(train_data)
+    inputs, targets = as_batch(train_data, name="train_data")
     for index in batches:
         optimizer.zero_grad(set_to_none=True)
         out = call_model(clone, take_rows(inputs, index))
@@ -53,7 +53,7 @@ def lookahead_score(
         value.backward()
         optimizer.step()
     with torch.no_grad(), eval_mode(clone):
-        s_inputs, s_targets = as_batch(score_data)
+        s_inputs, s_targets = as_batch(score_data, name="score_data")
         return float(loss(unwrap_prediction(call_model(clone, s_inputs)), s_targets).detach().to(torch.float64).mean())
 
 
