@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .._validation import check_int, check_positive_float
-from .protocol import BaseGate
+from .._validation import check_int, check_num_experts_k, check_positive_float
+from .protocol import BaseGate, WeightSchedule, check_weight_schedule
 from .smooth_step import GammaAnnealing
 
 __all__ = ["AnnealedGate", "BudgetAnnealing"]
@@ -91,6 +91,25 @@ class AnnealedGate(BaseGate):
     gamma_schedule: Callable[[int], float] | None
     anneal: GammaAnnealing | BudgetAnnealing | None
     fitted_annealing: GammaAnnealing | None
+
+    def __init__(
+        self,
+        num_experts: int,
+        k: int,
+        input_dim: int | None,
+        *,
+        gamma: WeightSchedule,
+        anneal: GammaAnnealing | BudgetAnnealing | None,
+        entropy_weight: WeightSchedule,
+        validate: bool,
+    ) -> None:
+        """The arguments every selector gate shares (checked here): ``k`` selectors over ``num_experts``."""
+        n, k_checked = check_num_experts_k(num_experts, k)
+        assert k_checked is not None
+        super().__init__(n, input_dim, validate=validate)
+        self.num_selectors = k_checked
+        self._init_gamma(gamma, anneal)
+        self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
 
     def _init_gamma(self, gamma: float | Callable[[int], float], anneal: GammaAnnealing | BudgetAnnealing | None) -> None:
         _check_anneal(anneal)

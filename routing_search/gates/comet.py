@@ -8,9 +8,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .._validation import check_num_experts_k
 from .annealed import AnnealedGate, BudgetAnnealing
-from .protocol import GateOutput, WeightSchedule, check_weight_schedule, resolve_weight
+from .protocol import GateOutput, WeightSchedule, resolve_weight
 from .router import check_input_dtype
 from .smooth_step import GammaAnnealing, entropy_terms, smooth_step_init_, stacked_logits_t
 
@@ -354,13 +353,10 @@ class COMET(AnnealedGate):
         entropy_weight: WeightSchedule = 0.0,
         validate: bool = True,
     ) -> None:
-        n, k_checked = check_num_experts_k(num_experts, k)
-        assert k_checked is not None
-        k = k_checked
-        super().__init__(n, input_dim, validate=validate)
-        self.num_selectors = k
-        self._init_gamma(gamma, anneal)
-        self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
+        super().__init__(
+            num_experts, k, input_dim, gamma=gamma, anneal=anneal, entropy_weight=entropy_weight, validate=validate
+        )
+        n, k = self.num_experts, self.num_selectors
 
         self.leaf_order: tuple[int, ...] = tuple(leaf for leaf, _ in leaf_paths(n))
         self._levels = tree_levels(n)

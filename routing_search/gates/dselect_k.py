@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_num_experts_k, check_positive_float
+from .._validation import check_choice, check_positive_float
 from .binary_encoding import hard_selector, log_code_matrix, mix_selectors, num_bits, zero_log
 from .annealed import AnnealedGate, BudgetAnnealing
-from .protocol import GateOutput, WeightSchedule, check_weight_schedule, entropy, resolve_weight
+from .protocol import GateOutput, WeightSchedule, entropy, resolve_weight
 from .router import check_input_dtype
 from .smooth_step import (
     GammaAnnealing,
@@ -346,13 +346,10 @@ class DSelectK(AnnealedGate):
         reachability_weight: float = 0.0,
         validate: bool = True,
     ) -> None:
-        n, k_checked = check_num_experts_k(num_experts, k)
-        assert k_checked is not None
-        k = k_checked
-        super().__init__(n, input_dim, validate=validate)
-        self.num_selectors = k
-        self._init_gamma(gamma, anneal)
-        self.entropy_weight = check_weight_schedule("entropy_weight", entropy_weight)
+        super().__init__(
+            num_experts, k, input_dim, gamma=gamma, anneal=anneal, entropy_weight=entropy_weight, validate=validate
+        )
+        n, k = self.num_experts, self.num_selectors
         self.unreachable = check_choice("unreachable", unreachable, ("renormalize", "fold"))
         self.reachability_weight = check_positive_float(
             "reachability_weight", reachability_weight, allow_zero=True
