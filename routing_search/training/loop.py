@@ -291,7 +291,7 @@ def fit(
         val_data: held-out data in any form ``train_data`` takes (read in order): the validation loss,
             metrics, expert usage, gate reports, best-epoch selection and early stopping use it.
         search_data: held-out data for the search (default ``val_data``): any of those forms, or a list
-            of pairs; loaded into memory once.
+            of ``(inputs, targets)`` batches (a list of single rows is refused); loaded into memory once.
         epochs: total number of epochs (a resumed run continues up to this count).
         batch_size: rows per step for tensors and Datasets (the last batch of an epoch may be smaller);
             also the evaluation batch.

@@ -151,7 +151,7 @@ class SearchSchedule:
 
 def refit_rows(train_data: Any, rows: int | None, seed: int) -> tuple[Any, Any]:
     """The training rows a refit schedule fits on: a fixed subset of at most ``rows`` rows of ``train_data``
-    (tensors, list of pairs, ``Dataset``, or a ``DataLoader``'s map-style dataset, read in order), drawn
+    (tensors, a list of ``(inputs, targets)`` batches, a ``Dataset`` of rows, or a ``DataLoader``'s map-style dataset, read in order), drawn
     with ``torch.Generator().manual_seed(seed + 2)`` (the held-out subset uses ``seed + 1``)."""
     if isinstance(train_data, DataLoader):
         if not isinstance(train_data.dataset, Dataset) or isinstance(train_data.dataset, IterableDataset):
