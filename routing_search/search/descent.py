@@ -169,13 +169,14 @@ class _Search:
                 return True
         # 'best': the best swap over every permutation row; 'first': the best swap of the first row that improves.
         a_idx, c_idx = np.triu_indices(self.obj.n, k=1)
+        a_list, c_list = a_idx.tolist(), c_idx.tolist()
         groups = [(p, s) for p, index in enumerate(self.obj.state) for s in range(index.shape[0])]
         batches = [groups] if self.s.strategy == "best" else [[g] for g in groups]
         for batch in batches:
             scored: list[tuple[float, int, int, int, int]] = []
             for p, s in batch:
-                flat = self.obj.swap_values(p, s).cpu().numpy()[a_idx, c_idx]
-                scored.extend((float(v), p, s, int(a), int(c)) for v, a, c in zip(flat, a_idx, c_idx))
+                flat = self.obj.swap_values(p, s).cpu().numpy()[a_idx, c_idx].tolist()  # Python floats
+                scored.extend(zip(flat, itertools.repeat(p), itertools.repeat(s), a_list, c_list))
             scored.sort(key=lambda item: item[0])
             for value, p, s, a, c in scored:
                 if not value < self.obj.fun - self.s.tol:

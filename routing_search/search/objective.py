@@ -361,7 +361,7 @@ class RoutingObjective:
         if self._swap_scans and old_mixtures is not None and old_losses is not None and self.row_losses is not None:
             changed = self.row_losses != old_losses
             for new, old in zip(self.mixtures, old_mixtures):
-                changed |= (new != old).any(dim=1)
+                changed |= _rows_differ(new, old)
             for scan in self._swap_scans.values():
                 scan.mark_dirty(changed)
         return piece
@@ -666,11 +666,14 @@ class RoutingObjective:
             self.gate_outs = saved
         return self._total(piece)
 
+    @torch.no_grad()
     def accept(self, cand: Candidate) -> float:
         """Apply a candidate and verify its loss exactly from scratch; returns the verified loss (collective)."""
-        state = self.current()
-        state[cand.slot][cand.selector] = np.asarray(cand.row)
-        return self.set_state(state)
+        slot = range(len(self.state))[cand.slot]  # an IndexError for a slot the layer does not have
+        index = self._with_row(cand)  # only the candidate's row changes: only it is checked
+        self.state = [index if p == slot else s for p, s in enumerate(self.state)]
+        self._refresh()
+        return self.fun
 
     def write_back(self) -> None:
         """Copy the current state into the model's permutation modules."""
@@ -708,6 +711,19 @@ class RoutingObjective:
             diag = torch.diagonal(M)
             total += M + M.t() - diag.unsqueeze(1) - diag.unsqueeze(0)
         return self.reduce_sum(total)  # the gradient of the mean loss already carries the 1/rows
+
+
+def _rows_differ(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``(new != old).any(dim=1)`` for ``[B, u]`` tensors: bool ``[B]``, True where a row differs anywhere.
+
+    With ``u`` a multiple of 8 the booleans are read eight at a time as int64 words (each byte is 0 or 1,
+    so a word is non-zero exactly when one of its bytes is): the same answer, several times faster than
+    the boolean reduction, and it runs at every accepted move.
+    """
+    ne = new != old
+    if ne.dim() == 2 and ne.shape[1] > 0 and ne.shape[1] % 8 == 0 and ne.is_contiguous():
+        return ne.view(torch.int64).amax(dim=1) != 0
+    return ne.any(dim=1)
 
 
 def _detach_gate_output(g: GateOutput) -> GateOutput:

@@ -31,13 +31,18 @@ class SwapScan:
         self.slot = slot
         self.selector = selector
         n, batch, device = objective.n, objective.batch, objective.F.device
-        self.weights = {t: objective.contrib[t][:, selector, :].to(objective.F.dtype) for t in objective.slot_tasks[slot]}
-        active = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        # Each task's weights [B, n] flattened (row-major: (row, slot) -> row * n + slot), gathered per chunk.
+        self.weights = {
+            t: objective.contrib[t][:, selector, :].to(objective.F.dtype).reshape(-1) for t in objective.slot_tasks[slot]
+        }
+        active = torch.zeros(batch * n, dtype=torch.bool, device=device)
         for w in self.weights.values():
             active |= w != 0
+        active = active.view(batch, n)
         self.entry_b, self.entry_a = torch.nonzero(active, as_tuple=True)
-        self.entry_id = torch.full((batch, n), -1, dtype=torch.long, device=device)
-        self.entry_id[self.entry_b, self.entry_a] = torch.arange(self.entry_b.numel(), device=device)
+        self.entry_cell = self.entry_b * n + self.entry_a  # (row, slot) of each entry, flat
+        self.entry_id = torch.full((batch * n,), -1, dtype=torch.long, device=device)
+        self.entry_id[self.entry_cell] = torch.arange(self.entry_b.numel(), device=device)
         self.tri_b, self.tri_a, self.tri_c = active_pairs(active)
         self.delta = torch.zeros(self.entry_b.numel(), n, dtype=torch.float64, device=device)
         self.tri_value = torch.zeros(self.tri_b.numel(), dtype=torch.float64, device=device)
@@ -75,31 +80,38 @@ class SwapScan:
         obj, n = self.obj, self.obj.n
         device = ids.device
         per_chunk = max(1, obj.max_rows // n)
+        F_flat = obj.F.reshape(obj.batch * n, obj.F.shape[2])  # row-major: (row, expert) -> row * n + expert
+        experts = torch.arange(n, device=device)
         for lo in range(0, ids.numel(), per_chunk):
             chunk = ids[lo : lo + per_chunk]
             b, a = self.entry_b.index_select(0, chunk), self.entry_a.index_select(0, chunk)
+            cell = self.entry_cell.index_select(0, chunk)
             F_rows = obj.F.index_select(0, b)  # [E, n, u]: every expert's output on the entry's row
-            F_old = F_rows[torch.arange(b.numel(), device=device), index.index_select(0, a)].unsqueeze(1)
-            coeff = {t: w[b, a].view(-1, 1, 1) for t, w in self.weights.items()}
+            F_old = F_flat.index_select(0, b * n + index.index_select(0, a)).unsqueeze(1)
+            coeff = {t: w.index_select(0, cell).view(-1, 1, 1) for t, w in self.weights.items()}
             base = {t: obj.mixtures[t].index_select(0, b).unsqueeze(1) - c * F_old for t, c in coeff.items()}
             new = obj.rows_loss_change(b.repeat_interleave(n), base, coeff, F_rows).view(-1, n)
-            targets = (a.unsqueeze(1) * n + torch.arange(n, device=device)).reshape(-1)
+            targets = (a.unsqueeze(1) * n + experts).reshape(-1)
             self.D.index_add_(0, targets, (new - self.delta.index_select(0, chunk)).reshape(-1))
             self.delta.index_copy_(0, chunk, new)
 
     def _update_triples(self, ids: torch.Tensor, index: torch.Tensor) -> None:
         """Exact joint change on rows where both swapped slots carry weight, minus the two single terms."""
         obj, n = self.obj, self.obj.n
-        F_flat = obj.F.reshape(obj.batch * n, -1)
+        F_flat = obj.F.reshape(obj.batch * n, obj.F.shape[2])
+        delta_flat = self.delta.view(-1)  # (entry, expert) -> entry * n + expert
         for lo in range(0, ids.numel(), obj.max_rows):
             chunk = ids[lo : lo + obj.max_rows]
             b, a, c = (t.index_select(0, chunk) for t in (self.tri_b, self.tri_a, self.tri_c))
             ea, ec = index.index_select(0, a), index.index_select(0, c)
+            cell_a, cell_c = b * n + a, b * n + c
             F_new, F_old = F_flat.index_select(0, b * n + ec).unsqueeze(1), F_flat.index_select(0, b * n + ea).unsqueeze(1)
-            coeff = {t: (w[b, a] - w[b, c]).view(-1, 1, 1) for t, w in self.weights.items()}
+            coeff = {t: (w.index_select(0, cell_a) - w.index_select(0, cell_c)).view(-1, 1, 1) for t, w in self.weights.items()}
             base = {t: obj.mixtures[t].index_select(0, b).unsqueeze(1) - d * F_old for t, d in coeff.items()}
             joint = obj.rows_loss_change(b, base, coeff, F_new)
-            single = self.delta[self.entry_id[b, a], ec] + self.delta[self.entry_id[b, c], ea]
+            single = delta_flat.index_select(0, self.entry_id.index_select(0, cell_a) * n + ec) + delta_flat.index_select(
+                0, self.entry_id.index_select(0, cell_c) * n + ea
+            )
             new = joint - single
             self.correction.index_add_(0, a * n + c, new - self.tri_value.index_select(0, chunk))
             self.tri_value.index_copy_(0, chunk, new)
