@@ -162,7 +162,7 @@ def evaluate(
     }
     values: dict[str, float] = {}
     if metrics and outputs:
-        predictions, targets = as_batch(outputs)
+        predictions, targets = as_batch(outputs, name="the metrics' (predictions, targets) of val_data")
         for name, metric in metrics.items():
             values[name] = float(metric(predictions, targets))
     return EvalResult(
