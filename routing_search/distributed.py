@@ -33,6 +33,7 @@ __all__ = [
     "broadcast_tensor_",
     "RankFailedError",
     "agree",
+    "agree_and_gather",
 ]
 
 
@@ -110,20 +111,60 @@ def agree(error: BaseException | None, group: Any, what: str) -> None:
     Every rank calls ``agree`` at the same point with the exception its own part raised (or ``None``).
     One ``all_gather_object`` later, a rank that failed re-raises its own exception and every other rank
     raises :class:`RankFailedError` naming the failed ranks and their messages. Nothing happens when
-    no rank failed; for ``group=None`` the own exception (if any) is re-raised.
+    no rank failed; for ``group=None`` the own exception (if any) is re-raised. To exchange values in the
+    same collective, use :func:`agree_and_gather`.
 
     Example:
         >>> agree(None, None, "loading the checkpoint")  # single process, nothing failed
     """
+    agree_and_gather(error, group, what)
+
+
+_FAILURE_MESSAGE = "{what} stopped because another rank failed ({detail})"
+
+
+def agree_and_gather(
+    error: BaseException | None,
+    group: Any,
+    what: str,
+    payload: Any = None,
+    *,
+    error_type: type[RankFailedError] = RankFailedError,
+    message: str = _FAILURE_MESSAGE,
+) -> list[Any]:
+    """:func:`agree` on failures and gather one value per rank, in a single ``all_gather_object``.
+
+    Every rank calls it at the same point with the exception its own part raised (or ``None``) and a
+    picklable ``payload`` (what it would report if all went well; ignored when ``error`` is given). A rank
+    that failed re-raises its own exception; when another rank failed, every other rank raises
+    ``error_type(message.format(what=what, detail=...))``, ``detail`` naming each failed rank and its
+    error (``"rank 1: ValueError: ..."``). Otherwise returns every rank's payload in rank order.
+
+    Args:
+        error: this rank's exception, or ``None``.
+        group: ``None`` (single process: re-raises ``error`` or returns ``[payload]``), or a process group
+            (see :func:`resolve_group`).
+        what: the work that stopped, for the message (e.g. ``"loading the checkpoint"``).
+        payload: this rank's value to gather.
+        error_type: :class:`RankFailedError` or a subclass of it, raised on the ranks that did not fail.
+        message: the text of that error, with ``{what}`` and ``{detail}`` placeholders.
+
+    Example:
+        >>> agree_and_gather(None, None, "counting the rows", payload=128)  # single process
+        [128]
+    """
+    if not (isinstance(error_type, type) and issubclass(error_type, RankFailedError)):
+        raise TypeError(f"error_type must be RankFailedError or a subclass of it, got {error_type!r}")
     if group is None:
         if error is not None:
             raise error
-        return
+        return [payload]
     text = None if error is None else f"{type(error).__name__}: {error}"
-    reports = all_gather_objects(text, group)
+    reports = all_gather_objects((text, None if error is not None else payload), group)
     if error is not None:
         raise error
-    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+    failed = [(r, msg) for r, (msg, _) in enumerate(reports) if msg is not None]
     if failed:
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
-        raise RankFailedError(f"{what} stopped because another rank failed ({detail})")
+        raise error_type(message.format(what=what, detail=detail))
+    return [value for _, value in reports]

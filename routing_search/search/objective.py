@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._validation import check_int, check_permutation
 from ..batches import as_batch, call_model, eval_mode, num_rows, take_rows, to_device, unwrap_prediction
-from ..distributed import all_gather_objects, all_reduce_sum, rank, resolve_group
+from ..distributed import RankFailedError, agree_and_gather, all_gather_objects, all_reduce_sum, rank, resolve_group
 from ..gates.protocol import GateOutput
 from ..layers.moe import MoE, MoEOutput
 from ..layers.multigate import MultiGateMoE, MultiGateOutput
@@ -53,8 +53,12 @@ class Candidate:
     kind: str = "move"
 
 
-class DistributedSearchError(RuntimeError):
+class DistributedSearchError(RankFailedError):
     """Another rank of the process group failed while preparing the search (its error is in the message)."""
+
+
+# The message of DistributedSearchError, for routing_search.distributed.agree_and_gather.
+PREPARATION_FAILED = "{what} was not started because another rank failed while preparing it ({detail})"
 
 
 def _is_routing_layer(module: nn.Module) -> bool:
@@ -247,23 +251,14 @@ class RoutingObjective:
         if self.group is None:
             self.total_rows = self.batch
             return
-        report = (
-            None if error is None else f"{type(error).__name__}: {error}",
-            getattr(self, "batch", 0),
-            getattr(self, "per_example", None),
-            None if error is not None else [s.cpu().tolist() for s in self.state],
+        payload = None if error is not None else (self.batch, self.per_example, [s.cpu().tolist() for s in self.state])
+        reports = agree_and_gather(
+            error, self.group, "the search", payload, error_type=DistributedSearchError, message=PREPARATION_FAILED
         )
-        reports = all_gather_objects(report, self.group)
-        failed = [(r, rep[0]) for r, rep in enumerate(reports) if rep[0] is not None]
-        if error is not None:
-            raise error
-        if failed:
-            text = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
-            raise DistributedSearchError(f"the search was not started because another rank failed while preparing it ({text})")
-        self.total_rows = sum(rep[1] for rep in reports)
+        self.total_rows = sum(rep[0] for rep in reports)
         if self.total_rows == 0:
             raise ValueError("data holds 0 rows on every rank of the process group; pass at least one (inputs, targets) row")
-        kinds = {rep[2] for rep in reports if rep[1] > 0}
+        kinds = {rep[1] for rep in reports if rep[0] > 0}
         if kinds != {True}:
             raise ValueError(
                 "under a process group the loss must return per-example losses [B] (a scalar cannot be combined "
@@ -272,7 +267,7 @@ class RoutingObjective:
         self.per_example = True
         if self.batch == 0 and not self.nested:
             self.row_losses = torch.zeros(0, dtype=torch.float64, device=self.F.device)
-        states = [rep[3] for rep in reports]
+        states = [rep[2] for rep in reports]
         if any(s != states[0] for s in states[1:]):
             raise ValueError(
                 "the ranks hold different permutations at the start of the search; give every rank the same model "

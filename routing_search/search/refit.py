@@ -47,13 +47,13 @@ import hashlib
 
 from .._validation import check_int, check_no_unknown_options, check_positive_float
 from ..batches import as_batch, eval_mode, to_device
-from ..distributed import all_gather_objects, all_reduce_sum, broadcast_tensor_, resolve_group
+from ..distributed import agree_and_gather, all_gather_objects, all_reduce_sum, broadcast_tensor_, resolve_group
 from ..gates.protocol import GateOutput
 from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, make_result
 from .guards import check_guard_start, check_guards, evaluate_guards, guard_report, guards_violated
-from .objective import DistributedSearchError, LossFn, find_routing_layer
+from .objective import PREPARATION_FAILED, DistributedSearchError, LossFn, find_routing_layer
 
 __all__ = ["RefitObjective", "RefitMove", "RefitOptions", "refit_search", "last_linear_layers", "MAX_REDUCE_VALUES"]
 
@@ -263,14 +263,9 @@ class RefitObjective:
             int(self.fit_part.features.shape[0]), int(self.score_part.features.shape[0]), self.per_example,
             [s.tolist() for s in self.state], _digest(self.theta),
         )
-        reports = all_gather_objects((None if error is None else f"{type(error).__name__}: {error}", report), self.group)
-        if error is not None:
-            raise error
-        failed = [(r, msg) for r, (msg, _) in enumerate(reports) if msg is not None]
-        if failed:
-            text = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
-            raise DistributedSearchError(f"the refit search was not started because another rank failed while preparing it ({text})")
-        parts = [rep for _, rep in reports]
+        parts = agree_and_gather(
+            error, self.group, "the refit search", report, error_type=DistributedSearchError, message=PREPARATION_FAILED
+        )
         self.fit_rows = sum(rep[0] for rep in parts)
         self.score_rows = sum(rep[1] for rep in parts)
         if self.score_rows == 0:

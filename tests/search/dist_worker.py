@@ -22,9 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from routing_search.distributed import RankFailedError, agree_and_gather
 from routing_search.gates import DSelectK, TopK
 from routing_search.layers import MoE, MultiGateMoE, make_experts
 from routing_search.search import DistributedSearchError, RoutingObjective, SinkhornPermutation, local_search
+from routing_search.search.objective import PREPARATION_FAILED
 from routing_search.search.codes import set_selector_slot
 from routing_search.training import LocalSearcher
 
@@ -200,6 +202,19 @@ def case_raise_mid(rank: int, world: int, shards_name: str) -> dict[str, Any]:
     return {}
 
 
+def case_agree_and_gather(rank: int, world: int, shards_name: str) -> dict[str, Any]:
+    """Gather one payload per rank; then rank 1 fails, with the default error and with a search's."""
+    out: dict[str, Any] = {"gathered": agree_and_gather(None, dist.group.WORLD, "counting", [rank, "x" * (rank + 1)])}
+    for name, kwargs in (("default", {}), ("search", {"error_type": DistributedSearchError, "message": PREPARATION_FAILED})):
+        error = ValueError(f"rank {rank} has no rows") if rank == 1 else None
+        try:
+            agree_and_gather(error, dist.group.WORLD, "the search", {"rows": rank}, **kwargs)
+            out[name] = None
+        except (RankFailedError, ValueError) as exc:
+            out[name] = [type(exc).__name__, str(exc), isinstance(exc, RankFailedError)]
+    return out
+
+
 def case_all(rank: int, world: int, shards_name: str) -> dict[str, Any]:
     return case_searches(rank, world, shards_name) | case_codes_and_searcher(rank, world, shards_name)
 
@@ -209,6 +224,7 @@ CASES = {
     "searches": case_searches,
     "codes_and_searcher": case_codes_and_searcher,
     "raise_setup": case_raise_setup,
+    "agree_and_gather": case_agree_and_gather,
     "raise_mid": case_raise_mid,
 }
 

@@ -96,6 +96,23 @@ def test_a_rank_that_fails_while_preparing_makes_every_rank_fail_at_once(tmp_pat
     results = launch(harness, tmp_path, "raise_setup", "equal", 2, timeout=600.0, wall=300.0)
     assert "error" in results[1] and results[1]["error"] != "DistributedSearchError"  # rank 1 raises its own error
     assert results[0]["error"] == "DistributedSearchError" and "rank 1" in results[0]["message"]
+    assert results[0]["message"].startswith("the search was not started because another rank failed while preparing it (rank 1: ")
+
+
+def test_agree_and_gather_returns_payloads_in_rank_order_and_names_the_rank_that_failed(tmp_path, harness):
+    results = ok(launch(harness, tmp_path, "agree_and_gather", "unequal3", 3))
+    for rank, res in enumerate(results):
+        assert res["gathered"] == [[0, "x"], [1, "xx"], [2, "xxx"]]
+        if rank == 1:  # the rank that failed raises its own error, both times
+            assert res["default"] == ["ValueError", "rank 1 has no rows", False]
+            assert res["search"] == ["ValueError", "rank 1 has no rows", False]
+        else:
+            assert res["default"] == ["RankFailedError", "the search stopped because another rank failed (rank 1: ValueError: rank 1 has no rows)", True]
+            assert res["search"] == [
+                "DistributedSearchError",
+                "the search was not started because another rank failed while preparing it (rank 1: ValueError: rank 1 has no rows)",
+                True,
+            ]
 
 
 def test_a_rank_that_fails_mid_search_makes_every_rank_fail_within_the_timeout(tmp_path, harness):
