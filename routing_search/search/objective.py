@@ -219,6 +219,7 @@ class RoutingObjective:
         self.per_example: bool | None = None  # decided by the first evaluation of the loss
         self.row_losses: torch.Tensor | None = None
         self.task_preds: list[torch.Tensor] | None = None
+        self._mixture_weights: list[torch.Tensor] | None = None  # the expert-space weights of ``mixtures``
 
     def _capture_layer_call(self) -> tuple[Any, Any, Any]:
         """Run the wrapping model once and record the arguments of its (single) call of the layer."""
@@ -340,7 +341,7 @@ class RoutingObjective:
     def _refresh_local(self) -> float:
         """Local part of :meth:`_refresh`: this rank's loss piece (sum of row losses, or the scalar loss)."""
         old_mixtures, old_losses = getattr(self, "mixtures", None), self.row_losses
-        self.mixtures = [self._mixture(t, self.state[self.task_slot[t]]) for t in range(len(self.gate_outs))]
+        self.mixtures = self._current_mixtures(old_mixtures)
         self.nfev += 1
         with eval_mode(self.model, self._modules):
             if self.nested:
@@ -379,6 +380,32 @@ class RoutingObjective:
             return None, float(value)
         losses = value.detach().to(torch.float64)
         return losses, float(losses.sum())
+
+    def _current_mixtures(self, old: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Every task's mixture at the current state: :meth:`_mixture`, recomputed on the rows whose weights changed.
+
+        A move changes the weights of the rows where its slots carry weight (a quarter of the rows for a
+        swap of TopK(2) over 16 experts); the other rows keep their mixture, which is the same einsum of the
+        same numbers: on the CPU a row's result does not depend on the other rows (the batched matrix
+        product treats each row alone), so every mixture is bitwise the one a full recomputation gives.
+        On other devices, and after the gate outputs changed, everything is recomputed.
+        """
+        weights = [apply_permutation(g, self.state[self.task_slot[t]]).to(self.F.dtype) for t, g in enumerate(self.gate_outs)]
+        previous, self._mixture_weights = self._mixture_weights, weights
+        out = []
+        for t, w in enumerate(weights):
+            if old is None or previous is None or self.F.device.type != "cpu" or previous[t].shape != w.shape:
+                out.append(torch.einsum("bn,bnu->bu", w, self.F))
+                continue
+            rows = torch.nonzero(_rows_differ(w, previous[t])).flatten()
+            if rows.numel() == 0:
+                out.append(old[t])
+            elif rows.numel() == w.shape[0]:
+                out.append(torch.einsum("bn,bnu->bu", w, self.F))
+            else:
+                part = torch.einsum("bn,bnu->bu", w.index_select(0, rows), self.F.index_select(0, rows))
+                out.append(old[t].index_copy(0, rows, part))
+        return out
 
     def _mixture(self, task: int, index: torch.Tensor) -> torch.Tensor:
         weights = apply_permutation(self.gate_outs[task], index)
@@ -644,6 +671,7 @@ class RoutingObjective:
             outs = self.layer.gate_outputs(self.x, task=self.task, key=self.key)
         self.gate_outs = [_detach_gate_output(g) for g in outs]
         self._swap_scans.clear()  # which rows carry weight may have changed
+        self._mixture_weights = None  # every mixture is recomputed
         self.contrib = [
             _selector_contributions(g, self.slots[self.task_slot[t]].num_selectors) for t, g in enumerate(self.gate_outs)
         ]
