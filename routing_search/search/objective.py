@@ -595,8 +595,11 @@ class RoutingObjective:
         """Per-example loss change when task t's mixture on each row becomes ``base[t] + coeff[t] * outputs``.
 
         ``outputs`` is ``[R', m, u]`` with ``R' * m == len(rows)`` (``m`` alternatives per base row);
-        ``base[t]`` and ``coeff[t]`` broadcast against it (one fused pass). Tasks not in ``coeff`` keep
-        their cached predictions. Local to this rank (no communication); needs a per-example loss.
+        ``base[t]`` and ``coeff[t]`` broadcast against it (one fused pass). Any shapes whose broadcast holds
+        ``len(rows)`` mixtures of ``u`` values, in the order of ``rows``, will do (e.g. ``[R, k, 1, u]``,
+        ``[R, k, 1, 1]`` and ``[R, 1, m, u]``: ``k`` bases sharing each ``outputs`` row). Tasks not in
+        ``coeff`` keep their cached predictions. Local to this rank (no communication); needs a per-example
+        loss.
         """
         if not self.row_restricted:
             raise ValueError("rows_loss_change needs a per-example loss and the MoE layer itself as the model")

@@ -43,6 +43,11 @@ class SwapScan:
         self.entry_cell = self.entry_b * n + self.entry_a  # (row, slot) of each entry, flat
         self.entry_id = torch.full((batch * n,), -1, dtype=torch.long, device=device)
         self.entry_id[self.entry_cell] = torch.arange(self.entry_b.numel(), device=device)
+        # k when every row with an entry has exactly k of them (TopK(k): always): a chunk's entries are then
+        # whole rows, k after k, and their candidate mixtures broadcast over the rows' expert outputs.
+        per_row = torch.bincount(self.entry_b, minlength=batch)
+        counts = per_row[per_row > 0]
+        self.entries_per_row = int(counts[0]) if counts.numel() and bool((counts == counts[0]).all()) else None
         self.tri_b, self.tri_a, self.tri_c = active_pairs(active)
         self.delta = torch.zeros(self.entry_b.numel(), n, dtype=torch.float64, device=device)
         self.tri_value = torch.zeros(self.tri_b.numel(), dtype=torch.float64, device=device)
@@ -82,14 +87,30 @@ class SwapScan:
         per_chunk = max(1, obj.max_rows // n)
         F_flat = obj.F.reshape(obj.batch * n, obj.F.shape[2])  # row-major: (row, expert) -> row * n + expert
         experts = torch.arange(n, device=device)
+        k = self.entries_per_row
+        whole_rows = k is not None and per_chunk % k == 0  # (the dirty entries are whole rows, k after k)
         for lo in range(0, ids.numel(), per_chunk):
             chunk = ids[lo : lo + per_chunk]
             b, a = self.entry_b.index_select(0, chunk), self.entry_a.index_select(0, chunk)
             cell = self.entry_cell.index_select(0, chunk)
-            F_rows = obj.F.index_select(0, b)  # [E, n, u]: every expert's output on the entry's row
             F_old = F_flat.index_select(0, b * n + index.index_select(0, a)).unsqueeze(1)
             coeff = {t: w.index_select(0, cell).view(-1, 1, 1) for t, w in self.weights.items()}
             base = {t: obj.mixtures[t].index_select(0, b).unsqueeze(1) - c * F_old for t, c in coeff.items()}
+            if whole_rows:
+                # The k entries of a row share its expert outputs [n, u]: broadcast them instead of copying
+                # them k times (the same products and sums, element by element, in the same order).
+                assert k is not None
+                rows = b[::k]
+                first = int(rows[0])
+                if int(rows[-1]) - first == rows.numel() - 1:  # consecutive rows (a first scan): a view of F
+                    F_rows = obj.F[first : first + rows.numel()].unsqueeze(1)
+                else:
+                    F_rows = obj.F.index_select(0, rows).unsqueeze(1)
+                shape = (rows.numel(), k, 1)
+                base = {t: m.view(shape + m.shape[2:]) for t, m in base.items()}
+                coeff = {t: c.view(shape + (1,)) for t, c in coeff.items()}
+            else:
+                F_rows = obj.F.index_select(0, b)  # [E, n, u]: every expert's output on the entry's row
             new = obj.rows_loss_change(b.repeat_interleave(n), base, coeff, F_rows).view(-1, n)
             targets = (a.unsqueeze(1) * n + experts).reshape(-1)
             self.D.index_add_(0, targets, (new - self.delta.index_select(0, chunk)).reshape(-1))
