@@ -48,7 +48,7 @@ class SwapScan:
         per_row = torch.bincount(self.entry_b, minlength=batch)
         counts = per_row[per_row > 0]
         self.entries_per_row = int(counts[0]) if counts.numel() and bool((counts == counts[0]).all()) else None
-        self.tri_b, self.tri_a, self.tri_c = active_pairs(active)
+        self.tri_b, self.tri_a, self.tri_c = active_pairs(active, entries_per_row=self.entries_per_row)
         self.delta = torch.zeros(self.entry_b.numel(), n, dtype=torch.float64, device=device)
         self.tri_value = torch.zeros(self.tri_b.numel(), dtype=torch.float64, device=device)
         self.D = torch.zeros(n * n, dtype=torch.float64, device=device)  # D[a, e] = Σ_b δ(b, a→e)
@@ -138,9 +138,23 @@ class SwapScan:
             self.tri_value.index_copy_(0, chunk, new)
 
 
-def active_pairs(active: torch.Tensor, max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(b, a, c)`` with ``a < c`` and both slots active on row ``b``; rows in chunks to bound memory."""
+def active_pairs(
+    active: torch.Tensor, max_elements: int = 1 << 24, *, entries_per_row: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(b, a, c)`` with ``a < c`` and both slots active on row ``b``, ordered by ``b``, then ``a``, then ``c``.
+
+    ``entries_per_row``: the number of active slots of every row that has any (``None``: not the same on
+    every row); then the pairs are formed from each row's slots directly (the same triples, in the same
+    order). Otherwise rows in chunks, to bound the memory of the ``[rows, n, n]`` mask.
+    """
     batch, n = active.shape
+    if entries_per_row is not None:
+        b, slots = torch.nonzero(active, as_tuple=True)
+        k = entries_per_row
+        first, second = torch.triu_indices(k, k, offset=1, device=active.device)
+        slots = slots.view(-1, k)  # each row's active slots, ascending
+        rows = b.view(-1, k)[:, 0].repeat_interleave(first.numel())
+        return rows, slots[:, first].reshape(-1), slots[:, second].reshape(-1)
     upper = torch.ones(n, n, dtype=torch.bool, device=active.device).triu(1)
     per_chunk = max(1, max_elements // (n * n))
     found = []

@@ -23,6 +23,7 @@ from torch import nn
 from routing_search.gates import Softmax, TopK
 from routing_search.layers import MLP, MoE, MultiGateMoE, make_experts
 from routing_search.search import local_search
+from routing_search.search.swap_scan import active_pairs
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -257,3 +258,17 @@ def test_search_result_is_pinned(name: str) -> None:
     got_losses = [got["fun0"], got["fun"]] + [v for m in got["moves"] for v in m[5:]]
     want_losses = [want["fun0"], want["fun"]] + [v for m in want["moves"] for v in m[5:]]
     np.testing.assert_allclose(got_losses, want_losses, rtol=rel, atol=0)
+
+
+@pytest.mark.parametrize("n", [2, 5, 16])
+def test_active_pairs_of_rows_with_equal_counts_equal_the_masked_pairs(n: int) -> None:
+    """The shortcut for rows with the same number of active slots gives the same triples in the same order."""
+    gen = torch.Generator().manual_seed(n)
+    for k in range(1, n + 1):
+        active = torch.zeros(40, n, dtype=torch.bool)
+        for r in range(40):
+            if r % 5 != 3:  # some rows have no active slot
+                active[r, torch.randperm(n, generator=gen)[:k]] = True
+        got = active_pairs(active, entries_per_row=k)
+        want = active_pairs(active)
+        assert all(torch.equal(g, w) and g.dtype == w.dtype for g, w in zip(got, want))
