@@ -1,6 +1,7 @@
 """Swap-neighbourhood scan: cached exact evaluation vs the naive way, side by side in one run.
 
-    python benchmarks/bench_search.py [--device cuda] [--batch 4096]
+    python benchmarks/bench_search.py [--device cuda] [--batch 4096] [--threads 1]
+    python benchmarks/bench_search.py --threads 1 --parts share --share-repeats 5   # only the search share, 5 fits
 
 Setting: n = 16 experts, k = 2 (TopK), batch 4096, MLP experts 128 → 256 → 64, tower 64 → 64 → 1,
 per-example BCE. Both ways evaluate the same n(n−1)/2 = 120 swap candidates and must give the same
@@ -9,6 +10,9 @@ Then the share of wall time that search takes in alternating training (`fit`) at
 (goal ≤ 10 %), and what one default search exchanges under a process group: the all-reduce count and
 volume, and the wall time of the same search on 2048 rows in one process vs sharded over 2 gloo
 processes on this machine (`--ranks 0` skips it).
+
+The share is a ratio of wall times measured in one run, so on a shared machine it moves with the load:
+`--share-repeats N` runs the same seeded fit N times and prints every share, their median and range.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ def scan_benchmark(device: torch.device, batch: int, n: int = 16, k: int = 2, d:
     print(f"  max |loss difference| vs naive        {err:9.2e}")
 
 
-def training_share(device: torch.device, batch: int, epochs: int, n: int = 16, k: int = 2, d: int = 128) -> None:
+def training_share(device: torch.device, batch: int, epochs: int, n: int = 16, k: int = 2, d: int = 128) -> float:
+    """One seeded ``fit`` at the default search schedule; prints and returns the search share (percent)."""
     model = build(device, n, k, d).train()
     gen = torch.Generator().manual_seed(2)
     rows = 8 * batch
@@ -143,6 +148,7 @@ def training_share(device: torch.device, batch: int, epochs: int, n: int = 16, k
     print(f"  training {train_s:.2f} s, search {search_s:.2f} s -> search share {100 * search_s / total:.1f} % (goal <= 10 %)")
     per_search = ", ".join(f"{s['seconds']:.2f}s/{s['accepted']}" for s in h.searches)
     print(f"  per search (seconds/accepted moves): {per_search}")
+    return 100 * search_s / total
 
 
 def _search_problem(rows: int, n: int = 16, k: int = 2, d: int = 128) -> tuple[MultiGateMoE, torch.Tensor, torch.Tensor]:
@@ -207,14 +213,28 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ranks", type=int, default=2, help="gloo processes for the communication figure (0: skip)")
+    parser.add_argument("--parts", default="scan,share,communication",
+                        help="comma-separated parts to run: scan, share, communication (default: all)")
+    parser.add_argument("--share-repeats", type=int, default=1, help="run the training-share fit this many times")
     args = parser.parse_args()
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"scan", "share", "communication"}
+    if unknown:
+        parser.error(f"--parts takes scan, share and communication; got {sorted(unknown)}")
+    if args.share_repeats < 1:
+        parser.error(f"--share-repeats must be at least 1, got {args.share_repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
-    scan_benchmark(device, args.batch)
-    training_share(device, args.batch, args.epochs)
-    if device.type == "cpu":
+    if "scan" in parts:
+        scan_benchmark(device, args.batch)
+    if "share" in parts:
+        shares = [training_share(device, args.batch, args.epochs) for _ in range(args.share_repeats)]
+        if len(shares) > 1:
+            print(f"\nSearch share over {len(shares)} fits: {', '.join(f'{v:.1f}' for v in shares)} % "
+                  f"(median {float(np.median(shares)):.1f} %, range {min(shares):.1f}-{max(shares):.1f} %)")
+    if "communication" in parts and device.type == "cpu":
         communication(2048, args.ranks)
 
 
