@@ -299,10 +299,11 @@ def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> I
 
     ``modules`` may pass ``list(model.modules())`` computed once, for callers on a hot path.
     """
-    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
-    if not any(mode for _, mode in modes):
-        yield  # already in eval mode: nothing to toggle (this runs once per candidate chunk)
+    modules = list(model.modules()) if modules is None else modules
+    if not any(m.training for m in modules):
+        yield  # already in eval mode: nothing to toggle (this runs once per candidate chunk: keep it cheap)
         return
+    modes = [(m, m.training) for m in modules]
     model.eval()
     try:
         yield
