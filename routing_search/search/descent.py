@@ -231,8 +231,9 @@ def local_search(
     Args:
         model: an ``MoE``, a ``MultiGateMoE`` or a model containing one (pick it with ``layer=``); a
             wrapping model must call the layer once per forward.
-        data: ``(inputs, targets)`` or an iterable of such pairs (the evaluation data; under a process
-            group, this rank's shard, which may be empty).
+        data: ``(inputs, targets)``, a list of such batches or a ``DataLoader`` (concatenated), or a torch
+            ``Dataset`` of rows (stacked); a list of single rows is refused (the evaluation data; under a
+            process group, this rank's shard, which may be empty).
         loss: ``loss(prediction, targets)`` returning per-example losses ``[B]`` (fast path) or a scalar
             (single process only).
         method: ``'swap'`` (2-opt descent), ``'insertion'``, ``'rotation'``, ``'ils'`` (iterated local
