@@ -58,12 +58,8 @@ def _check_pair(name: str, data: Any) -> tuple[Any, Any]:
         raise TypeError(f"{name}: inputs must be a tensor or a dict of tensors (e.g. {{'x', 'task', 'key'}}), got {type(inputs).__name__}")
     if not tensors_of(targets):
         raise TypeError(f"{name}: targets must be a tensor or a list/dict of tensors, got {type(targets).__name__}")
-    rows = {t.shape[0] for t in tensors_of(inputs) if t.dim() > 0} | {t.shape[0] for t in tensors_of(targets) if t.dim() > 0}
-    if len(rows) != 1:
-        raise ValueError(f"{name}: inputs and targets must have the same number of rows, got {sorted(rows)}")
-    if rows == {0}:
+    if check_batch((inputs, targets), name=name) == 0:  # one row count for every tensor, scalar targets refused
         raise ValueError(f"{name} holds no rows")
-    check_batch((inputs, targets), name=name)
     check_finite_targets(targets, name)
     return inputs, targets
 
