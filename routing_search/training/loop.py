@@ -423,8 +423,9 @@ def fit(
         held_out = val_data if search_data is None else search_data
         if held_out is None:
             raise ValueError("search needs held-out data: pass search_data= or val_data=")
-        search_batch = to_device(search_subset(held_out, search_rows, seed, name="val_data" if search_data is None else "search_data"), device)
-        check_finite_targets(search_batch[1], "search_data")
+        held_out_name = "val_data" if search_data is None else "search_data"
+        search_batch = to_device(search_subset(held_out, search_rows, seed, name=held_out_name), device)
+        check_finite_targets(search_batch[1], held_out_name)
         search_batch = shard_rows(search_batch, ctx)  # this rank's part; the search sums over ranks
     generators = module_generators(model)
     data_generators = {
