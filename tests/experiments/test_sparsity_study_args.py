@@ -3,7 +3,6 @@ failing deep inside the first run (after generating its data) with an unpacking 
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,12 +11,10 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sparsity_study.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("sparsity_study", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def study(load_by_path):
+    """benchmarks/sparsity_study.py, imported afresh for each test."""
+    return load_by_path("sparsity_study", SCRIPT)
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -25,8 +22,8 @@ def _load():
     (["--arms", "dselectk"], "--arms"),  # misspelt arm
     (["--restarts", "0"], "--restarts"),  # no run to score
 ])
-def test_bad_flags_fail_at_parse_time_naming_the_flag(monkeypatch, capsys, argv, flag):
-    module = _load()
+def test_bad_flags_fail_at_parse_time_naming_the_flag(study, monkeypatch, capsys, argv, flag):
+    module = study
     monkeypatch.setattr(sys, "argv", ["sparsity_study.py", "--seeds", "1", "--epochs", "1", "--experts", "4", *argv])
     with pytest.raises(SystemExit) as stop:
         module.main()
@@ -34,10 +31,10 @@ def test_bad_flags_fail_at_parse_time_naming_the_flag(monkeypatch, capsys, argv,
     assert flag in capsys.readouterr().err
 
 
-def test_restarts_score_the_lowest_validation_mse_and_never_look_at_test_or_truth(monkeypatch):
+def test_restarts_score_the_lowest_validation_mse_and_never_look_at_test_or_truth(study, monkeypatch):
     """--restarts R trains restarts 0..R-1 on the seed's data and scores the one with the lowest val_mse
     (here restart 1, although restart 2 has the best F1 and test MSE)."""
-    module = _load()
+    module = study
     fake = {0: {"val_mse": 0.5, "f1": 0.7, "mse": 0.6}, 1: {"val_mse": 0.3, "f1": 0.8, "mse": 0.5},
             2: {"val_mse": 0.4, "f1": 0.9, "mse": 0.4}}
     calls = []
