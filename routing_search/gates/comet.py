@@ -214,8 +214,10 @@ class _CometGate(torch.autograd.Function):
 
     Input: the logits ``zt`` ``[k(2n-1), R]``, one column per row: rows ``:k(n-1)`` are the node
     logits (tree-major), the rest the leaf logits ``a``. Outputs (rows first) ``weights`` ``[R, n]``,
-    ``selector_weights`` ``[R, k, n]``, ``selector_mix`` ``[R, k]`` and, when asked, the reach
-    entropy ``sum_j H(pi_j)`` ``[R]`` (eps inside the log). Forward: the node outputs
+    ``selector_weights`` ``[R, k, n]``, ``selector_mix`` ``[R, k]`` and the weighted loss
+    ``entropy_scale * sum_{rows, j} H(pi_j)`` (0-dim; eps inside the log; not computed, and 0, when
+    ``entropy_scale`` is 0): the regulariser leaves the Function as one scalar, so no per-row tensor and
+    no further autograd nodes stand between it and the gate's loss. Forward: the node outputs
     (:func:`_smooth_step`), ``pi`` level by level (:func:`_reach_levels`), then :func:`_combine`
     (the softmax over all ``k n`` scores ``a + log pi`` as ``pi e^a`` normalised: no logarithm).
     Backward: ``h = dL/d scores = dL/d log pi`` (also the leaf-logit gradient) plus the entropy's
@@ -231,7 +233,7 @@ class _CometGate(torch.autograd.Function):
         k: int,
         n: int,
         gamma: float,
-        with_entropy: bool,
+        entropy_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)  # type: ignore[attr-defined]
         rows, kq = zt.shape[-1], k * (n - 1)
@@ -239,18 +241,18 @@ class _CometGate(torch.autograd.Function):
         s, u = _smooth_step(zt[:kq].view(k, n - 1, rows), gamma)
         pi = _reach_levels(s, levels, n)
         ent_rows = None
-        if with_entropy:
-            # -sum pi log(pi + eps), and (when a gradient is wanted) its derivative w.r.t. log pi for the
-            # backward: -(pi log(pi + eps) + pi^2 / (pi + eps)) (times the incoming gradient).
+        if entropy_scale != 0.0:
+            # scale * -sum pi log(pi + eps), and (when a gradient is wanted) its derivative w.r.t. log pi
+            # for the backward: -(pi log(pi + eps) + pi^2 / (pi + eps)) (times scale and the incoming gradient).
             pi_log, ent_rows = entropy_terms(pi, _EPS, slope=ctx.needs_input_grad[0])  # type: ignore[attr-defined]
-            ent = pi_log.view(k * n, rows).sum(dim=0).neg_()
+            loss = pi_log.sum().mul_(-entropy_scale)
             del pi_log  # freed before the combination allocates: a lower peak, fewer fresh pages
         else:
-            ent = zt.new_zeros(rows)
+            loss = zt.new_zeros(())
         joint, weights, sel, mix = _combine(pi, zt[kq:].view(k, n, rows), consume_pi=True)  # pi is spent here
-        ctx.levels, ctx.gamma = levels, gamma  # type: ignore[attr-defined]
+        ctx.levels, ctx.gamma, ctx.entropy_scale = levels, gamma, entropy_scale  # type: ignore[attr-defined]
         ctx.save_for_backward(joint, weights, mix, sel, s, u, ent_rows)  # type: ignore[arg-type]
-        return weights, sel, mix, ent
+        return weights, sel, mix, loss
 
     @staticmethod
     @once_differentiable
@@ -259,10 +261,10 @@ class _CometGate(torch.autograd.Function):
         g_weights: torch.Tensor | None,
         g_sel: torch.Tensor | None,
         g_mix: torch.Tensor | None,
-        g_ent: torch.Tensor | None,
+        g_loss: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, None, None, None, None]:
         joint, weights, mix, sel, s, u, ent_rows = ctx.saved_tensors  # type: ignore[attr-defined]
-        with_entropy = g_ent is not None and ent_rows is not None
+        with_entropy = g_loss is not None and ent_rows is not None
         if g_weights is None and g_sel is None and g_mix is None and not with_entropy:
             return None, None, None, None, None
         k, n, rows = joint.shape
@@ -294,8 +296,8 @@ class _CometGate(torch.autograd.Function):
             grad_leaves.addcmul_(sel_t, g_sel_t.sub_((sel_t * g_sel_t).sum(dim=1, keepdim=True)))
         h = grad_leaves
         if with_entropy:
-            assert g_ent is not None
-            h = torch.addcmul(grad_leaves, ent_rows, g_ent.neg())
+            assert g_loss is not None
+            h = torch.addcmul(grad_leaves, ent_rows, g_loss * -ctx.entropy_scale)  # type: ignore[attr-defined]
         grad_nodes = _grad_nodes(h, s, ctx.levels, grad[:kq].view(k, n - 1, rows))  # type: ignore[attr-defined]
         spent = h.view(-1)[: u.numel()].view_as(u) if h is not grad_leaves else None  # h is done with: reuse it
         slope = torch.addcmul(u.new_tensor(1.5), u, u, value=-6.0, out=spent)  # S'(t) = (3/2 - 6 u^2) / gamma
@@ -452,10 +454,11 @@ class COMET(AnnealedGate):
         # A static gate computes one row and broadcasts it (the same numbers, without B copies).
         zt = self._logits_t(x)
         lam = resolve_weight(self.entropy_weight, calls)
-        weights, sel, mix, per_example = _CometGate.apply(zt, self.num_selectors, self.num_experts, self.gamma, lam != 0.0)
-        loss = self._zero_loss(weights)
-        if lam != 0.0:
-            loss = loss + lam * self._mean_over_batch(per_example, batch)
+        # The batch mean of the per-row entropy (a static gate's one row stands for every row of the batch).
+        scale = (lam if batch > 0 else 0.0) if self.is_static else lam / max(batch, 1)
+        weights, sel, mix, loss = _CometGate.apply(zt, self.num_selectors, self.num_experts, self.gamma, scale)
+        if lam == 0.0:
+            loss = self._zero_loss(weights)  # not an output of the Function: no gradient flows back through it
         if self.is_static:
             weights = weights.expand(batch, -1).contiguous()
             sel = sel.expand(batch, -1, -1).contiguous()
