@@ -486,7 +486,9 @@ class DistributedStep:
                 value = self.loss(prediction, targets)
                 if not isinstance(value, torch.Tensor):
                     raise TypeError(f"loss must return a tensor (per-example [B] or a scalar), got {type(value).__name__}")
-                local = value.sum() if value.dim() > 0 and value.shape[0] == rows else value.mean() * rows
+                # the sum of this rank's part of the batch mean fit takes alone: per-row values summed, anything
+                # else (a scalar, [B, D], ...) as its mean over every value times the rows
+                local = value.sum() if value.dim() == 1 and value.shape[0] == rows else value.mean() * rows
                 aux = getattr(out, "loss", None)
                 if self.weight != 0 and isinstance(aux, torch.Tensor):
                     local = local + (self.weight * rows) * aux

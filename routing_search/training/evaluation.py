@@ -136,7 +136,9 @@ def evaluate(
                 if not isinstance(value, torch.Tensor):
                     raise TypeError(f"loss must return a tensor (per-example [B] or a scalar), got {type(value).__name__}")
                 value = value.detach().to(torch.float64)
-                total += float(value.sum()) if value.dim() > 0 and value.shape[0] == count else float(value.mean()) * count
+                # one value per row: their sum; anything else (a scalar, [B, D], ...) is its mean over every
+                # value, as the training step takes it, weighted by the rows
+                total += float(value.sum()) if value.dim() == 1 and value.shape[0] == count else float(value.mean()) * count
                 rows += count
                 if metrics:
                     outputs.append((_cpu(prediction), _cpu(targets)))

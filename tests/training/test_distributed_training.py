@@ -128,3 +128,20 @@ def test_a_learned_sinkhorn_permutation_is_rounded_once_inside_a_group(group_of_
     result = fit(model, _data(30, 1), _rows, val_data=_data(20, 2), epochs=3, batch_size=8, progress=False)
     rounds = [e for e in result.history.sinkhorn if e["event"] == "round"]
     assert len(rounds) == 1 and rounds[0]["epoch"] == 1 and gate.frozen  # trained on after rounding (log_alpha frozen)
+
+
+def _elementwise(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred - y) ** 2  # [B, D]: neither per-example nor a scalar; fit takes its mean
+
+
+def test_a_loss_of_more_than_one_value_per_row_trains_and_evaluates_as_its_mean_in_a_group(group_of_one):
+    # Regression: under a group a [B, D] loss was summed over all B*D values and divided by the rows, so every
+    # gradient and the reported losses were D times those of the same run alone.
+    kwargs = dict(val_data=_data(20, 2), epochs=2, batch_size=8, progress=False, gate_loss_weight=0.0,
+                  optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
+    alone = fit(_model(), _data(30, 1), _elementwise, process_group=False, **kwargs)
+    grouped = fit(_model(), _data(30, 1), _elementwise, **kwargs)
+    for a, b in zip(alone.model.parameters(), grouped.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert grouped.history.train_loss == pytest.approx(alone.history.train_loss, rel=1e-12)
+    assert grouped.history.val_loss == pytest.approx(alone.history.val_loss, rel=1e-12)

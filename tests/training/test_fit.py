@@ -248,3 +248,16 @@ def test_search_uses_a_fixed_seeded_subset_of_the_held_out_rows(task):
     assert local_search(probe, (x_sub, y_sub), mse_loss, "swap", max_iter=0).fun0 == pytest.approx(record["fun0"], rel=1e-6)
     with pytest.raises(ValueError, match="search rows"):
         SearchSchedule(rows=0)
+
+
+def test_the_validation_loss_of_a_loss_with_several_values_per_row_is_their_mean():
+    # Regression: a loss returning [B, D] was trained on as its mean but validated as sum / B (D times larger).
+    torch.manual_seed(0)
+    model = MoE(make_experts(4, 3, [4], 2), TopK(num_experts=4, k=2, input_dim=3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(37, 3, generator=g), torch.randn(37, 2, generator=g)
+    xv, yv = torch.randn(11, 3, generator=g), torch.randn(11, 2, generator=g)
+    result = fit(model, (x, y), lambda p, t: (p - t) ** 2, val_data=(xv, yv), epochs=1, batch_size=5, progress=False)
+    with torch.no_grad():
+        expected = float(((model(xv).output - yv) ** 2).mean())
+    assert result.history.val_loss[0] == pytest.approx(expected, rel=1e-6)
