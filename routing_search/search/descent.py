@@ -444,7 +444,18 @@ def _iterated_local_search(search: _Search, opts: SearchOptions) -> None:
             obj.set_state(best_state)
 
 
+# Candidates evaluated per block by method='exhaustive' (one block up to n = 7); ``max_evals`` is checked
+# between blocks, as for every other method.
+_EXHAUSTIVE_BLOCK = 5040
+
+
 def _exhaustive(search: _Search, max_states: int) -> None:
+    """Jump to the best state over all permutations of every row, within the budget.
+
+    ``max_iter`` and ``max_evals`` are honoured as by the other methods (``max_iter=0``: no jump; a
+    ``max_evals`` stop jumps to the best state evaluated so far, then reports the budget stop), and the
+    callback sees the accepted jump.
+    """
     obj = search.obj
     rows = [(p, s) for p, index in enumerate(obj.state) for s in range(index.shape[0])]
     count = math.factorial(obj.n) ** len(rows)
@@ -453,39 +464,63 @@ def _exhaustive(search: _Search, max_states: int) -> None:
             f"exhaustive search over {len(rows)} permutation row(s) of {obj.n} experts has {count} states, "
             f"more than max_states={max_states}; raise max_states or use method='swap'/'ils'"
         )
+    search._check_budget()
+    max_evals = search.s.max_evals
+    stopped: str | None = None
     start, start_fun = obj.current(), obj.fun
+    accepted = False
     if len(rows) == 1:
         p, s = rows[0]
-        cands = [Candidate(p, s, perm, "exhaustive") for perm in itertools.permutations(range(obj.n))]
-        values = obj.evaluate(cands)
+        perms = list(itertools.permutations(range(obj.n)))
+        cands: list[Candidate] = []
+        blocks: list[np.ndarray] = []
+        for lo in range(0, len(perms), _EXHAUSTIVE_BLOCK):
+            chunk = [Candidate(p, s, perm, "exhaustive") for perm in perms[lo : lo + _EXHAUSTIVE_BLOCK]]
+            blocks.append(obj.evaluate(chunk))
+            cands += chunk
+            if lo + _EXHAUSTIVE_BLOCK < len(perms) and max_evals is not None and obj.nfev >= max_evals:
+                stopped = "max_evals reached"
+                break
+        values = np.concatenate(blocks)
         # Without guards the best state only; with guards the best one that no guard rejects.
         for best in np.argsort(values, kind="stable"):
             if not values[best] < start_fun - search.s.tol:
                 break
-            if search.try_accept(cands[best], float(values[best])) or not search.guards:
+            if search.try_accept(cands[best], float(values[best])):
+                accepted = True
                 break
-        return
-    improving: list[tuple[float, int, list[np.ndarray]]] = []
-    for number, combo in enumerate(itertools.product(itertools.permutations(range(obj.n)), repeat=len(rows))):
-        state = [x.copy() for x in start]
-        for (p, s), perm in zip(rows, combo):
-            state[p][s] = perm
-        value = obj.value_of(state)
-        if value < start_fun - search.s.tol:
-            improving.append((value, number, state))
-            if not search.guards:  # only the best is tried: keep one
-                improving = [min(improving, key=lambda item: item[:2])]
-    improving.sort(key=lambda item: item[:2])
-    for _, _, best_state in improving:
-        after = obj.set_state(best_state)
-        if after < start_fun - search.s.tol and not search.guard_rejects():
-            search.moves.append(Move("exhaustive", -1, -1, [], [], start_fun, after, {"state": [s.tolist() for s in best_state]}))
-            search.nit += 1
-            return
-        if not search.guards:
-            break
-    if any(not np.array_equal(a, b) for a, b in zip(obj.current(), start)):
-        obj.set_state(start)
+            if not search.guards:
+                break
+    else:
+        improving: list[tuple[float, int, list[np.ndarray]]] = []
+        for number, combo in enumerate(itertools.product(itertools.permutations(range(obj.n)), repeat=len(rows))):
+            if number > 0 and max_evals is not None and obj.nfev >= max_evals:
+                stopped = "max_evals reached"
+                break
+            state = [x.copy() for x in start]
+            for (p, s), perm in zip(rows, combo):
+                state[p][s] = perm
+            value = obj.value_of(state)
+            if value < start_fun - search.s.tol:
+                improving.append((value, number, state))
+                if not search.guards:  # only the best is tried: keep one
+                    improving = [min(improving, key=lambda item: item[:2])]
+        improving.sort(key=lambda item: item[:2])
+        for _, _, best_state in improving:
+            after = obj.set_state(best_state)
+            if after < start_fun - search.s.tol and not search.guard_rejects():
+                search.moves.append(Move("exhaustive", -1, -1, [], [], start_fun, after, {"state": [s.tolist() for s in best_state]}))
+                search.nit += 1
+                accepted = True
+                break
+            if not search.guards:
+                break
+        if not accepted and any(not np.array_equal(a, b) for a, b in zip(obj.current(), start)):
+            obj.set_state(start)
+    if accepted:
+        search._notify()
+    if stopped is not None:
+        raise _Budget(stopped)
 
 
 def _code_descent(search: _Search) -> None:

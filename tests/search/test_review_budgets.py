@@ -1,0 +1,80 @@
+"""Regression tests from the front-door review: budgets, callbacks and non-finite objectives are honoured by
+every method ('exhaustive' and the refit search included), with the shared status vocabulary."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from routing_search.gates import TopK
+from routing_search.layers import MoE, make_experts
+from routing_search.losses import mse_loss
+from routing_search.result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE
+from routing_search.search import local_search
+from routing_search.search.refit import refit_search
+
+
+def _problem(n: int = 5, seed: int = 1, rows: int = 96, u: int = 2):
+    torch.manual_seed(seed)
+    moe = MoE(make_experts(n, 3, [8], u, generator=torch.Generator().manual_seed(seed)), TopK(num_experts=n, k=2, input_dim=3))
+    with torch.no_grad():
+        moe.permutations[0].index.copy_(torch.roll(torch.arange(n), 1).unsqueeze(0))
+    x, y = torch.randn(rows, 3), torch.randn(rows, u)
+    return moe, x, y
+
+
+def test_exhaustive_max_iter_zero_makes_no_move():
+    moe, x, y = _problem()
+    start = moe.permutations[0].index.clone()
+    res = local_search(moe, (x, y), mse_loss, "exhaustive", max_iter=0)
+    assert res.status == STATUS_BUDGET and not res.success and "max_iter" in res.message
+    assert res.nit == 0 and res.moves == [] and res.fun == res.fun0
+    assert torch.equal(moe.permutations[0].index, start)
+
+
+def test_exhaustive_calls_the_callback_and_stops_on_true():
+    moe, x, y = _problem()
+    seen = []
+    res = local_search(moe, (x, y), mse_loss, "exhaustive", apply=False, callback=lambda r: seen.append(r.fun) or True)
+    assert res.nit == 1 and seen == [res.fun] and res.fun < res.fun0
+    assert res.status == STATUS_BUDGET and "callback" in res.message
+    free = local_search(moe, (x, y), mse_loss, "exhaustive", apply=False, callback=lambda r: None)
+    assert free.status == STATUS_CONVERGED and free.fun == res.fun
+
+
+def test_exhaustive_max_evals_stops_between_blocks_with_the_best_state_seen():
+    moe, x, y = _problem(n=8, rows=48, u=1)
+    full = local_search(moe, (x, y), mse_loss, "exhaustive", apply=False, max_states=50_000)
+    part = local_search(moe, (x, y), mse_loss, "exhaustive", apply=False, max_states=50_000, max_evals=100)
+    assert full.status == STATUS_CONVERGED and full.nfev > 40_000
+    assert part.status == STATUS_BUDGET and "max_evals" in part.message
+    assert part.nfev < full.nfev and full.fun <= part.fun <= part.fun0
+    # The returned state is the one its loss says (replaying the moves leads there).
+    assert part.moves == [] or part.moves[-1].fun_after == part.fun
+
+
+def test_refit_search_non_finite_held_out_loss_is_status_2_and_changes_nothing():
+    moe, x, y = _problem(n=4, u=1)
+    y_bad = y.clone()
+    y_bad[70] = float("nan")
+    before = copy.deepcopy(moe.state_dict())
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        res = refit_search(moe, (x[:48], y[:48]), (x[48:], y_bad[48:]), mse_loss)
+    assert res.status == STATUS_NONFINITE and not res.success and res.nit == 0 and res.moves == []
+    assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
+
+
+def test_refit_search_refuses_non_finite_fit_rows_by_name():
+    moe, x, y = _problem(n=4, u=1)
+    y_bad = y.clone()
+    y_bad[3] = float("nan")
+    with pytest.raises(ValueError, match="fit_data"):
+        refit_search(moe, (x[:48], y_bad[:48]), (x[48:], y[48:]), mse_loss)
+    x_bad = x.clone()
+    x_bad[3, 0] = float("inf")
+    with pytest.raises(ValueError, match="fit_data"):
+        refit_search(moe, (x_bad[:48], y[:48]), (x[48:], y[48:]), mse_loss)
