@@ -44,6 +44,8 @@ from scipy.optimize import OptimizeResult
 from torch import nn
 
 import hashlib
+import math
+import warnings
 
 from .._validation import check_int, check_no_unknown_options, check_positive_float
 from ..batches import as_batch, eval_mode, to_device
@@ -51,7 +53,7 @@ from ..distributed import agree_and_gather, all_gather_objects, all_reduce_sum, 
 from ..gates.protocol import GateOutput
 from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
-from ..result import STATUS_BUDGET, STATUS_CONVERGED, make_result
+from ..result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE, make_result
 from .guards import check_guard_start, check_guards, evaluate_guards, guard_report, guards_violated
 from .objective import PREPARATION_FAILED, DistributedSearchError, LossFn, find_routing_layer
 
@@ -141,6 +143,13 @@ class _Part:
     features: torch.Tensor  # [B, n, p]: input of each expert's last linear layer, with a column of ones
     targets: Any
     task_targets: list[torch.Tensor]  # per task, [B, u] in the mixture's space (float64)
+
+
+def _check_fit_rows(name: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN/inf in the rows the refits are fitted on (they would make every refit NaN)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} contain {bad} NaN/inf value(s); the refits are least-squares fits to these rows: pass finite values")
 
 
 def _split_inputs(inputs: Any) -> tuple[torch.Tensor, Any, Any]:
@@ -312,6 +321,8 @@ class RefitObjective:
     def _cache(self, data: Any, name: str) -> _Part:
         inputs, targets = as_batch(data, name=name)
         x, task, key = _split_inputs(inputs)
+        if name == "fit_data":  # a NaN/inf fit row would make every refit NaN and every move look no better
+            _check_fit_rows(f"{name} inputs", x)
         captured: list[torch.Tensor] = []
         handles = [lin.register_forward_hook(lambda m, a, out: captured.append(a[0].detach())) for lin in self.linears]
         try:
@@ -335,6 +346,9 @@ class RefitObjective:
                                 None if g.selector_mix is None else g.selector_mix.detach().to(cpu)) for g in gate_outs]
         targets = to_device(targets, cpu)
         task_targets = [_task_target(targets, t, self.num_tasks, rows, self.theta[0].shape[1]) for t in range(self.num_tasks)]
+        if name == "fit_data":
+            for t, target in enumerate(task_targets):
+                _check_fit_rows(f"{name} targets" + (f" of task {t}" if self.num_tasks > 1 else ""), target)
         return _Part(gate_outs, feats, targets, task_targets)
 
     # --------------------------------------------------------------------------------------- pieces
@@ -604,7 +618,9 @@ def refit_search(
 
     Returns:
         ``OptimizeResult`` (``x``: list of ``[S, n]`` arrays; ``fun``/``fun0``: held-out loss after /
-        before; ``nit``: accepted moves; ``nfev``; ``moves``: list of :class:`RefitMove`;
+        before; ``nit``: accepted moves; ``nfev``; ``status``: 0 no refit-scored swap improves, 1 stopped
+        by ``max_iter``, 2 the held-out loss at the start is NaN/inf (a ``RuntimeWarning``; nothing searched,
+        the model unchanged); ``moves``: list of :class:`RefitMove`;
         ``guard_rejections``; ``guard``: ``{name: {'start', 'end', 'tolerance', 'greater_is_better'}}``
         or ``None`` without guards; ``all_reduce``: ``{'calls', 'float64_values'}``).
 
@@ -634,6 +650,19 @@ def refit_search(
         if len(guard_start) != len(guards):
             raise ValueError(f"guard_start must hold one value per guard ({len(guards)}), got {len(guard_start)}")
     obj = RefitObjective(model, fit_data, score_data, loss, ridge=ridge, process_group=process_group)
+    if not math.isfinite(obj.fun0):  # every rank holds the same all-reduced value, so all return here
+        warnings.warn(
+            f"refit_search: the held-out loss on score_data is {obj.fun0} (not finite); nothing was searched and "
+            "the model is unchanged. Check the score rows, their targets and the loss for NaN/inf",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return make_result(
+            x=[s.numpy().copy() for s in obj.state], fun=obj.fun0, nit=0, nfev=obj.nfev, status=STATUS_NONFINITE,
+            message="non-finite held-out loss at the start: nothing searched", fun0=obj.fun0, moves=[], method="refit",
+            guard_rejections=0, guard=None,
+            all_reduce={"calls": obj.all_reduce_calls, "float64_values": obj.all_reduce_values},
+        )
 
     def guard_values() -> list[float]:
         predictions, targets = obj.predictions(obj.state, {})
