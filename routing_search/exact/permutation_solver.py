@@ -381,7 +381,7 @@ def _qap_heuristic(
     qap = qap_matrices(G[0], F, y)
     n = F.shape[1]
     n_init = check_int("n_init", opts["n_init"], minimum=1)
-    best_perm, best_val, nit = None, math.inf, 0
+    best_perm, best_val, nit, at_maxiter = None, math.inf, 0, 0
     for start in range(n_init):
         scipy_opts: dict[str, Any] = {"rng": rng}
         if method == "faq":
@@ -397,12 +397,14 @@ def _qap_heuristic(
             scipy_opts["partial_guess"] = np.column_stack([np.arange(n), x0])
         res = quadratic_assignment(qap.A, qap.B, method=method, options=scipy_opts)
         nit += int(res.nit)
+        if method == "faq" and int(res.nit) >= scipy_opts["maxiter"]:
+            at_maxiter += 1  # FAQ ran its iteration budget out (scipy does not say whether it met tol there)
         perm = np.asarray(res.col_ind, dtype=np.intp)
         val = float(res.fun) + qap.const
         if val < best_val:
             best_perm, best_val = perm, val
     assert best_perm is not None
-    return {"perm": best_perm, "nit": nit, "nfev": n_init}
+    return {"perm": best_perm, "nit": nit, "nfev": n_init, "at_maxiter": at_maxiter}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -461,7 +463,8 @@ def solve_permutation(
         permutation, int array), ``fun`` (exact loss of x, recomputed from the data), ``nit``,
         ``nfev`` (objective evaluations), ``status`` (0: finished by its own criterion — proven
         optimal for the exact methods, converged for the heuristics; 1: branch and bound stopped at
-        ``max_nodes``), ``success`` (``status == 0``), ``message``, ``bound`` (proven lower bound; NaN
+        ``max_nodes``, or a ``faq`` start ran ``maxiter`` iterations out), ``success`` (``status == 0``),
+        ``message``, ``bound`` (proven lower bound; NaN
         for heuristics), ``gap`` (fun − bound; NaN for heuristics), ``nodes_explored`` and ``method``.
 
     Example:
@@ -531,13 +534,22 @@ def solve_permutation(
             f"method={method!r} solves the static-gate QAP: every row of G must be equal (or pass G as [n]); "
             "for per-example gates use method='branch_and_bound' or 'exhaustive'"
         )
+    if abs(float(G[0].sum())) <= 1e-12 * max(1.0, float(np.abs(G[0]).max())):
+        raise ValueError(
+            f"method={method!r} needs gate weights G with a nonzero sum (its QAP form folds the linear term by "
+            "it; simplex weights sum to 1); for this G use method='branch_and_bound' or 'exhaustive'"
+        )
     out = _qap_heuristic(method, G, F, y, perm0, generator, opts)
     fun = _loss_value(out["perm"], G, F, y, loss)
+    message = (
+        f"heuristic: scipy.optimize.quadratic_assignment(method={method!r}), best of {opts['n_init']} "
+        "start(s); no optimality certificate"
+    )
+    if out["at_maxiter"]:
+        message += f"; {out['at_maxiter']} start(s) stopped at maxiter={opts['maxiter']} (raise maxiter)"
     return make_result(
-        x=out["perm"], fun=fun, nit=out["nit"], nfev=out["nfev"], status=STATUS_CONVERGED,
-        message=(
-            f"heuristic: scipy.optimize.quadratic_assignment(method={method!r}), best of {opts['n_init']} "
-            "start(s); no optimality certificate"
-        ),
+        x=out["perm"], fun=fun, nit=out["nit"], nfev=out["nfev"],
+        status=STATUS_BUDGET if out["at_maxiter"] else STATUS_CONVERGED,
+        message=message,
         bound=float("nan"), gap=float("nan"), nodes_explored=0, method=method,
     )

@@ -289,3 +289,21 @@ def test_budget_stop_is_not_a_success_and_rng_is_checked() -> None:
     assert full.status == 0 and full.success is True
     with pytest.raises(TypeError, match="rng must be None, a non-negative integer seed"):
         solve_permutation(G[0], F, y, method="faq", rng="seed")
+
+
+def test_faq_that_runs_out_of_maxiter_reports_a_budget_stop():
+    rng = np.random.default_rng(3)
+    g = rng.dirichlet(np.ones(9))
+    F, y = rng.normal(size=(50, 9, 2)), rng.normal(size=(50, 2))
+    short = solve_permutation(g, F, y, method="faq", maxiter=1, rng=0)
+    assert short.status == 1 and not short.success and "maxiter=1" in short.message
+    assert np.isclose(short.fun, permutation_loss(short.x, g, F, y))
+    done = solve_permutation(g, F, y, method="faq", rng=0)
+    assert done.status == 0 and done.success and done.nit < 30
+
+
+def test_faq_refuses_a_zero_sum_gate_naming_G():
+    rng = np.random.default_rng(0)
+    F, y = rng.normal(size=(20, 4, 1)), rng.normal(size=20)
+    with pytest.raises(ValueError, match="gate weights G with a nonzero sum"):
+        solve_permutation(np.zeros(4), F, y, method="2opt")
