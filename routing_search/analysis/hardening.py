@@ -31,7 +31,8 @@ from torch import nn
 from ..batches import call_model, eval_mode
 from ..gates.comet import COMET, leaf_paths
 from ..gates.dselect_k import DSelectK
-from ..gates.protocol import GateOutput
+from .._validation import check_positive_float
+from ..gates.protocol import GateOutput, flatten_leading, restore_leading
 from ..gates.task_aware import TaskAware
 from ..layers.moe import MoE
 from ..layers.multigate import MultiGateMoE
@@ -184,8 +185,9 @@ def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0
     Args:
         gate: a :class:`~routing_search.gates.DSelectK`, :class:`~routing_search.gates.COMET` or
             :class:`HardGate` (whose codes are binary by construction).
-        x: the data ``[B, input_dim]``. Optional for static gates (a one-row dummy is used), required
-            for per-example gates.
+        x: the data ``[B, input_dim]``, or token-shaped ``[B, tokens, input_dim]`` (each token is a row,
+            as the gate routes it). Optional for static gates (a one-row dummy is used), required for
+            per-example gates.
         atol: tolerance for both "entry is binary" (``min(s, 1 - s) <= atol``) and
             "hard equals soft" (``max |q_hard - q_soft| <= atol``). The default 0 asks for exactness.
         name: label stored in the certificate.
@@ -206,8 +208,9 @@ def certify(gate: nn.Module, x: torch.Tensor | None = None, *, atol: float = 0.0
         >>> after.is_binary, after.agree, after.max_support_size <= 2
         (True, True, True)
     """
-    if atol < 0:
-        raise ValueError(f"atol must be >= 0, got {atol}")
+    atol = check_positive_float("atol", atol, allow_zero=True)
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x = x.reshape(-1, x.shape[-1])  # token-shaped input: every token is routed on its own
     hard_wrapper = isinstance(gate, HardGate)
     inner: Any = gate.gate if isinstance(gate, HardGate) else gate
     if not _is_selector_gate(inner):
@@ -293,8 +296,13 @@ class HardGate(nn.Module):
     def forward(
         self, x: torch.Tensor, task: torch.Tensor | int | None = None, key: torch.Tensor | None = None
     ) -> GateOutput:
-        """The wrapped gate's hard output on ``x`` (``task`` and ``key`` are ignored)."""
-        return self.gate.hard(x)
+        """The wrapped gate's hard output on ``x`` (``task`` and ``key`` are ignored).
+
+        Token-shaped ``x`` (``[batch, tokens, d]``) is routed token by token, as every gate routes it.
+        """
+        rows, _, _, lead = flatten_leading(x)
+        out = self.gate.hard(rows)
+        return out if len(lead) == 1 else restore_leading(out, lead)
 
     def hard(self, x: torch.Tensor) -> GateOutput:
         """Same as :meth:`forward` (already hard)."""
@@ -358,7 +366,7 @@ def _task_rows(x: torch.Tensor | None, task: torch.Tensor | int | None, t: int) 
     if x is None or task is None:
         return x
     if isinstance(task, torch.Tensor) and task.dim() > 0:
-        return x[(task.to(x.device) == t).nonzero(as_tuple=True)[0]]
+        return x[task.to(x.device) == t]  # a [batch] or [batch, tokens] task: the rows / tokens of task t
     return x if int(task) == t else x[:0]
 
 
@@ -366,6 +374,8 @@ def _embedded_input(wrapper: TaskAware, x: torch.Tensor | None, task: torch.Tens
     """What a task-embedding TaskAware feeds its inner gate; every task for every row if task is None."""
     if x is None:
         return None
+    if x.dim() > 2:  # token-shaped: every token is a row, with its row's task
+        x, task, _, _ = flatten_leading(x, task)
     emb = wrapper.task_embedding
     assert emb is not None, "a task-embedding TaskAware has a task embedding"
     batch = x.shape[0]
@@ -587,8 +597,7 @@ def harden(
     """
     if not isinstance(obj, nn.Module):
         raise TypeError(f"harden() accepts {_HARDEN_ACCEPTS}; got {type(obj).__name__}")
-    if atol < 0:
-        raise ValueError(f"atol must be >= 0, got {atol}")
+    atol = check_positive_float("atol", atol, allow_zero=True)
     single = isinstance(obj, HardGate) or _is_selector_gate(obj)
     module = obj if inplace else _deepcopy(obj)
     root: list[nn.Module] = [module]

@@ -393,3 +393,46 @@ def test_comet_nodes_behind_a_zero_branch_do_not_count_as_fractional() -> None:
         gate.node_logits[0, 0] = 0.0  # now the root is fractional: both subtrees are entered
     cert = certify(gate)
     assert not cert.is_binary and cert.num_fractional_entries == 2  # the root and node 2 (node 1 is binary)
+
+
+def test_harden_token_shaped_input_certifies_every_token() -> None:
+    """A model whose MoE routes [batch, tokens, d] was refused ('x must have shape [batch, features]')."""
+    torch.manual_seed(11)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(D, D)
+            self.moe = MoE(experts(5), make_gate("comet", 5, 2, False))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.moe(self.proj(x)).output
+
+    model = Block()
+    x = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(12))
+    hardened, cert = harden(model, x)
+    assert cert.num_gates == 1 and cert.parts[0].num_examples == 12 and cert.after.agree
+    assert hardened(x).shape == (3, 4, model.moe.experts[0](torch.zeros(1, D)).shape[-1])
+    flat, flat_cert = harden(model.moe, model.proj(x).detach().reshape(12, D))
+    assert flat_cert.hard_soft_max_abs_diff == cert.hard_soft_max_abs_diff
+
+    gate = HardGate(make_gate("dselect", 5, 2, False))
+    out = gate(x)
+    assert out.weights.shape == (3, 4, 5) and out.selector_weights.shape == (3, 4, 2, 5)
+    assert torch.equal(out.weights.reshape(12, 5), gate(x.reshape(12, D)).weights)
+
+    # Per-task gates with a [batch, tokens] task: each gate is certified on its own tokens exactly once.
+    router = TaskAware.per_task([DSelectK(5, 2, D), COMET(5, 1, D)])
+    task = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    _, by_task = harden(router, x, task=task)
+    assert [p.num_examples for p in by_task.parts] == [6, 6]
+
+
+@pytest.mark.parametrize("atol", [float("nan"), -1.0, float("inf")])
+def test_certificate_tolerance_must_be_finite_and_non_negative(atol: float) -> None:
+    """atol=nan made every code entry count as binary (nan comparisons are False): is_binary was True."""
+    gate = make_gate("dselect", 5, 2, True)
+    with pytest.raises(ValueError, match="atol"):
+        certify(gate, atol=atol)
+    with pytest.raises(ValueError, match="atol"):
+        harden(gate, atol=atol)
