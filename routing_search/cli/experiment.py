@@ -7,7 +7,7 @@ from pathlib import Path
 from ..experiments import ExperimentConfig, TuneConfig, run_experiment
 from ..experiments.report import format_mean_se, write_report
 from ..experiments.tune import run_tune, write_tune_report
-from ..experiments.output import new_run_dir
+from ..experiments.output import new_run_dir, removed_if_empty_on_failure
 
 __all__ = ["run_experiment_command", "run_tune_command"]
 
@@ -17,8 +17,9 @@ def run_experiment_command(config: ExperimentConfig, *, out: str | Path = "runs"
     run_dir = new_run_dir(out, f"experiment-{config.dataset}")
     print(f"routing-search experiment {config.dataset}: outputs in {run_dir}", flush=True)
     log = (lambda line: print(line, flush=True)) if config.progress else None
-    result = run_experiment(config, log=log)
-    report = write_report(result, run_dir, plots=plots)
+    with removed_if_empty_on_failure(run_dir):
+        result = run_experiment(config, log=log)
+        report = write_report(result, run_dir, plots=plots)
     headline = result.metric_names[0]
     for gate, arms in report["summary"].items():
         for arm, entry in arms.items():
@@ -37,8 +38,9 @@ def run_tune_command(config: TuneConfig, *, out: str | Path = "runs", plots: boo
     run_dir = new_run_dir(out, f"tune-{config.experiment.dataset}")
     print(f"routing-search tune {config.experiment.dataset}: outputs in {run_dir}", flush=True)
     log = (lambda line: print(line, flush=True)) if config.experiment.progress else None
-    trials, data = run_tune(config, log=log)
-    report = write_tune_report(config, trials, data, run_dir, plots=plots)
+    with removed_if_empty_on_failure(run_dir):
+        trials, data = run_tune(config, log=log)
+        report = write_tune_report(config, trials, data, run_dir, plots=plots)
     for gate, entry in report["summary"].items():
         for arm, e in entry["arms"].items():
             pool = e["trials_needed_without_replacement"]

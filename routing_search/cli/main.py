@@ -208,8 +208,15 @@ def _check_device(device: str) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device!r}: the runs train on cpu, cuda[:N] or mps, not on {dev.type!r} devices")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device!r}: MPS is not available on this machine (use --device cpu)")
 
 
 def _configure(args: argparse.Namespace) -> Any:

@@ -65,7 +65,7 @@ from ..search.lookahead import lookahead_search
 from ..search.refit import RefitOptions
 from ..training import LocalSearcher, SearchSchedule, fit
 from ..training.searcher import generator_state, set_generator_state
-from .output import new_run_dir
+from .output import new_run_dir, removed_if_empty_on_failure
 from .stats import expected_best_of_n, mean_se, paired_comparison
 from .stats import trials_needed as stats_trials_needed
 
@@ -751,18 +751,19 @@ def run_escape(config: EscapeConfig, *, progress: bool = False) -> dict[str, Any
     try:
         run_dir = new_run_dir(config.out, "escape")
         rows: list[dict[str, Any]] = []
-        for family in config.families:
-            for seed in config.seeds:
-                start = build_start(config, family, seed)
-                for arm in config.arms:
-                    rows.append(run_arm(config, start, arm))
-                    if progress:
-                        r = rows[-1]
-                        print(f"{family:18s} seed {seed:3d} {arm:9s} test {r['test_loss']:.4f} moves {r['moves']:3d} "
-                              f"{r['seconds']:.1f}s", flush=True)
-        summary = summarise(rows, config)
-        tuning = run_tuning(config, progress=progress) if config.tune_families else {}
-        write_report(run_dir, config, rows, summary, tuning)
+        with removed_if_empty_on_failure(run_dir):
+            for family in config.families:
+                for seed in config.seeds:
+                    start = build_start(config, family, seed)
+                    for arm in config.arms:
+                        rows.append(run_arm(config, start, arm))
+                        if progress:
+                            r = rows[-1]
+                            print(f"{family:18s} seed {seed:3d} {arm:9s} test {r['test_loss']:.4f} moves {r['moves']:3d} "
+                                  f"{r['seconds']:.1f}s", flush=True)
+            summary = summarise(rows, config)
+            tuning = run_tuning(config, progress=progress) if config.tune_families else {}
+            write_report(run_dir, config, rows, summary, tuning)
     finally:
         torch.set_num_threads(threads)
     return {"run_dir": str(run_dir), "config": asdict(config), "runs": rows, "summary": summary, "tuning": tuning}

