@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from ..exact import solve_subset, subset_objective
 from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
 from ..losses import bce_with_logits_loss, mse_loss, multitask_loss
-from ..result import STATUS_CONVERGED, make_result
+from ..result import STATUS_CONVERGED, STATUS_NONFINITE, make_result
 from ..search import RoutingObjective, local_search
 from ..search.objective import LossFn
 
@@ -197,7 +198,7 @@ def optimality_gap(
         **options: ``layer`` (module or name). Permutation: ``max_states`` (default 50000),
             ``perturbations`` (ils, default 30), ``separable`` (True / False / None: whether the loss
             is a sum of per-task terms; None = known for loss names and ``multitask_loss``). Subset:
-            ``k`` (default the gate's ``k`` / number of selectors).
+            ``k`` (default: each task's gate's own ``k`` / number of selectors; an int sets it for every task).
 
     Exhaustive permutation search is exact and as small as the structure allows:
 
@@ -215,7 +216,8 @@ def optimality_gap(
         loss), ``optimum``, ``gap`` (= fun − optimum), ``relative_gap``, ``certified`` (True when
         ``optimum`` is proven optimal), ``x`` (the best routing: permutation arrays, or per-task
         weights ``[T, n]``), ``current_x``, ``nit``, ``nfev``, ``status`` / ``success`` (status 1
-        when a search or solver stopped on a budget), ``per_task`` (subset), ``method``, ``kind``
+        when a search or solver stopped on a budget; 2 when the current loss is NaN/inf: a
+        ``RuntimeWarning``, nothing searched, ``optimum`` and ``gap`` NaN, not certified), ``per_task`` (subset), ``method``, ``kind``
         and ``message``.
 
     Example:
@@ -365,6 +367,19 @@ def _permutation_gap(
         )
     if method == "auto":
         method = "exhaustive" if plan.size <= max_states else "ils"
+    if not math.isfinite(objective.fun):
+        warnings.warn(
+            f"optimality_gap: the loss on data is {objective.fun} (not finite); nothing was searched. Check the data, "
+            "the targets and the loss for NaN/inf",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return make_result(
+            x=objective.current(), fun=objective.fun, nit=0, nfev=objective.nfev, status=STATUS_NONFINITE,
+            message="non-finite loss at the start: nothing searched, no optimum", optimum=float("nan"),
+            gap=float("nan"), relative_gap=float("nan"), certified=False, current_x=objective.current(),
+            method=method, kind="permutation",
+        )
     if method == "exhaustive":
         if plan.size > max_states:
             raise ValueError(
@@ -422,10 +437,10 @@ def _subset_gap(model: nn.Module, data: Any, loss: Any, method: str, options: di
             f"got {getattr(loss, '__name__', type(loss).__name__)}. For any other loss use kind='permutation'"
         )
     gates = list(layer.gates) if isinstance(layer, MultiGateMoE) else [layer.gate]
-    k = options.get("k")
-    if k is None:
-        k = int(getattr(gates[0], "k", getattr(gates[0], "num_selectors", 1)))
-    k = check_int("k", k, minimum=1, maximum=objective.n)
+    if options.get("k") is None:  # each task's own gate's k (task gates may differ)
+        ks = [check_int("k", int(getattr(g, "k", getattr(g, "num_selectors", 1))), minimum=1, maximum=objective.n) for g in gates]
+    else:
+        ks = [check_int("k", options["k"], minimum=1, maximum=objective.n)] * len(gates)
     targets = objective.targets
     if not isinstance(targets, torch.Tensor):
         raise TypeError("kind='subset' needs a tensor of targets ([B, T] for a multi-gate MoE, [B, u] for an MoE)")
@@ -441,6 +456,7 @@ def _subset_gap(model: nn.Module, data: Any, loss: Any, method: str, options: di
         name, weight = terms[t]
         y_t = (targets[:, t] if isinstance(layer, MultiGateMoE) else targets).double().cpu().numpy()
         current = subset_objective(w[0], F, y_t, loss=name)
+        k = ks[t]
         best = solve_subset(F, y_t, k, loss=name, method=solver)
         nit += int(best.nit)
         nfev += int(best.nfev)
@@ -448,7 +464,7 @@ def _subset_gap(model: nn.Module, data: Any, loss: Any, method: str, options: di
         support = int((w[0] > 1e-12).sum())
         per_task.append(
             {"current": current, "optimum": float(best.fun), "gap": current - float(best.fun), "loss": name,
-             "weight": weight, "current_support": support, "feasible": support <= k,
+             "weight": weight, "k": k, "current_support": support, "feasible": support <= k,
              "optimal_support": [int(i) for i in best.support], "certified": bool(best.success)}
         )
         best_x.append(best.x)
@@ -456,7 +472,8 @@ def _subset_gap(model: nn.Module, data: Any, loss: Any, method: str, options: di
     current = float(sum(p["weight"] * p["current"] for p in per_task))
     optimum = float(sum(p["weight"] * p["optimum"] for p in per_task))
     infeasible = [t for t, p in enumerate(per_task) if not p["feasible"]]
-    message = f"exact optimum of problem (2) per task ({solver}, k={k}); totals are the weighted sum over tasks"
+    k_text = f"k={ks[0]}" if len(set(ks)) == 1 else f"k per task {ks}"
+    message = f"exact optimum of problem (2) per task ({solver}, {k_text}); totals are the weighted sum over tasks"
     if status != STATUS_CONVERGED:
         message += "; a solver stopped on its budget (max_nodes): that task's optimum is not certified"
     if infeasible:

@@ -555,3 +555,30 @@ def test_per_selector_binary_gate_assigns_only_active_slots() -> None:
     big = MoE(make_experts(6, D, [4], 2).double(), DSelectK(6, 2, D).double()).eval()
     with pytest.raises(ValueError, match=r"518400 permutation states.*max_states=50000; raise max_states"):
         optimality_gap(big, (x, y), mse_rows, method="exhaustive")
+
+
+def test_permutation_gap_with_a_non_finite_loss_is_status_2_not_certified() -> None:
+    """A NaN target gave status 0, success and certified=True with fun = optimum = gap = nan."""
+    torch.manual_seed(0)
+    moe = MoE(make_experts(4, 3, [8], 2), TopK(num_experts=4, k=2, input_dim=3)).eval()
+    x, y = torch.randn(32, 3), torch.randn(32, 2)
+    y[0, 0] = float("nan")
+    for method in ("exhaustive", "ils", "auto"):
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            res = optimality_gap(moe, (x, y), "squared", method=method, rng=0)
+        assert res.status == 2 and not res.success and not res.certified
+        assert np.isnan(res.gap) and np.isnan(res.optimum) and res.nit == 0
+
+
+def test_subset_gap_uses_each_task_gates_own_k() -> None:
+    """The default k was the first task gate's k for every task (k=1 for a k=3 gate here)."""
+    torch.manual_seed(1)
+    model = MultiGateMoE(make_experts(5, 3, [8], 1), [DSelectK(num_experts=5, k=1), DSelectK(num_experts=5, k=3)]).eval()
+    x, y = torch.randn(48, 3), torch.randn(48, 2)
+    res = optimality_gap(model, (x, y), "squared", kind="subset")
+    F = frozen_arrays(model, (x, y))[2]
+    for t, k in enumerate((1, 3)):
+        assert res.per_task[t]["k"] == k
+        assert np.isclose(res.per_task[t]["optimum"], solve_subset(F, y[:, t].numpy(), k).fun)
+    fixed = optimality_gap(model, (x, y), "squared", kind="subset", k=2)
+    assert [p["k"] for p in fixed.per_task] == [2, 2]
