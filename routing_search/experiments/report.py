@@ -162,8 +162,9 @@ def _p(value: float | None) -> str:
 def _comparison_line(arm: str, control: str, name: str, c: dict[str, Any]) -> str:
     diff = format_mean_se(c["diff"], 3)
     ratio = "–" if c["median_ratio"] is None else f"{c['median_ratio']:.4f}"
+    left_out = f" ({c['excluded']} seed(s) left out: NaN/inf value)" if c.get("excluded") else ""
     return (
-        f"| {arm} vs {control} | {name} | better by ≥ 1 % on {c['better']}/{c['n']}, worse on {c['worse']}/{c['n']} "
+        f"| {arm} vs {control} | {name} | better by ≥ 1 % on {c['better']}/{c['n']}, worse on {c['worse']}/{c['n']}{left_out} "
         f"| {ratio} | {diff} | {_p(c['sign_p'])} | {_p(c['wilcoxon_p'])} |"
     )
 

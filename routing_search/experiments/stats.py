@@ -78,9 +78,11 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_bette
         worse_rule: ``'at_least'`` (default): a seed is worse when ``r <= -t``; ``'more_than'``: only
             when ``r < -t`` (see :data:`WORSE_RULES`).
 
-    Returns ``{'n', 'better', 'worse', 'threshold', 'worse_rule', 'median_ratio', 'diff', 'sign_p',
-    'wilcoxon_p'}`` (``median_ratio``: median of ``a / b`` over the seeds with ``b != 0``; ``diff``: a
-    :func:`mean_se` entry of ``a − b``).
+    Returns ``{'n', 'excluded', 'better', 'worse', 'threshold', 'worse_rule', 'median_ratio', 'diff',
+    'sign_p', 'wilcoxon_p'}`` (``median_ratio``: median of ``a / b`` over the seeds with ``b != 0``;
+    ``diff``: a :func:`mean_se` entry of ``a − b``). A seed whose ``a`` or ``b`` is NaN/inf (an undefined
+    metric, e.g. a ROC AUC with one class present) cannot be compared: it is left out of every count and
+    test, ``n`` counts the seeds compared and ``excluded`` the seeds left out.
 
     >>> r = paired_comparison([1.0, 2.0, 3.0], [1.1, 2.1, 2.0], higher_is_better=False)
     >>> r["better"], r["worse"], r["n"]
@@ -90,10 +92,15 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_bette
     [1, 0]
     """
     check_choice("worse_rule", worse_rule, WORSE_RULES)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+        raise ValueError(f"threshold must be a finite number >= 0 (0.01 = 1 %), got {threshold!r}")
     x = np.asarray(a, dtype=float)
     y = np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"paired_comparison needs two equal-length 1-D sequences, got shapes {x.shape} and {y.shape}")
+    finite = np.isfinite(x) & np.isfinite(y)
+    excluded = int((~finite).sum())
+    x, y = x[finite], y[finite]
     sign = 1.0 if higher_is_better else -1.0
     diff = x - y
     scale = np.abs(y)
@@ -111,6 +118,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_bette
     finite_ratio = ratio[np.isfinite(ratio)]
     return {
         "n": int(x.size),
+        "excluded": excluded,
         "better": int((rel >= threshold).sum()),
         "worse": int((rel <= -threshold).sum() if worse_rule == "at_least" else (rel < -threshold).sum()),
         "threshold": threshold,

@@ -338,3 +338,20 @@ def test_paired_comparison():
     assert (higher["better"], higher["worse"]) == (0, 2)
     with pytest.raises(ValueError):
         paired_comparison([1.0], [1.0, 2.0], higher_is_better=True)
+
+
+def test_paired_comparison_leaves_out_seeds_whose_values_are_undefined():
+    # Regression: a NaN value (e.g. a ROC AUC with one class) counted as a non-zero difference in the sign test
+    # (as a seed where the arm lost), so the p-value was computed on a comparison that was never made.
+    nan = float("nan")
+    with_nan = paired_comparison([0.8, nan, 0.9, 0.7], [0.7, 0.6, 0.8, 0.6], higher_is_better=True)
+    without = paired_comparison([0.8, 0.9, 0.7], [0.7, 0.8, 0.6], higher_is_better=True)
+    assert (with_nan["n"], with_nan["excluded"], without["excluded"]) == (3, 1, 0)
+    for key in ("better", "worse", "sign_p", "wilcoxon_p", "median_ratio", "diff"):
+        assert with_nan[key] == without[key], key
+    assert without["sign_p"] == pytest.approx(0.25)  # 3 of 3 better: two-sided binomial p
+    none = paired_comparison([nan], [1.0], higher_is_better=False)
+    assert (none["n"], none["excluded"], none["sign_p"], none["wilcoxon_p"], none["diff"]["mean"]) == (0, 1, 1.0, None, None)
+    for bad in (-0.01, float("nan"), float("inf"), "1%"):
+        with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+            paired_comparison([1.0], [1.0], higher_is_better=True, threshold=bad)
