@@ -139,6 +139,26 @@ def _check_checkpoint_dir(checkpoint_dir: Any) -> Path | None:
     return directory
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _explain_one_row_batch(exc: ValueError, model: nn.Module, rows: int, epoch: int, step: int, batch_size: int,
+                           source: BatchSource) -> None:
+    """Raise a ``ValueError`` that says why, when a training batch of one row failed in a model with BatchNorm
+    (torch's own message names neither the batch nor how to avoid it); return otherwise."""
+    if rows != 1:
+        return
+    norms = [name for name, module in model.named_modules() if isinstance(module, _BATCH_NORMS) and module.training]
+    if not norms:
+        return
+    total = f"{source.rows} rows, " if isinstance(source, TensorSource) else ""
+    raise ValueError(
+        f"train_data: the batch of epoch {epoch}, step {step + 1} holds a single row (the last, partial batch: "
+        f"{total}batch_size={batch_size}), and the model's BatchNorm ({norms[0]!r}) cannot normalise one row in "
+        f"training ({exc}). Choose a batch_size that leaves at least 2 rows in the last batch, or drop a row"
+    ) from exc
+
+
 def _objective(loss: LossFn, out: Any, targets: Any, gate_loss_weight: float) -> torch.Tensor:
     value = loss(unwrap_prediction(out), targets)
     if not isinstance(value, torch.Tensor):
@@ -543,7 +563,11 @@ def fit(
                 if dstep is not None:  # under a process group: this rank's part, failures on every rank together
                     value, scalar = dstep(inputs, targets, rows, epoch=epoch, step=step)
                 else:
-                    out = call_model(train_module, inputs)
+                    try:
+                        out = call_model(train_module, inputs)
+                    except ValueError as exc:
+                        _explain_one_row_batch(exc, model, rows, epoch, step, batch_size, train_source)
+                        raise
                     value = _objective(loss, out, targets, gate_loss_weight)
                     scalar = float(value.detach())
                     aux = getattr(out, "loss", None)

@@ -434,3 +434,16 @@ def test_checkpoints_of_the_previous_format_still_resume(task, tmp_path):
     states_equal(full.model, resumed.model)
     assert resumed.history.step_loss == full.history.step_loss
     assert len(resumed.history.metrics) == len(resumed.history.gates) == len(resumed.history.epoch) == 3
+
+
+def test_a_last_batch_of_one_row_that_batchnorm_cannot_take_is_explained():
+    # Regression: torch's "Expected more than 1 value per channel when training" named neither the batch nor the fix.
+    torch.manual_seed(0)
+    experts = [nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)) for _ in range(4)]
+    model = MoE(experts, Softmax(num_experts=4, input_dim=3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(33, 3, generator=g), torch.randn(33, 2, generator=g)
+    with pytest.raises(ValueError, match=r"epoch 0, step 2 holds a single row \(the last, partial batch: 33 rows, "
+                                         r"batch_size=32\), and the model's BatchNorm \('experts\.0\.1'\)"):
+        fit(model, (x, y), mse_loss, epochs=1, batch_size=32, progress=False)
+    fit(model, (x, y), mse_loss, epochs=1, batch_size=31, progress=False)  # a last batch of 2 rows trains
