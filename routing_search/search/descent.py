@@ -271,7 +271,7 @@ def local_search(
         permutations they lead to ``x``), ``method`` and, for ``'codes'``, ``codes`` (``[task, selector,
         slot]`` of every static binary selector at the end), ``guard_rejections`` (moves undone because a
         guard rejected them), ``guard`` (``{name: {'start', 'end', 'tolerance', 'greater_is_better'}}``;
-        empty without guards), and ``all_reduce`` (``calls``,
+        ``None`` without guards), and ``all_reduce`` (``calls``,
         ``float64_values``: what the search all-reduces under a process group, counted in a single
         process too; besides, one ``all_gather_object`` at the start and one at the end).
 
@@ -487,6 +487,10 @@ def _exhaustive(search: _Search, max_states: int) -> None:
             if not values[best] < start_fun - search.s.tol:
                 break
             if search.try_accept(cands[best], float(values[best])):
+                # Like every 'exhaustive' move: a jump to the whole state (see Move), so replays treat it alike.
+                row_move = search.moves[-1]
+                search.moves[-1] = Move("exhaustive", -1, -1, [], [], row_move.fun_before, row_move.fun_after,
+                                        {"state": [s.tolist() for s in obj.current()]})
                 accepted = True
                 break
             if not search.guards:

@@ -78,3 +78,17 @@ def test_refit_search_refuses_non_finite_fit_rows_by_name():
     x_bad[3, 0] = float("inf")
     with pytest.raises(ValueError, match="fit_data"):
         refit_search(moe, (x_bad[:48], y[:48]), (x[48:], y[48:]), mse_loss)
+
+
+def test_exhaustive_move_of_one_row_is_a_whole_state_jump_like_every_exhaustive_move():
+    """A one-row 'exhaustive' result had a row move without extra['state'], which Move documents for every
+    'exhaustive' move; replaying by kind raised KeyError."""
+    moe, x, y = _problem()
+    start = [p.index.numpy().copy() for p in moe.permutations]
+    res = local_search(moe, (x, y), mse_loss, "exhaustive")
+    assert res.nit == 1 and len(res.moves) == 1 and res.guard is None
+    move = res.moves[0]
+    assert (move.kind, move.slot, move.selector) == ("exhaustive", -1, -1)
+    assert [np.asarray(s).tolist() for s in move.extra["state"]] == [s.tolist() for s in res.x]
+    assert move.fun_before == res.fun0 and move.fun_after == res.fun
+    assert not np.array_equal(start[0], res.x[0])
