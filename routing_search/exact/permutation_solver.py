@@ -81,6 +81,18 @@ def _prepare(G: Any, F: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return G, F, y
 
 
+def _centred(G: np.ndarray, F: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same squared-loss problem with every row's target subtracted from its expert outputs.
+
+    With ``s_b = Σ_i G_bi`` (the same for every permutation), ``F'_bj = F_bj − y_b`` and
+    ``y'_b = (1 − s_b) y_b`` give ``Σ_i G_bi F'_b,perm[i] − y'_b = ŷ_b − y_b`` for every permutation: the
+    loss is unchanged, but the Gram (QAP) forms below are built from residual-sized numbers. Built from
+    raw outputs and targets that share a large offset (say 1e6 ± 1), their entries are about 1e12 and
+    rounding moved the loss by about 1e-4, enough to prune the true optimum and certify a worse one.
+    """
+    return F - y[:, None, :], y * (1.0 - G.sum(axis=1))[:, None]
+
+
 def _is_static(G: np.ndarray) -> bool:
     scale = max(1.0, float(np.abs(G).max()))
     return bool(np.all(np.abs(G - G[0]) <= 1e-12 * scale))
@@ -339,7 +351,7 @@ def _branch_and_bound(
         nfev += 1
         if value < inc_val:
             inc_perm, inc_val = completion, value
-        if bound >= inc_val - tol * max(1.0, abs(inc_val)):
+        if free.size == 0 or bound >= inc_val - tol * max(1.0, abs(inc_val)):
             # Pruned, or closed: its LSA completion is within tol of its bound.
             closed_lower = min(closed_lower, bound)
             continue
@@ -504,7 +516,7 @@ def solve_permutation(
                 f"method='exhaustive' would evaluate n! = {math.factorial(n)} permutations for n={n} > "
                 f"max_n={max_n}; pass max_n=... to allow it or use method='branch_and_bound'"
             )
-        perm, count = _exhaustive(G, F, y, loss)
+        perm, count = _exhaustive(G, *_centred(G, F, y), loss) if loss == "squared" else _exhaustive(G, F, y, loss)
         fun = _loss_value(perm, G, F, y, loss)
         return make_result(
             x=perm, fun=fun, nit=count, nfev=count, status=STATUS_CONVERGED,
@@ -520,7 +532,7 @@ def solve_permutation(
                 f"method='branch_and_bound' stores an n^4 = {n ** 4} entry tensor and its search is "
                 f"exponential in the worst case; n={n} > max_n={max_n}: pass max_n=... to allow it"
             )
-        out = _branch_and_bound(G, F, y, perm0, tol, check_int("max_nodes", opts["max_nodes"], minimum=1))
+        out = _branch_and_bound(G, *_centred(G, F, y), perm0, tol, check_int("max_nodes", opts["max_nodes"], minimum=1))
         fun = _loss_value(out["perm"], G, F, y, loss)
         bound = min(float(out["bound"]), fun)
         return make_result(
@@ -539,7 +551,7 @@ def solve_permutation(
             f"method={method!r} needs gate weights G with a nonzero sum (its QAP form folds the linear term by "
             "it; simplex weights sum to 1); for this G use method='branch_and_bound' or 'exhaustive'"
         )
-    out = _qap_heuristic(method, G, F, y, perm0, generator, opts)
+    out = _qap_heuristic(method, G, *_centred(G, F, y), perm0, generator, opts)
     fun = _loss_value(out["perm"], G, F, y, loss)
     message = (
         f"heuristic: scipy.optimize.quadratic_assignment(method={method!r}), best of {opts['n_init']} "

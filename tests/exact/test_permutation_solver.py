@@ -307,3 +307,19 @@ def test_faq_refuses_a_zero_sum_gate_naming_G():
     F, y = rng.normal(size=(20, 4, 1)), rng.normal(size=20)
     with pytest.raises(ValueError, match="gate weights G with a nonzero sum"):
         solve_permutation(np.zeros(4), F, y, method="2opt")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_outputs_and_targets_with_a_large_common_offset_are_solved_exactly(seed):
+    """With F and y near 1e6 (± 1) the Gram form cancelled catastrophically: branch and bound certified a worse
+    permutation (gap 0) or raised IndexError on a leaf it failed to close."""
+    rng = np.random.default_rng(seed)
+    B, n = 30, 5
+    off = 10.0 ** [6, 4, 5][seed]
+    F, y = off + rng.normal(size=(B, n, 1)), off + rng.normal(size=(B, 1))
+    G = rng.dirichlet(np.ones(n), size=B) if seed % 2 else rng.dirichlet(np.ones(n))
+    brute = min(permutation_loss(p, G, F, y) for p in itertools.permutations(range(n)))
+    for method in ("exhaustive", "branch_and_bound"):
+        res = solve_permutation(G, F, y, method=method)
+        assert res.fun <= brute + 1e-9 * max(1.0, brute) and res.bound <= brute + 1e-9 * max(1.0, brute)
+        assert res.status == 0 and np.isclose(res.fun, permutation_loss(res.x, G, F, y), rtol=0, atol=1e-12)
