@@ -171,6 +171,25 @@ def _objective(loss: LossFn, out: Any, targets: Any, gate_loss_weight: float) ->
     return value
 
 
+def _search_setting(searcher: Any, unit: str, rows: int | None, at_start: bool) -> dict[str, Any] | None:
+    """What the run searches with, as plain values (saved in the checkpoint's config, compared on resume)."""
+    if searcher is None:
+        return None
+    method = getattr(searcher, "method", None)
+    if method is not None and not isinstance(method, str):
+        method = getattr(method, "__qualname__", type(method).__name__)
+    every, rounds = getattr(searcher, "every", None), getattr(searcher, "rounds", None)
+    setting: dict[str, Any] = {"searcher": type(searcher).__name__, "method": method, "unit": unit,
+                               "every": every if isinstance(every, int) else None,
+                               "rounds": rounds if isinstance(rounds, int) else None,
+                               "rows": rows, "refit": getattr(searcher, "refit", None) is not None, "at_start": at_start}
+    options = getattr(searcher, "options", None)
+    if isinstance(options, Mapping):  # plain option values only (a guard or callable has no stable description)
+        setting["options"] = {str(k): v for k, v in sorted(options.items(), key=lambda kv: str(kv[0]))
+                              if v is None or isinstance(v, (bool, int, float, str))}
+    return setting
+
+
 def _search_record(result: OptimizeResult, epoch: int, step: int, seconds: float) -> dict[str, Any]:
     moves = [
         {
@@ -351,7 +370,9 @@ def fit(
             at the end of every epoch. A directory that already holds one is refused unless ``resume`` or
             ``overwrite``; a path that is a file is refused at once.
         resume: continue from ``checkpoint_dir/checkpoint.pt``, exactly as if never stopped (CPU). The
-            model, optimiser (same class) and data must be built as for the original run.
+            model, optimiser (same class) and data must be built as for the original run; a different
+            ``batch_size``, ``seed``, ``gate_loss_weight``, ``select_by`` / ``select_mode`` or ``search``
+            (method, schedule, rows, plain options) than the checkpoint's warns.
         overwrite: start afresh and replace an existing checkpoint in ``checkpoint_dir``.
         device: where to train (default: the model's current device; CPU for a model without tensors).
         seed: non-negative integer; seeds the shuffling generator and the default search generator (global
@@ -467,7 +488,8 @@ def fit(
     start_epoch, step = 0, 0
     resumed, saved_annealing = False, None
     path: Path | None = None
-    config = {"batch_size": batch_size, "seed": seed, "gate_loss_weight": gate_loss_weight, "select_by": select_by, "select_mode": select_mode}
+    config = {"batch_size": batch_size, "seed": seed, "gate_loss_weight": gate_loss_weight, "select_by": select_by, "select_mode": select_mode,
+              "search": _search_setting(searcher, unit, search_rows, plan.at_start)}
     setup_error: BaseException | None = None
     try:  # under a process group, a failure on one rank (e.g. its copy of the checkpoint) stops every rank here
         if directory is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -261,3 +262,22 @@ def test_the_validation_loss_of_a_loss_with_several_values_per_row_is_their_mean
     with torch.no_grad():
         expected = float(((model(xv).output - yv) ** 2).mean())
     assert result.history.val_loss[0] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("first,second", [
+    (SearchSchedule(), None),
+    (None, SearchSchedule()),
+    (SearchSchedule(method="swap"), SearchSchedule(method="insertion")),
+    (SearchSchedule(every_epochs=1), SearchSchedule(every_steps=2)),
+    (SearchSchedule(options={"max_iter": 5}), SearchSchedule(options={"max_iter": 50})),
+])
+def test_resuming_with_another_search_warns(task, tmp_path, first, second):
+    # Regression: a resumed run silently searched otherwise (or not at all) than the run it continues.
+    train, val = task
+    kwargs = dict(val_data=val, batch_size=32, progress=False, checkpoint_dir=tmp_path)
+    fit(build(), train, mse_loss, epochs=1, search=first, **kwargs)
+    with pytest.warns(UserWarning, match=r"resuming with search=.* but the checkpoint was written with search="):
+        fit(build(), train, mse_loss, epochs=2, search=second, resume=True, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same search resumes without a word
+        fit(build(), train, mse_loss, epochs=3, search=second, resume=True, **kwargs)
