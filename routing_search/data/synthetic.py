@@ -64,7 +64,8 @@ class SyntheticMoEData:
         return self.y.shape[1]
 
     def split(self, fractions: tuple[float, ...] = (0.7, 0.15, 0.15)) -> tuple["SyntheticMoEData", ...]:
-        """Consecutive splits (the rows are already i.i.d.) with the given fractions (summing to 1)."""
+        """Consecutive splits (the rows are already i.i.d.) with the given fractions (summing to 1); every part
+        must get at least one row."""
         if abs(sum(fractions) - 1.0) > 1e-9 or any(f <= 0 for f in fractions):
             raise ValueError(f"fractions must be positive and sum to 1, got {fractions}")
         n = self.x.shape[0]
@@ -72,6 +73,10 @@ class SyntheticMoEData:
         for f in fractions[:-1]:
             bounds.append(bounds[-1] + int(round(f * n)))
         bounds.append(n)
+        sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        if min(sizes) < 1:
+            raise ValueError(f"{n} rows cannot be split into non-empty parts with fractions={fractions} (sizes {sizes}); "
+                             "draw more rows (num_samples) or change the fractions")
         return tuple(
             SyntheticMoEData(self.x[a:b], self.y[a:b], self.task_type, self.truth) for a, b in zip(bounds[:-1], bounds[1:])
         )

@@ -163,3 +163,12 @@ def test_argument_errors():
         make_synthetic_moe(num_samples=1)
     two = make_synthetic_moe(num_samples=2, num_tasks=2, seed=0)
     assert bool(torch.isfinite(two.y).all())
+
+
+def test_split_refuses_an_empty_part():
+    # Regression: 5 rows split (0.7, 0.15, 0.15) gave a test part of 0 rows without a word.
+    with pytest.raises(ValueError, match=r"5 rows cannot be split into non-empty parts .* \(sizes \[4, 1, 0\]\)"):
+        make_synthetic_moe(num_samples=5, seed=0).split()
+    with pytest.raises(ValueError, match=r"sizes \[0, 0, 2\]"):
+        make_synthetic_moe(num_samples=2, seed=0).split((0.25, 0.25, 0.5))
+    assert [p.x.shape[0] for p in make_synthetic_moe(num_samples=7, seed=0).split()] == [5, 1, 1]
