@@ -12,6 +12,8 @@ by more than ``tol`` — so the comparison is like for like.
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,8 @@ from scipy.optimize import OptimizeResult
 from torch import nn
 
 from .._validation import check_int, check_positive_float, check_rng
-from ..batches import as_batch, call_model, eval_mode, take_rows, unwrap_prediction
-from ..result import STATUS_CONVERGED, make_result
+from ..batches import as_batch, call_model, eval_mode, num_rows, take_rows, unwrap_prediction
+from ..result import STATUS_CONVERGED, STATUS_NONFINITE, make_result
 from .objective import LossFn, find_routing_layer
 from .refit import RefitMove, RefitObjective
 
@@ -29,9 +31,8 @@ __all__ = ["lookahead_search", "lookahead_score"]
 
 
 def _rows(data: Any) -> int:
-    inputs, _ = data
-    x = inputs["x"] if isinstance(inputs, dict) else inputs
-    return int(x.shape[0])
+    """Rows of ``data`` in any form ``as_batch`` takes (one batch, a list of batches, a DataLoader, a Dataset)."""
+    return num_rows(as_batch(data, name="train_data"))
 
 
 def lookahead_score(
@@ -91,7 +92,10 @@ def lookahead_search(
 
     Returns:
         ``OptimizeResult``: ``x`` (permutation arrays), ``fun`` / ``fun0`` (lookahead score of the
-        chosen / unchanged state), ``nit`` (0 or 1), ``nfev`` (refit evaluations plus lookaheads), ``moves``.
+        chosen / unchanged state), ``nit`` (0 or 1), ``nfev`` (refit evaluations plus lookaheads), ``moves``
+        (a :class:`~routing_search.search.refit.RefitMove` with the two swapped ``slots`` and the ``experts``
+        they exchange), ``status`` (0; 2 when the unchanged model's lookahead score is NaN/inf: a
+        ``RuntimeWarning``, nothing searched, the model unchanged).
     """
     candidates = check_int("candidates", candidates, minimum=1)
     steps = check_int("steps", steps, minimum=1)
@@ -103,28 +107,41 @@ def lookahead_search(
     if nested:
         raise ValueError("lookahead search needs the MoE / MultiGateMoE layer itself as the model")
     obj = RefitObjective(layer, train_data, score_data, loss, ridge=ridge)
-    ranked = [(obj.score_move(new, experts)[0], p, s, new) for p, s, a, c, new, experts in obj.swaps()]
+    ranked = [(obj.score_move(new, experts)[0], p, s, a, c, new, experts) for p, s, a, c, new, experts in obj.swaps()]
     ranked.sort(key=lambda item: item[0])
     total = _rows(train_data)
     batches = [torch.as_tensor(generator.choice(total, size=min(batch_size, total), replace=False)) for _ in range(steps)]
     base = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr)
-    best: tuple[float, int, int, list[torch.Tensor]] | None = None
+    if not math.isfinite(base):
+        warnings.warn(
+            f"lookahead_search: the unchanged model's lookahead score is {base} (not finite); nothing was searched "
+            "and the model is unchanged. Check the data, the targets, the loss and lr for NaN/inf",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return make_result(
+            x=[np.asarray(s) for s in obj.state], fun=base, nit=0, nfev=obj.nfev + 1, status=STATUS_NONFINITE,
+            message="non-finite lookahead score of the unchanged model: nothing searched", fun0=base, moves=[],
+            method="lookahead",
+        )
+    best: tuple[float, int, int, int, int, list[torch.Tensor], list[int]] | None = None
     originals = [slot.get() for slot in obj.slots]
-    for _, p, s, new in ranked[:candidates]:
+    for _, p, s, a, c, new, experts in ranked[:candidates]:
         for slot, index in zip(obj.slots, new):
             slot.set(index)
         value = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr)
         if best is None or value < best[0]:
-            best = (value, p, s, new)
+            best = (value, p, s, a, c, new, experts)
     for slot, original in zip(obj.slots, originals):
         slot.set(original)
     moves: list[RefitMove] = []
     fun = base
     state: list[torch.Tensor] = obj.state
     if best is not None and best[0] < base - tol:
-        value, p, s, new = best
+        value, p, s, a, c, new, experts = best
+        # The swapped slots and the two experts they exchange (a set difference of the rows was always empty).
         moves.append(RefitMove("lookahead-swap", p, s, obj.state[p][s].tolist(), new[p][s].tolist(), base, value,
-                               sorted({int(e) for e in obj.state[p][s].tolist()} ^ {int(e) for e in new[p][s].tolist()}) or [], []))
+                               list(experts), [a, c]))
         fun, state = value, new
         if apply:
             for slot, index in zip(obj.slots, new):

@@ -53,3 +53,32 @@ def test_lookahead_score_leaves_the_model_alone() -> None:
     second = lookahead_score(model, train, held, LOSS, batches, lr=1e-2)
     assert first == second
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_lookahead_move_names_the_swapped_slots_and_experts() -> None:
+    """The move's experts were the symmetric difference of the old and new rows (always empty: the same set)."""
+    for seed in range(4):
+        model, train, held = _collapsed(seed)
+        result = lookahead_search(model, train, held, LOSS, candidates=3, steps=5, rng=0)
+        for move in result.moves:
+            a, c = move.slots
+            assert move.before[a] == move.after[c] and move.before[c] == move.after[a]
+            assert move.experts == sorted([move.before[a], move.before[c]])
+        if result.moves:
+            return
+    raise AssertionError("no seed gave a lookahead move")
+
+
+def test_lookahead_takes_a_list_of_batches_and_reports_a_non_finite_score() -> None:
+    import pytest
+
+    model, (x, y), held = _collapsed()
+    parts = [(x[:100], y[:100]), (x[100:], y[100:])]
+    a = lookahead_search(model, parts, held, LOSS, candidates=1, steps=2, rng=0, apply=False)
+    b = lookahead_search(model, (x, y), held, LOSS, candidates=1, steps=2, rng=0, apply=False)
+    assert a.fun == b.fun and a.fun0 == b.fun0
+    bad = held[1].clone()
+    bad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        res = lookahead_search(model, (x, y), (held[0], bad), LOSS, candidates=1, steps=2, rng=0)
+    assert res.status == 2 and not res.success and res.nit == 0
