@@ -288,6 +288,12 @@ class SinkhornPermutation(nn.Module):
                 ``round_`` at the same point).
         """
         if not self.frozen:
+            # Checked on every rank (they hold the same log_alpha), so no rank waits for a broadcast that never comes.
+            if not bool(torch.isfinite(self.log_alpha).all()):
+                raise ValueError(
+                    "SinkhornPermutation.round_(): log_alpha holds NaN/inf (training diverged); lower the learning "
+                    "rate or restore an earlier checkpoint before rounding"
+                )
             group = resolve_group(process_group)
             perm: np.ndarray | None = None
             if is_main_process(group):

@@ -497,3 +497,13 @@ def test_share_rejects_mismatched_state() -> None:
         SinkhornPermutation(SelectorGate(5, 3, 2), anneal_steps=2, share=owner.state)
     with pytest.raises(TypeError, match="share"):
         SinkhornPermutation(SelectorGate(4, 3, 2), anneal_steps=2, share=owner)
+
+
+def test_round_of_a_diverged_log_alpha_says_so_and_stays_soft() -> None:
+    """A NaN log_alpha reached scipy's linear_sum_assignment: 'matrix contains invalid numeric entries'."""
+    module = _wrap(SoftmaxGate(4, 3), tau_start=0.5, tau_end=0.5)
+    with torch.no_grad():
+        module.log_alpha[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="log_alpha holds NaN/inf"):
+        module.round_()
+    assert not module.frozen
