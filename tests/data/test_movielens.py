@@ -266,3 +266,15 @@ def test_a_file_that_is_neither_csv_nor_a_pickle_is_named_with_the_formats_read(
     broken.write_bytes(b"\xfd7zXZ\x00\x00 truncated xz")
     with pytest.raises(ValueError, match=r"movielens\.pkl\.compress could not be read as a pandas pickle"):
         load_movielens(tmp_path)
+
+
+def test_unusable_files_raise_data_file_error(tmp_path, csv_file):
+    from routing_search.data import DataFileError
+
+    dat = tmp_path / "ratings.dat"
+    dat.write_text("1::1193::5::978300760\n")
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("userId,movieId\n1,2\n")
+    for bad in (dat, nocol):
+        with pytest.raises(DataFileError):  # a ValueError too, as before
+            load_movielens(bad)
