@@ -371,8 +371,9 @@ def fit(
             ``overwrite``; a path that is a file is refused at once.
         resume: continue from ``checkpoint_dir/checkpoint.pt``, exactly as if never stopped (CPU). The
             model, optimiser (same class) and data must be built as for the original run; a different
-            ``batch_size``, ``seed``, ``gate_loss_weight``, ``select_by`` / ``select_mode`` or ``search``
-            (method, schedule, rows, plain options) than the checkpoint's warns.
+            ``batch_size``, ``seed``, ``gate_loss_weight``, ``select_by`` / ``select_mode``, ``search``
+            (method, schedule, rows, plain options) or best-weight keeping (``restore_best``) than the
+            checkpoint's warns.
         overwrite: start afresh and replace an existing checkpoint in ``checkpoint_dir``.
         device: where to train (default: the model's current device; CPU for a model without tensors).
         seed: non-negative integer; seeds the shuffling generator and the default search generator (global
@@ -489,7 +490,9 @@ def fit(
     resumed, saved_annealing = False, None
     path: Path | None = None
     config = {"batch_size": batch_size, "seed": seed, "gate_loss_weight": gate_loss_weight, "select_by": select_by, "select_mode": select_mode,
-              "search": _search_setting(searcher, unit, search_rows, plan.at_start)}
+              "search": _search_setting(searcher, unit, search_rows, plan.at_start),
+              # whether the best epoch's weights are kept (a run that kept none cannot restore them after a resume)
+              "restore_best": keep_best}
     setup_error: BaseException | None = None
     try:  # under a process group, a failure on one rank (e.g. its copy of the checkpoint) stops every rank here
         if directory is not None:

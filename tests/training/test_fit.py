@@ -281,3 +281,13 @@ def test_resuming_with_another_search_warns(task, tmp_path, first, second):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same search resumes without a word
         fit(build(), train, mse_loss, epochs=3, search=second, resume=True, **kwargs)
+
+
+def test_resuming_with_restore_best_after_a_run_that_kept_no_best_weights_warns(task, tmp_path):
+    # Regression: the resumed run reported best_epoch from the checkpoint but silently ended with the last
+    # epoch's weights (the original run kept no best weights to restore).
+    train, val = task
+    kwargs = dict(val_data=val, batch_size=32, progress=False, checkpoint_dir=tmp_path)
+    fit(build(), train, mse_loss, epochs=1, **kwargs)
+    with pytest.warns(UserWarning, match=r"resuming with restore_best=True but the checkpoint was written with restore_best=False"):
+        fit(build(), train, mse_loss, epochs=2, restore_best=True, resume=True, **kwargs)
