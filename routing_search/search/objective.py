@@ -61,6 +61,15 @@ class DistributedSearchError(RankFailedError):
 PREPARATION_FAILED = "{what} was not started because another rank failed while preparing it ({detail})"
 
 
+# The search's cache holds one mixture per row ([B, n, u] expert outputs): token-shaped layer input is refused.
+TOKENS_REFUSED = (
+    "the permutation search evaluates an MoE layer called on rows [batch, features], but its input has the "
+    "token shape {shape}; {how}: inputs x.reshape(-1, d) (task / key repeated per token), targets one row per "
+    "token, and a per-token loss (with the same number of tokens per example, the mean over the token rows is "
+    "the mean over the examples of their per-token mean)"
+)
+
+
 def _is_routing_layer(module: nn.Module) -> bool:
     return isinstance(module, (MoE, MultiGateMoE))
 
@@ -203,6 +212,11 @@ class RoutingObjective:
                     x, task, key = self.inputs["x"], self.inputs.get("task"), self.inputs.get("key")
                 else:
                     x, task, key = self.inputs, None, None
+            if isinstance(x, torch.Tensor) and x.dim() > 2:
+                raise ValueError(TOKENS_REFUSED.format(shape=list(x.shape), how=(
+                    "the model calls the MoE layer with it; search the layer itself on token rows"
+                    if self.nested else "pass the tokens as rows"
+                )))
             self.x, self.task, self.key = x, task, key
             self.gate_outs = [_detach_gate_output(g) for g in layer.gate_outputs(x, task=task, key=key)]
             outputs = layer.expert_outputs(x)

@@ -55,7 +55,7 @@ from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE, make_result
 from .guards import check_guard_start, check_guards, evaluate_guards, guard_report, guards_violated
-from .objective import PREPARATION_FAILED, DistributedSearchError, LossFn, find_routing_layer
+from .objective import PREPARATION_FAILED, TOKENS_REFUSED, DistributedSearchError, LossFn, find_routing_layer
 
 __all__ = ["RefitObjective", "RefitMove", "RefitOptions", "refit_search", "last_linear_layers", "MAX_REDUCE_VALUES"]
 
@@ -321,6 +321,8 @@ class RefitObjective:
     def _cache(self, data: Any, name: str) -> _Part:
         inputs, targets = as_batch(data, name=name)
         x, task, key = _split_inputs(inputs)
+        if x.dim() > 2:
+            raise ValueError(TOKENS_REFUSED.format(shape=list(x.shape), how=f"{name}: pass the tokens as rows"))
         if name == "fit_data":  # a NaN/inf fit row would make every refit NaN and every move look no better
             _check_fit_rows(f"{name} inputs", x)
         captured: list[torch.Tensor] = []

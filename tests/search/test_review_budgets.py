@@ -92,3 +92,31 @@ def test_exhaustive_move_of_one_row_is_a_whole_state_jump_like_every_exhaustive_
     assert [np.asarray(s).tolist() for s in move.extra["state"]] == [s.tolist() for s in res.x]
     assert move.fun_before == res.fun0 and move.fun_after == res.fun
     assert not np.array_equal(start[0], res.x[0])
+
+
+@pytest.mark.parametrize("tokens", [5, 6])
+def test_token_shaped_layer_input_is_refused_clearly_and_token_rows_work(tokens):
+    """[batch, tokens, d] input reached the cache as if the tokens were experts: an einsum RuntimeError (tokens = n)
+    or 'the gate returned weights over 6 experts but the permutation has 5'."""
+    moe, _, _ = _problem(n=5)
+    x, y = torch.randn(16, tokens, 3), torch.randn(16, tokens, 2)
+    with pytest.raises(ValueError, match="token shape"):
+        local_search(moe, (x, y), lambda p, t: ((p - t) ** 2).mean(dim=(-1, -2)), "swap")
+    with pytest.raises(ValueError, match="token shape"):
+        refit_search(moe, (x, y), (x, y), lambda p, t: ((p - t) ** 2).mean(dim=(-1, -2)))
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = moe
+
+        def forward(self, x):
+            return self.moe(x).output
+
+    with pytest.raises(ValueError, match="token shape"):
+        local_search(Wrapper(), (x, y), lambda p, t: ((p - t) ** 2).mean(dim=(-1, -2)), "swap")
+    # The advice works: tokens as rows, a per-token loss, the same objective.
+    rows = local_search(moe, (x.reshape(-1, 3), y.reshape(-1, 2)), mse_loss, "swap", apply=False)
+    with torch.no_grad():
+        direct = float(((moe.eval()(x).output - y) ** 2).mean())
+    assert rows.fun0 == pytest.approx(direct, rel=1e-6)
