@@ -6,7 +6,8 @@
 * :func:`load_checkpoint` uses ``torch.load(weights_only=True)`` (no arbitrary code runs on load) and
   turns every failure (missing, truncated, corrupt, foreign file) into a :class:`CheckpointError` that
   names the path. Loading never writes to the file.
-* :func:`check_compatible` compares a checkpoint's model state with a model before anything is loaded.
+* :func:`check_compatible` compares a checkpoint's model state (keys, shapes, dtypes) with a model before
+  anything is loaded.
 * Every file carries a SHA-256 checksum of its content (:func:`state_checksum`: every tensor's dtype,
   shape and bytes, and every other value), verified on load: a flipped bit inside a tensor is refused.
 * Files are created with the permissions the user's umask gives ordinary files (e.g. 0644), so
@@ -200,7 +201,7 @@ def check_compatible(checkpoint: Mapping[str, Any], model: nn.Module, *, path: s
     """Check that ``checkpoint['model']`` (or ``checkpoint`` itself if it is a state dict) fits ``model``.
 
     Raises:
-        CheckpointError: listing missing keys, unexpected keys and shape mismatches.
+        CheckpointError: listing missing keys, unexpected keys, and shape and dtype mismatches.
     """
     saved = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     where = f"checkpoint {str(path)!r}" if path is not None else "checkpoint"
@@ -214,9 +215,16 @@ def check_compatible(checkpoint: Mapping[str, Any], model: nn.Module, *, path: s
         problems.append(f"missing keys {missing}")
     if unexpected:
         problems.append(f"unexpected keys {unexpected}")
+    dtypes: dict[tuple[torch.dtype, torch.dtype], list[str]] = {}
     for key, value in current.items():
         old = saved.get(key)
-        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.shape != value.shape:
-            problems.append(f"{key}: checkpoint shape {tuple(old.shape)} vs model shape {tuple(value.shape)}")
+        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor):
+            if old.shape != value.shape:
+                problems.append(f"{key}: checkpoint shape {tuple(old.shape)} vs model shape {tuple(value.shape)}")
+            elif old.dtype != value.dtype:  # load_state_dict would cast silently (a float64 run resumed in float32)
+                dtypes.setdefault((old.dtype, value.dtype), []).append(key)
+    for (was, now), keys in dtypes.items():
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        problems.append(f"checkpoint dtype {was} vs model dtype {now} ({shown}); build the model in {was} as for the original run")
     if problems:
         raise CheckpointError(f"{where} does not match the model: " + "; ".join(problems))

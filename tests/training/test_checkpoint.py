@@ -165,3 +165,13 @@ def test_files_get_ordinary_permissions_from_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "private.pt"]
+
+
+def test_a_model_of_another_dtype_is_refused_before_anything_is_loaded(tmp_path):
+    # Regression: a float64 run resumed into a float32 model was cast silently (load_state_dict casts), so the
+    # "exact" resume continued in another precision.
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"model": tiny_moe(4).double().state_dict()})
+    with pytest.raises(CheckpointError, match=r"checkpoint dtype torch\.float64 vs model dtype torch\.float32"):
+        check_compatible(load_checkpoint(path), tiny_moe(4), path=path)
+    check_compatible(load_checkpoint(path), tiny_moe(4).double(), path=path)
