@@ -190,7 +190,16 @@ def _search_setting(searcher: Any, unit: str, rows: int | None, at_start: bool) 
     return setting
 
 
+_RESULT_FIELDS = ("fun0", "fun", "nit", "nfev")
+
+
 def _search_record(result: OptimizeResult, epoch: int, step: int, seconds: float) -> dict[str, Any]:
+    missing = [name for name in _RESULT_FIELDS if not hasattr(result, name)]
+    if missing:
+        raise TypeError(
+            f"the searcher's step returned {type(result).__name__} without {', '.join(missing)}; a search= searcher's "
+            "step(step, data) must return None (no search) or a result with fun0, fun, nit and nfev, as local_search does"
+        )
     moves = [
         {
             "kind": m.kind,
@@ -565,8 +574,10 @@ def fit(
             epoch_losses: list[float] = []
             callback_stop: str | None = None
 
-            def after_search(result: OptimizeResult, seconds: float) -> None:
+            def after_search(result: OptimizeResult | None, seconds: float) -> None:
                 nonlocal callback_stop
+                if result is None:  # the searcher did not search after all (Searcher.step may return None)
+                    return
                 record = _search_record(result, epoch, step, seconds)
                 history.searches.append(record)
                 if callbacks:

@@ -447,3 +447,36 @@ def test_a_last_batch_of_one_row_that_batchnorm_cannot_take_is_explained():
                                          r"batch_size=32\), and the model's BatchNorm \('experts\.0\.1'\)"):
         fit(model, (x, y), mse_loss, epochs=1, batch_size=32, progress=False)
     fit(model, (x, y), mse_loss, epochs=1, batch_size=31, progress=False)  # a last batch of 2 rows trains
+
+
+class _OwnSearcher:
+    """A user's searcher (the Searcher protocol) whose step returns ``result``."""
+
+    def __init__(self, result):
+        self.log, self.result = [], result
+
+    def due(self, step):
+        return step % 2 == 0
+
+    def step(self, step, data):
+        return self.result
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        return None
+
+
+def test_a_users_searcher_may_return_none_and_a_result_without_the_fields_is_named():
+    # Regression: fit read result.fun0 at once: AttributeError 'NoneType' object has no attribute 'fun0' (the
+    # protocol allows None) and a bare AttributeError 'fun0' for a result without it.
+    from scipy.optimize import OptimizeResult
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 5, generator=g), torch.randn(20, 1, generator=g)
+    result = fit(build(), (x, y), mse_loss, val_data=(x, y), epochs=1, batch_size=4, progress=False, search=_OwnSearcher(None))
+    assert result.history.searches == [] and result.epochs_run == 1
+    partial = OptimizeResult(x=[], fun=1.0, nit=0, nfev=1, status=0, success=True, message="")
+    with pytest.raises(TypeError, match=r"step returned OptimizeResult without fun0; .* must return None \(no search\) or a result"):
+        fit(build(), (x, y), mse_loss, val_data=(x, y), epochs=1, batch_size=4, progress=False, search=_OwnSearcher(partial))
