@@ -166,7 +166,15 @@ def evaluate(
     if metrics and outputs:
         predictions, targets = as_batch(outputs, name="the metrics' (predictions, targets) of val_data")
         for name, metric in metrics.items():
-            values[name] = float(metric(predictions, targets))
+            measured = metric(predictions, targets)
+            try:
+                if isinstance(measured, (str, bytes)):
+                    raise TypeError
+                values[name] = float(measured)
+            except (TypeError, ValueError, RuntimeError):
+                shape = f" of shape {tuple(measured.shape)}" if hasattr(measured, "shape") else ""
+                raise TypeError(f"metrics[{name!r}] returned {type(measured).__name__}{shape}; a metric returns one number "
+                                "(a float, or a one-element tensor / array)") from None
     return EvalResult(
         loss=total / rows if rows else math.nan,
         rows=rows,

@@ -291,3 +291,11 @@ def test_resuming_with_restore_best_after_a_run_that_kept_no_best_weights_warns(
     fit(build(), train, mse_loss, epochs=1, **kwargs)
     with pytest.warns(UserWarning, match=r"resuming with restore_best=True but the checkpoint was written with restore_best=False"):
         fit(build(), train, mse_loss, epochs=2, restore_best=True, resume=True, **kwargs)
+
+
+@pytest.mark.parametrize("metric", [lambda p, t: None, lambda p, t: torch.zeros(p.shape[0]), lambda p, t: "good"])
+def test_a_metric_that_returns_no_single_number_is_named(task, metric):
+    # Regression: float() of the value raised "only one element tensors can be converted..." naming no metric.
+    train, val = task
+    with pytest.raises(TypeError, match=r"metrics\['mine'\] returned .*; a metric returns one number"):
+        fit(build(), train, mse_loss, val_data=val, epochs=1, progress=False, metrics={"mine": metric})
