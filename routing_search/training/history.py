@@ -31,7 +31,8 @@ class History:
         metrics: per epoch, ``{name: value}`` of the ``metrics`` given to ``fit``, computed on the whole of
             ``val_data`` (empty without metrics or validation data).
         train_seconds / search_seconds / eval_seconds / epoch_seconds: wall time per epoch spent in
-            gradient steps, in searches, in evaluation, and in total.
+            gradient steps, in searches, in evaluation, and in total (the first epoch's search and total
+            time include a search before training, ``SearchSchedule(at_start=True)``).
         usage: per epoch, ``{layer name: [{'soft': [...], 'hard': [...]} per task]}`` computed from the
             weights the MoE layers return on ``val_data`` (soft = mean weight, hard = fraction of rows
             with non-zero weight, so ``sum(hard)`` is the realised number of experts per row). The model

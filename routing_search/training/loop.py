@@ -239,15 +239,18 @@ def _logged_seconds(searcher: Any, measured: float) -> float:
 
 
 def _search_at_start(searcher: Any, data: Any, history: History, callbacks: Any, model: nn.Module,
-                     optimizer: torch.optim.Optimizer) -> None:
+                     optimizer: torch.optim.Optimizer) -> float:
     """The schedule's search before the first optimiser step (``SearchSchedule.at_start``), recorded at
-    epoch 0, step 0; a stop requested by a callback here is not honoured (training has not started)."""
+    epoch 0, step 0; a stop requested by a callback here is not honoured (training has not started).
+    Returns its wall time (counted in the first epoch's ``search_seconds`` and ``epoch_seconds``)."""
     t0 = time.perf_counter()
     result = searcher(data)
-    record = _search_record(result, 0, 0, _logged_seconds(searcher, time.perf_counter() - t0))
+    seconds = time.perf_counter() - t0
+    record = _search_record(result, 0, 0, _logged_seconds(searcher, seconds))
     history.searches.append(record)
     if callbacks:
         dispatch(callbacks, FitEvent("search", 0, 0, model, optimizer, history, search=record))
+    return seconds
 
 
 def _postfix(epoch: int, loss: float | None, evaluation: EvalResult | None) -> dict[str, str]:
@@ -544,8 +547,9 @@ def fit(
     gate_loss_seen = False
 
     # due(0): not when the schedule's rounds are used up (rounds=0: no search at all)
+    start_search_s = 0.0  # the search before training, counted in the first epoch's search and epoch time
     if searcher is not None and plan.at_start and start_epoch == 0 and step == 0 and searcher.due(0):
-        _search_at_start(searcher, search_batch, history, callbacks, model, optimizer)
+        start_search_s = _search_at_start(searcher, search_batch, history, callbacks, model, optimizer)
 
     # ---- the loop
     per_epoch = train_source.num_batches()
@@ -567,8 +571,8 @@ def fit(
             if max_steps is not None and step >= max_steps:
                 stop_reason = "max_steps"
                 break
-            epoch_start = time.perf_counter()
-            train_s = search_s = 0.0
+            epoch_start = time.perf_counter() - start_search_s
+            train_s, search_s, start_search_s = 0.0, start_search_s, 0.0
             history.sinkhorn.extend(anneal_sinkhorn(model, epoch, process_group=ctx.process_group_arg))
             set_sampler_epoch(train_data, epoch)
             epoch_losses: list[float] = []

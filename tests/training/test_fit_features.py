@@ -480,3 +480,16 @@ def test_a_users_searcher_may_return_none_and_a_result_without_the_fields_is_nam
     partial = OptimizeResult(x=[], fun=1.0, nit=0, nfev=1, status=0, success=True, message="")
     with pytest.raises(TypeError, match=r"step returned OptimizeResult without fun0; .* must return None \(no search\) or a result"):
         fit(build(), (x, y), mse_loss, val_data=(x, y), epochs=1, batch_size=4, progress=False, search=_OwnSearcher(partial))
+
+
+def test_the_search_before_training_counts_in_the_first_epochs_search_time():
+    # Regression: SearchSchedule(at_start=True)'s search was recorded in History.searches but its time was in no
+    # per-epoch list, so search_share() (and the demo's "search Xs of Ys") left out the most expensive search.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=g), torch.randn(64, 1, generator=g)
+    result = fit(build(), (x, y), mse_loss, val_data=(x, y), epochs=2, batch_size=16, progress=False,
+                 search=SearchSchedule(every_steps=1000, at_start=True))
+    h = result.history
+    assert [(s["epoch"], s["step"]) for s in h.searches] == [(0, 0)]
+    assert h.search_seconds[0] >= h.searches[0]["seconds"] > 0 and h.search_seconds[1] == 0.0
+    assert h.epoch_seconds[0] >= h.search_seconds[0] + h.train_seconds[0] and h.search_share() > 0
