@@ -24,10 +24,13 @@ def _check_parent(parent: Path) -> None:
 def new_run_dir(parent: str | Path, prefix: str) -> Path:
     """Create and return ``parent/prefix-YYYYmmdd-HHMMSS[-N]``, a directory that did not exist before.
 
+    A leading ``~`` of ``parent`` is the home directory (as for ``--data-path``), also where the shell left
+    it unexpanded (``--out=~/runs``), rather than a directory named ``~``.
+
     Raises:
         NotADirectoryError: ``parent`` (or a directory above it) is an existing file.
     """
-    parent = Path(parent)
+    parent = Path(parent).expanduser()
     _check_parent(parent)
     parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

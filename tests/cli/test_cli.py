@@ -332,3 +332,12 @@ def test_an_unusable_data_file_prints_the_loaders_message(tmp_path, capsys):
         err = capsys.readouterr().err
         assert status == 1 and err.startswith("routing-search: error: ") and match in err and "Traceback" not in err, err
         assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_out_with_an_unexpanded_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    # Regression: --out=~/runs (the shell does not expand ~ after '=') created a directory named '~' in the
+    # working directory, one 'rm -rf ~' away from deleting the home directory.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    run_dir = new_run_dir("~/runs", "x")
+    assert run_dir.parent == tmp_path / "home" / "runs" and not (tmp_path / "~").exists()
