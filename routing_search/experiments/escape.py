@@ -435,9 +435,10 @@ def run_arm(cfg: EscapeConfig, start: Start, arm: str) -> dict[str, Any]:
                 curve[int(event.step)] = _test_loss(model, start.test, start.loss)
 
         callbacks.append(record)
-    result = fit(model, start.train, start.loss, val_data=start.val, search_data=search_data, epochs=cfg.epochs,
-                 batch_size=cfg.batch_size, optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr),
-                 search=searcher if schedule is None else schedule, seed=start.seed, progress=False,
+    search = searcher if schedule is None else schedule
+    result = fit(model, start.train, start.loss, val_data=start.val, search_data=None if search is None else search_data,
+                 epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr),
+                 search=search, seed=start.seed, progress=False,
                  early_stopping_patience=cfg.patience, restore_best=True, callbacks=callbacks or None)
     moves += sum(int(s["accepted"]) for s in result.history.searches)
     if schedule is not None:

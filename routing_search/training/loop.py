@@ -452,6 +452,8 @@ def fit(
         raise ValueError("early_stopping_patience needs val_data")
     if select_by != "val_loss" and val_data is None:
         raise ValueError("select_by needs val_data")
+    if search_data is not None and search is None:
+        raise ValueError("search_data is used only by a search; pass search=SearchSchedule(...) or drop search_data")
 
     # ---- data, device, optimiser, search
     shuffle = torch.Generator().manual_seed(seed)

@@ -299,3 +299,10 @@ def test_a_metric_that_returns_no_single_number_is_named(task, metric):
     train, val = task
     with pytest.raises(TypeError, match=r"metrics\['mine'\] returned .*; a metric returns one number"):
         fit(build(), train, mse_loss, val_data=val, epochs=1, progress=False, metrics={"mine": metric})
+
+
+def test_search_data_without_a_search_is_refused(task):
+    # Regression: search_data was ignored without a word when search=None (no search ran).
+    train, val = task
+    with pytest.raises(ValueError, match=r"search_data is used only by a search; pass search=SearchSchedule"):
+        fit(build(), train, mse_loss, search_data=val, epochs=1, progress=False)
