@@ -45,6 +45,7 @@ SEARCH_ARMS = ("search", "guarded")
 PRESETS = ("cpu", "paper")
 GATE_INPUTS = ("static", "example")
 KEYED_DATASETS = ("keyed", "movielens")
+GENERATED_DATASETS = ("synthetic", "keyed")
 DEFAULT_GATES = {
     "keyed": ("hash", "topk", "softmax"),
     "movielens": ("softmax", "topk", "hash", "dselect_k", "comet"),
@@ -302,6 +303,11 @@ class ExperimentConfig:
                            ("sinkhorn", SinkhornConfig), ("data", DataConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.dataset in GENERATED_DATASETS:  # these fields would be ignored without a word
+            unused = [name for name in ("path", "max_train", "max_val", "max_test") if getattr(self.data, name) is not None]
+            if unused:
+                raise ValueError(f"data fields {unused} apply to a loaded data set; {self.dataset!r} is generated "
+                                 "(size it with data num_samples, split 70/15/15)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (recorded in the report)."""

@@ -355,3 +355,12 @@ def test_paired_comparison_leaves_out_seeds_whose_values_are_undefined():
     for bad in (-0.01, float("nan"), float("inf"), "1%"):
         with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
             paired_comparison([1.0], [1.0], higher_is_better=True, threshold=bad)
+
+
+def test_data_fields_of_loaded_sets_are_refused_for_generated_ones():
+    # Regression: make_config("synthetic", data={"max_train": 100}) ran on all 2,800 training rows without a word.
+    for dataset in ("synthetic", "keyed"):
+        for field_name, value in (("max_train", 100), ("max_test", 50), ("path", "/data")):
+            with pytest.raises(ValueError, match=rf"data fields \['{field_name}'\] apply to a loaded data set; '{dataset}' is generated"):
+                make_config(dataset, "cpu", data={field_name: value})
+    assert make_config("movielens", "cpu", data={"max_train": 100}).data.max_train == 100
