@@ -105,9 +105,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_int("num_experts", self.num_experts, minimum=2)
         check_int("k", self.k, minimum=1, maximum=self.num_experts)
+        if not isinstance(self.expert_hidden, (list, tuple)):
+            raise TypeError(f"expert_hidden must be a list of hidden widths, e.g. (16,), got {self.expert_hidden!r}")
         object.__setattr__(self, "expert_hidden", tuple(check_int("expert_hidden", h, minimum=1) for h in self.expert_hidden))
-        if len(self.expert_channels) != 2:
-            raise ValueError(f"expert_channels must hold two channel counts, got {self.expert_channels!r}")
+        if not isinstance(self.expert_channels, (list, tuple)) or len(self.expert_channels) != 2:
+            raise ValueError(f"expert_channels must hold two channel counts, e.g. (4, 8), got {self.expert_channels!r}")
         object.__setattr__(self, "expert_channels", tuple(check_int("expert_channels", c, minimum=1) for c in self.expert_channels))
         check_int("expert_output", self.expert_output, minimum=1)
         check_int("tower_hidden", self.tower_hidden, minimum=0)

@@ -364,3 +364,11 @@ def test_data_fields_of_loaded_sets_are_refused_for_generated_ones():
             with pytest.raises(ValueError, match=rf"data fields \['{field_name}'\] apply to a loaded data set; '{dataset}' is generated"):
                 make_config(dataset, "cpu", data={field_name: value})
     assert make_config("movielens", "cpu", data={"max_train": 100}).data.max_train == 100
+
+
+def test_sizes_given_as_one_number_where_a_list_is_due_are_named():
+    # Regression: "'int' object is not iterable" / "object of type 'int' has no len()" named no field.
+    with pytest.raises(TypeError, match=r"expert_hidden must be a list of hidden widths, e\.g\. \(16,\), got 16"):
+        make_config("synthetic", "cpu", model={"expert_hidden": 16})
+    with pytest.raises(ValueError, match=r"expert_channels must hold two channel counts, e\.g\. \(4, 8\), got 4"):
+        make_config("synthetic", "cpu", model={"expert_channels": 4})
