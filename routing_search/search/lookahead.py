@@ -103,6 +103,8 @@ def lookahead_search(
     lr = check_positive_float("lr", lr)
     tol = check_positive_float("tol", tol, allow_zero=True)
     generator = check_rng(rng, name="rng")
+    if not isinstance(apply, bool):
+        raise TypeError(f"apply must be True or False, got {apply!r}")
     layer, nested = find_routing_layer(model)
     if nested:
         raise ValueError("lookahead search needs the MoE / MultiGateMoE layer itself as the model")

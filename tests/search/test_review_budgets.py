@@ -120,3 +120,13 @@ def test_token_shaped_layer_input_is_refused_clearly_and_token_rows_work(tokens)
     with torch.no_grad():
         direct = float(((moe.eval()(x).output - y) ** 2).mean())
     assert rows.fun0 == pytest.approx(direct, rel=1e-6)
+
+
+def test_refit_search_apply_and_write_layers_must_be_booleans():
+    """apply='no' is truthy: the model was written although the caller asked for the opposite."""
+    moe, x, y = _problem(n=4, u=1)
+    before = copy.deepcopy(moe.state_dict())
+    for kwargs in ({"apply": "no"}, {"write_layers": 0}):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
+            refit_search(moe, (x[:48], y[:48]), (x[48:], y[48:]), mse_loss, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
