@@ -539,6 +539,8 @@ def fit(
         if not ctx.active:
             raise
         setup_error = exc
+    if train_source.num_batches() == 0:  # the same on every rank (a global count): every rank raises
+        raise ValueError("train_data holds no rows (an empty Dataset or DataLoader); fit needs at least one training row")
     agree_on_setup(ctx, setup_error, train_source.num_batches())
     # The module the gradient steps call: DistributedDataParallel under a process group (built after the
     # resume, so that every rank starts from the same state); evaluation, search and checkpoints use ``model``.
@@ -595,9 +597,11 @@ def fit(
 
             model.train()
             watch.start()
+            drawn = 0
             for inputs, targets, rows in train_source.batches(device, shuffle=True):
                 if max_steps is not None and step >= max_steps:
                     break
+                drawn += 1
                 t0 = time.perf_counter()
                 if not isinstance(train_source, TensorSource):  # tensor pairs were checked once, up front
                     check_finite_targets(targets, f"train_data (epoch {epoch}, step {step + 1})")
@@ -637,6 +641,8 @@ def fit(
                 if callback_stop is not None:
                     break
             watch.stop(record)
+            if drawn == 0 and not ctx.active:  # e.g. an IterableDataset that yields nothing (the length is unknown)
+                raise ValueError(f"train_data yielded no batch in epoch {epoch}; fit needs at least one training row")
             if (gate_loss_seen or (dstep is not None and dstep.gate_loss_seen)) and "gate loss" not in record.batch_statistics:
                 record.batch_statistics.append("gate loss")
             if searcher is not None and unit == "epochs" and callback_stop is None and searcher.due(epoch + 1):
@@ -651,6 +657,8 @@ def fit(
             if val_source is not None:
                 evaluation = evaluate(model, val_source, loss, device, metrics=metrics, capture_rows=capture,
                                       process_group=ctx.process_group_arg)
+                if evaluation.rows == 0:  # a Dataset / DataLoader without rows (tensor pairs are checked up front)
+                    raise ValueError("val_data yielded no rows (an empty Dataset or DataLoader); pass held-out rows or val_data=None")
                 if not math.isfinite(evaluation.loss):
                     raise FloatingPointError(f"the validation loss is {evaluation.loss} at the end of epoch {epoch}")
             gates = gate_report(model, None if evaluation is None else evaluation.layer_inputs)

@@ -493,3 +493,24 @@ def test_the_search_before_training_counts_in_the_first_epochs_search_time():
     assert [(s["epoch"], s["step"]) for s in h.searches] == [(0, 0)]
     assert h.search_seconds[0] >= h.searches[0]["seconds"] > 0 and h.search_seconds[1] == 0.0
     assert h.epoch_seconds[0] >= h.search_seconds[0] + h.train_seconds[0] and h.search_share() > 0
+
+
+def test_empty_training_or_validation_datasets_are_refused():
+    # Regression: an empty Dataset / DataLoader "trained" every epoch with no step (train_loss NaN, no word), and
+    # an empty validation Dataset ended in "the validation loss is nan".
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Nothing(IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 5, generator=g), torch.randn(20, 1, generator=g)
+    empty = TensorDataset(x[:0], y[:0])
+    for train in (empty, DataLoader(empty, batch_size=4)):
+        with pytest.raises(ValueError, match=r"train_data holds no rows \(an empty Dataset or DataLoader\)"):
+            fit(build(), train, mse_loss, val_data=(x, y), epochs=2, progress=False)
+    with pytest.raises(ValueError, match=r"train_data yielded no batch in epoch 0"):
+        fit(build(), Nothing(), mse_loss, val_data=(x, y), epochs=2, progress=False)
+    with pytest.raises(ValueError, match=r"val_data yielded no rows \(an empty Dataset or DataLoader\)"):
+        fit(build(), (x, y), mse_loss, val_data=empty, epochs=2, progress=False)
