@@ -639,9 +639,9 @@ def refit_search(
     """
     max_iter = check_int("max_iter", max_iter, minimum=0)
     tol = check_positive_float("tol", tol, allow_zero=True)
-    for flag, value in (("apply", apply), ("write_layers", write_layers)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    for flag, setting in (("apply", apply), ("write_layers", write_layers)):
+        if not isinstance(setting, bool):
+            raise TypeError(f"{flag} must be True or False, got {setting!r}")
     guards = check_guards(guard)
     if guard_start is not None:
         if not guards:
