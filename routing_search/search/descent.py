@@ -534,7 +534,9 @@ def _code_descent(search: _Search) -> None:
     if not code_sites(gates):
         raise ValueError(
             "method='codes' needs a static DSelectK or COMET gate whose codes are binary; "
-            "harden the gate first (routing_search.analysis.harden) or use a permutation method"
+            "harden the gate first (routing_search.analysis.harden with snap=True, the default, which keeps the "
+            "gate's type; a HardGate wrapper, from snap=False or a per-example gate, has no codes to move) "
+            "or use a permutation method"
         )
     while True:
         search._check_budget()

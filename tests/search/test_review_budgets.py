@@ -130,3 +130,18 @@ def test_refit_search_apply_and_write_layers_must_be_booleans():
         with pytest.raises(TypeError, match=next(iter(kwargs))):
             refit_search(moe, (x[:48], y[:48]), (x[48:], y[48:]), mse_loss, **kwargs)
     assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
+
+
+def test_codes_on_a_hardgate_says_which_harden_gives_codes():
+    """harden(..., snap=False) wraps the gate in HardGate; 'codes' then said only 'harden the gate first'."""
+    from routing_search.analysis import harden
+    from routing_search.gates import DSelectK
+
+    torch.manual_seed(0)
+    moe = MoE(make_experts(4, 3, [8], 2), DSelectK(num_experts=4, k=2))
+    wrapped, _ = harden(moe, snap=False)
+    x, y = torch.randn(30, 3), torch.randn(30, 2)
+    with pytest.raises(ValueError, match="snap=True"):
+        local_search(wrapped, (x, y), mse_loss, "codes")
+    snapped, _ = harden(moe)
+    assert local_search(snapped, (x, y), mse_loss, "codes").status == STATUS_CONVERGED
