@@ -42,7 +42,8 @@ class EvalResult:
     Attributes:
         loss: mean per-example task loss.
         rows: rows evaluated.
-        usage: ``{layer name: [{'soft': [...], 'hard': [...]} per task]}``.
+        usage: ``{layer name: [{'soft': [...], 'hard': [...]} per task]}``, one value per expert (token-shaped
+            input: over all tokens).
         metrics: ``{name: value}``.
         layer_inputs: ``{layer name: the first rows of the layer's input x}`` (for gate certificates).
     """
@@ -101,7 +102,8 @@ def evaluate(
             weights = [weights] if isinstance(weights, torch.Tensor) else list(weights or [])
             acc = sums.setdefault(name, [[torch.zeros((), dtype=torch.float64), None, None] for _ in weights])
             for slot, w in zip(acc, weights):
-                w = w.detach().to(torch.float64).cpu()
+                # token-shaped weights [batch, tokens, n]: every token is a row routed on its own
+                w = w.detach().to(torch.float64).cpu().reshape(-1, w.shape[-1])
                 slot[0] = slot[0] + w.shape[0]
                 slot[1] = w.sum(0) if slot[1] is None else slot[1] + w.sum(0)
                 hard = (w != 0).to(torch.float64).sum(0)

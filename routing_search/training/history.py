@@ -35,8 +35,8 @@ class History:
             time include a search before training, ``SearchSchedule(at_start=True)``).
         usage: per epoch, ``{layer name: [{'soft': [...], 'hard': [...]} per task]}`` computed from the
             weights the MoE layers return on ``val_data`` (soft = mean weight, hard = fraction of rows
-            with non-zero weight, so ``sum(hard)`` is the realised number of experts per row). The model
-            itself is named ``''``.
+            with non-zero weight, so ``sum(hard)`` is the realised number of experts per row; with
+            token-shaped input every token is a row). The model itself is named ``''``.
         gates: per epoch, ``{gate name: {...}}`` for every DSelect-k / COMET gate (see
             :func:`~routing_search.training.gate_report.gate_report`): whether ``S(Z)`` / the tree paths
             are binary on ``val_data``, how far from it, and the realised experts per row.

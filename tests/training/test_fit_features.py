@@ -514,3 +514,18 @@ def test_empty_training_or_validation_datasets_are_refused():
         fit(build(), Nothing(), mse_loss, val_data=(x, y), epochs=2, progress=False)
     with pytest.raises(ValueError, match=r"val_data yielded no rows \(an empty Dataset or DataLoader\)"):
         fit(build(), (x, y), mse_loss, val_data=empty, epochs=2, progress=False)
+
+
+def test_usage_of_token_shaped_input_is_one_value_per_expert_over_all_tokens():
+    # Regression: weights [batch, tokens, n] were summed over the batch only, so History.usage held one list per
+    # token position ([tokens][n]) instead of one value per expert.
+    torch.manual_seed(0)
+    model = MoE(make_experts(4, 3, [4], 2), TopK(num_experts=4, k=2, input_dim=3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 5, 3, generator=g), torch.randn(20, 5, 2, generator=g)
+    result = fit(model, (x, y), mse_loss, val_data=(x, y), epochs=1, batch_size=8, progress=False)
+    (usage,) = result.history.usage[-1][""]
+    with torch.no_grad():
+        weights = model.eval()(x).weights.reshape(-1, 4).to(torch.float64)
+    assert usage["soft"] == pytest.approx(weights.mean(0).tolist(), rel=1e-9)
+    assert usage["hard"] == pytest.approx((weights != 0).to(torch.float64).mean(0).tolist(), rel=1e-12)
