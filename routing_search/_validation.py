@@ -197,6 +197,8 @@ def check_permutation(perm: Any, n: int, *, name: str = "permutation") -> np.nda
     arr = perm.detach().cpu().numpy() if isinstance(perm, torch.Tensor) else np.asarray(perm)
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"{name} must be a 1-D permutation of range({n}), got shape {arr.shape}")
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"{name} must hold integers 0..{n - 1}, got an array of {arr.dtype}: {arr.tolist()}")
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.equal(np.mod(arr, 1), 0)):
             raise ValueError(f"{name} must hold integers 0..{n - 1}, got {arr.tolist()}")

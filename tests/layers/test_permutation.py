@@ -89,6 +89,17 @@ def test_check_and_invert_permutation():
     np.testing.assert_array_equal(check_permutation(torch.tensor([2, 0, 1]), 3), [2, 0, 1])
     with pytest.raises(ValueError, match="my_perm"):
         check_permutation([0, 0, 1], 3, name="my_perm")
+    np.testing.assert_array_equal(check_permutation([1.0, 0.0], 2), [1, 0])  # whole floats are indices
+
+
+@pytest.mark.parametrize("perm", [[True, False], torch.tensor([True, False]), ["1", "0"], [1 + 0j, 0j]])
+def test_check_permutation_refuses_booleans_and_non_numbers_by_name(perm):
+    """Regression: [True, False] was read as [1, 0], and strings failed inside numpy."""
+    with pytest.raises(TypeError, match=r"my_perm must hold integers 0\.\.1, got an array of"):
+        check_permutation(perm, 2, name="my_perm")
+
+
+def test_invert_permutation():
     perms = torch.tensor([[2, 0, 1], [0, 1, 2], [1, 2, 0]])
     inv = invert_permutation(perms)
     torch.testing.assert_close(torch.gather(perms, 1, inv), torch.arange(3).expand(3, 3))
