@@ -168,6 +168,11 @@ def _objective(loss: LossFn, out: Any, targets: Any, gate_loss_weight: float) ->
     aux = getattr(out, "loss", None)
     if gate_loss_weight != 0 and isinstance(aux, torch.Tensor):
         value = value + gate_loss_weight * aux
+    if not value.requires_grad:  # torch would say only "element 0 of tensors does not require grad"
+        raise ValueError(
+            "the training loss does not depend on the model's parameters (it has no grad_fn): compute it with torch "
+            "operations on the prediction, without .detach(), .item(), numpy or torch.no_grad()"
+        )
     return value
 
 

@@ -306,3 +306,11 @@ def test_search_data_without_a_search_is_refused(task):
     train, val = task
     with pytest.raises(ValueError, match=r"search_data is used only by a search; pass search=SearchSchedule"):
         fit(build(), train, mse_loss, search_data=val, epochs=1, progress=False)
+
+
+def test_a_loss_cut_off_from_the_model_is_named(task):
+    # Regression: torch's "element 0 of tensors does not require grad and does not have a grad_fn" said nothing
+    # about the loss.
+    train, _ = task
+    with pytest.raises(ValueError, match=r"the training loss does not depend on the model's parameters"):
+        fit(build(), train, lambda p, t: mse_loss(p.detach(), t), epochs=1, progress=False, gate_loss_weight=0.0)
