@@ -516,6 +516,9 @@ def fit(
     try:  # under a process group, a failure on one rank (e.g. its copy of the checkpoint) stops every rank here
         if directory is not None:
             path = directory / CHECKPOINT_NAME
+            if path.is_dir():  # found now, not when the first epoch's checkpoint is written
+                raise IsADirectoryError(f"{str(path)!r} is a directory; fit writes its checkpoint file there: choose "
+                                        "another checkpoint_dir or move that directory")
             if resume:
                 state = load_checkpoint(path, map_location="cpu")
                 record.merge(check_world_size_change(state, path, ctx, record.train_order))

@@ -314,3 +314,14 @@ def test_a_loss_cut_off_from_the_model_is_named(task):
     train, _ = task
     with pytest.raises(ValueError, match=r"the training loss does not depend on the model's parameters"):
         fit(build(), train, lambda p, t: mse_loss(p.detach(), t), epochs=1, progress=False, gate_loss_weight=0.0)
+
+
+def test_a_directory_where_the_checkpoint_file_goes_is_refused_before_training(task, tmp_path):
+    # Regression: with overwrite=True the clash surfaced only when the first epoch's checkpoint was written.
+    train, _ = task
+    (tmp_path / "checkpoint.pt").mkdir()
+    steps = []
+    with pytest.raises(IsADirectoryError, match=r"checkpoint\.pt' is a directory"):
+        fit(build(), train, mse_loss, epochs=1, progress=False, checkpoint_dir=tmp_path, overwrite=True,
+            callbacks=[lambda event: steps.append(event.step)])
+    assert steps == []
