@@ -266,7 +266,7 @@ class LocalSearcher:
 
     def _refit_stage(self, first: OptimizeResult, data: Any) -> OptimizeResult:
         """``refit_search`` after the first stage; one result for both (``fun0`` the first stage's start,
-        ``fun`` the model's held-out loss at the end, moves of both stages in order)."""
+        ``fun`` the model's held-out loss at the end, moves of both stages in order, the worse status)."""
         assert self.refit is not None
         guard = self.options.get("guard")
         reference = getattr(first, "guard", None)
@@ -276,9 +276,12 @@ class LocalSearcher:
         calls = dict(getattr(first, "all_reduce", None) or {})
         for key, value in second.all_reduce.items():
             calls[key] = int(calls.get(key, 0)) + int(value)
+        # The worse of the two stages' statuses: a budget stop (1) or a non-finite loss (2) in either is the run's.
+        status = max(int(first.status), int(second.status))
+        message = f"refit: {second.message}" + ("" if int(first.status) == 0 else f"; search stage: {first.message}")
         return make_result(
             x=second.x, fun=float(RoutingObjective(self.model, data, self.loss, process_group=self.process_group).fun), nit=int(first.nit) + int(second.nit),
-            nfev=int(first.nfev) + int(second.nfev), status=second.status, message=f"refit: {second.message}",
+            nfev=int(first.nfev) + int(second.nfev), status=status, message=message,
             fun0=float(first.fun0), moves=list(getattr(first, "moves", [])) + list(second.moves), method="refit",
             stages={"search": first, "refit": second}, all_reduce=calls,
             guard_rejections=int(getattr(first, "guard_rejections", 0) or 0) + int(second.guard_rejections),

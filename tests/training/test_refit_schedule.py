@@ -229,3 +229,14 @@ def test_rounds_bounds_the_search_before_training_too() -> None:
     assert none.history.searches == []
     one = fit(_collapsed(), TRAIN, LOSS, epochs=1, search=SearchSchedule(every_steps=2, rounds=1, at_start=True), **KW)
     assert [(s["epoch"], s["step"]) for s in one.history.searches] == [(0, 0)]
+
+
+def test_a_budget_stop_of_the_search_stage_is_the_combined_results_status() -> None:
+    """Regression: the combined result took the refit stage's status only, so a first stage stopped by
+    max_iter followed by a converged refit reported status 0 / success."""
+    result = LocalSearcher(_collapsed(), LOSS, refit=RefitOptions(max_iter=50), fit_data=TRAIN, rng=0, max_iter=1)(VAL)
+    assert result.stages["search"].status == 1 and result.stages["refit"].status == 0
+    assert result.status == 1 and not result.success
+    assert "search stage: max_iter reached" in result.message
+    both_done = LocalSearcher(_collapsed(), LOSS, refit=RefitOptions(max_iter=50), fit_data=TRAIN, rng=0)(VAL)
+    assert both_done.stages["search"].status == 0 and both_done.status == both_done.stages["refit"].status
