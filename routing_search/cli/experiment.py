@@ -2,24 +2,46 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..experiments import ExperimentConfig, TuneConfig, run_experiment
 from ..experiments.report import format_mean_se, write_report
 from ..experiments.tune import run_tune, write_tune_report
-from ..experiments.output import new_run_dir, removed_if_empty_on_failure
+from ..experiments.output import COMPLETED_RUNS, append_json_line, new_run_dir, removed_if_empty_on_failure
 
 __all__ = ["run_experiment_command", "run_tune_command"]
 
 
+def _kept_in(run_dir: Path) -> Callable[[Any], None]:
+    """Append each finished run (trial) to ``run_dir/completed.jsonl`` as it ends."""
+    return lambda record: append_json_line(run_dir / COMPLETED_RUNS, record.to_dict())
+
+
+def _say_what_was_kept(run_dir: Path, what: str) -> None:
+    path = run_dir / COMPLETED_RUNS
+    if path.exists():
+        count = sum(1 for _ in path.open(encoding="utf-8"))
+        print(f"the {what} stopped early; the {count} that finished are kept in {path}", file=sys.stderr)
+
+
 def run_experiment_command(config: ExperimentConfig, *, out: str | Path = "runs", plots: bool = True) -> Path:
-    """Run ``config`` and write ``report.md``, ``report.json`` and plots to ``out/experiment-<dataset>-<time>``."""
+    """Run ``config`` and write ``report.md``, ``report.json`` and plots to ``out/experiment-<dataset>-<time>``.
+
+    Every run is appended to ``completed.jsonl`` there as soon as it ends, so a failure later in the study
+    (a diverged run, Ctrl-C) keeps the runs already done."""
     run_dir = new_run_dir(out, f"experiment-{config.dataset}")
     print(f"routing-search experiment {config.dataset}: outputs in {run_dir}", flush=True)
     log = (lambda line: print(line, flush=True)) if config.progress else None
-    with removed_if_empty_on_failure(run_dir):
-        result = run_experiment(config, log=log)
-        report = write_report(result, run_dir, plots=plots)
+    try:
+        with removed_if_empty_on_failure(run_dir):
+            result = run_experiment(config, log=log, on_record=_kept_in(run_dir))
+            report = write_report(result, run_dir, plots=plots)
+    except BaseException:
+        _say_what_was_kept(run_dir, "runs")
+        raise
     headline = result.metric_names[0]
     for gate, arms in report["summary"].items():
         for arm, entry in arms.items():
@@ -34,13 +56,18 @@ def _ratio_text(x: float | str | None) -> str:
 
 
 def run_tune_command(config: TuneConfig, *, out: str | Path = "runs", plots: bool = True) -> Path:
-    """Run the tuning study and write ``tune.md``, ``tune.json`` and ``best_of_n.png`` to a new run directory."""
+    """Run the tuning study and write ``tune.md``, ``tune.json`` and ``best_of_n.png`` to a new run directory
+    (every trial is appended to ``completed.jsonl`` there as soon as it ends)."""
     run_dir = new_run_dir(out, f"tune-{config.experiment.dataset}")
     print(f"routing-search tune {config.experiment.dataset}: outputs in {run_dir}", flush=True)
     log = (lambda line: print(line, flush=True)) if config.experiment.progress else None
-    with removed_if_empty_on_failure(run_dir):
-        trials, data = run_tune(config, log=log)
-        report = write_tune_report(config, trials, data, run_dir, plots=plots)
+    try:
+        with removed_if_empty_on_failure(run_dir):
+            trials, data = run_tune(config, log=log, on_trial=_kept_in(run_dir))
+            report = write_tune_report(config, trials, data, run_dir, plots=plots)
+    except BaseException:
+        _say_what_was_kept(run_dir, "trials")
+        raise
     for gate, entry in report["summary"].items():
         for arm, e in entry["arms"].items():
             pool = e["trials_needed_without_replacement"]

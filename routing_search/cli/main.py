@@ -283,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileExistsError, NotADirectoryError, PermissionError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    except FloatingPointError as exc:  # a run diverged (NaN/inf loss): its message names the run, epoch and step
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["new_run_dir", "removed_if_empty_on_failure"]
+__all__ = ["new_run_dir", "removed_if_empty_on_failure", "append_json_line", "COMPLETED_RUNS"]
+
+COMPLETED_RUNS = "completed.jsonl"
+"""The file of a run directory that receives every finished run (trial) as it completes, one JSON object a line."""
 
 
 def _check_parent(parent: Path) -> None:
@@ -55,3 +60,9 @@ def removed_if_empty_on_failure(run_dir: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):  # not empty (or already gone): left as it is
             run_dir.rmdir()
         raise
+
+
+def append_json_line(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` to ``path`` as one line of JSON and flush it to the OS (a crash later keeps it)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")

@@ -281,9 +281,12 @@ def run_experiment(
     *,
     log: Callable[[str], None] | None = None,
     data_loader: Callable[[ExperimentConfig, int], ExperimentData] = load_experiment_data,
+    on_record: Callable[[RunRecord], None] | None = None,
 ) -> ExperimentResult:
     """Every gate × arm × seed of ``config`` (seed-major: the data of a seed are loaded once).
 
+    ``on_record`` is called with every :class:`RunRecord` as soon as its run ends (the CLI appends it to
+    the run directory, so the runs already done survive a later failure such as a diverged run).
     Sets the process's torch CPU threads to ``config.threads``.
     """
     torch.set_num_threads(config.threads)
@@ -293,8 +296,13 @@ def run_experiment(
         data = data_loader(config, seed)
         for gate in config.gates:
             for arm in config.arms:
-                record = run_one(config, data, gate, arm, seed)
+                try:
+                    record = run_one(config, data, gate, arm, seed)
+                except FloatingPointError as exc:  # fit's message names the epoch and step, not the run
+                    raise FloatingPointError(f"seed {seed}, gate {gate}, arm {arm}: {exc}") from exc
                 runs.append(record)
+                if on_record is not None:
+                    on_record(record)
                 if log is not None:
                     first = data.metrics[0].name
                     log(f"seed {seed} {gate:>9} {arm:>8}: {first} {record.metrics[first]:.4f}  "

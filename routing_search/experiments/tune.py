@@ -82,8 +82,12 @@ def run_tune(
     log: Callable[[str], None] | None = None,
     data_loader: Callable[[ExperimentConfig, int], ExperimentData] = load_experiment_data,
     indices: Sequence[int] | None = None,
+    on_trial: Callable[[TuneTrial], None] | None = None,
 ) -> tuple[list[TuneTrial], ExperimentData]:
     """Train every trial of every gate × arm; returns the trials and the data (for metric facts).
+
+    ``on_trial`` is called with every :class:`TuneTrial` as soon as it ends (the CLI appends it to the run
+    directory, so the trials already done survive a later failure).
 
     ``indices`` trains only those trials (of ``0 .. config.trials − 1``; default all) with the draws and
     seeds they have in the whole study, so a study split over processes and concatenated is the same study.
@@ -102,10 +106,15 @@ def run_tune(
         for gate in base.gates:
             cfg = trial_config(base, gate, params)
             for arm in base.arms:
-                record = run_one(cfg, data, gate, arm, trial_seed)
+                try:
+                    record = run_one(cfg, data, gate, arm, trial_seed)
+                except FloatingPointError as exc:  # fit's message names the epoch and step, not the trial
+                    raise FloatingPointError(f"trial {i} ({params}), gate {gate}, arm {arm}: {exc}") from exc
                 # selected by the validation value, reported by the test value
                 val, test = record.val_metrics[headline.name], record.metrics[headline.name]
                 trials.append(TuneTrial(i, gate, arm, _relevant(gate, arm, params), val, test, record.seconds))
+                if on_trial is not None:
+                    on_trial(trials[-1])
                 if log is not None:
                     log(f"trial {i:3d} {gate:>9} {arm:>7}: val {val:.4f} test {test:.4f}  {record.seconds:.1f}s")
     return trials, data

@@ -341,3 +341,45 @@ def test_an_out_with_an_unexpanded_tilde_is_the_home_directory(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     run_dir = new_run_dir("~/runs", "x")
     assert run_dir.parent == tmp_path / "home" / "runs" and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("command, module, key", [
+    (["experiment", "synthetic", "--seeds", "2", "--arms", "sgd"], "runner", "seed"),
+    (["tune", "synthetic", "--trials", "2", "--arms", "sgd,search"], "tune", "trial"),
+])
+def test_a_run_that_diverges_keeps_the_runs_already_done(tmp_path, capsys, monkeypatch, command, module, key):
+    """Regression: a FloatingPointError (diverged training) in one run lost every run already done, since
+    results were written only at the end, and ended in a traceback naming no run."""
+    import importlib
+
+    target = importlib.import_module(f"routing_search.experiments.{module}")
+    real, calls = target.run_one, []
+
+    def diverges_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("the training loss is nan at epoch 0, step 3")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, "run_one", diverges_second)
+    argv = command + ["--epochs", "1", "--gates", "topk", "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the training loss is nan at epoch 0, step 3" in err and "gate topk" in err
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    lines = (run / "completed.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and f"the 1 that finished are kept in {run / 'completed.jsonl'}" in err
+    done = json.loads(lines[0])
+    assert done[key] == 0 and done["gate"] == "topk" and done["arm"] == "sgd"
+    assert not (run / "report.json").exists() and not (run / "tune.json").exists()
+
+
+def test_a_finished_experiment_lists_every_run_in_completed_jsonl(tmp_path):
+    argv = ["experiment", "synthetic", "--seeds", "2", "--epochs", "1", "--gates", "topk", "--arms", "sgd,random",
+            "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    run = _only_run_dir(tmp_path, "experiment-synthetic-")
+    done = [json.loads(line) for line in (run / "completed.jsonl").read_text().splitlines()]
+    report = json.loads((run / "report.json").read_text())
+    assert [(d["seed"], d["arm"]) for d in done] == [(0, "sgd"), (0, "random"), (1, "sgd"), (1, "random")]
+    assert len(report["runs"]) == 4
