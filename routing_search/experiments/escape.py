@@ -113,7 +113,7 @@ class EscapeConfig:
         lookahead_steps: Adam steps of each lookahead.
         win_threshold: relative margin of the per-seed counts: a win when the arm's test loss is at least
             this much (0.01 = 1 %) below the control's, a loss when it is more than this much above it (see
-            :data:`ESCAPE_WORSE_RULE` and :func:`compare_to_control`).
+            :data:`ESCAPE_WORSE_RULE` and :func:`compare_to_control`); a tie is neither, also at 0.
         curve: also record every arm's test loss along training (after the arm's start, i.e. after the
             random permutation or the search before training, and after every epoch; the restored best
             epoch is not a point of the curve), and report steps to a target and the loss at several

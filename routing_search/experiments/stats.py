@@ -6,7 +6,8 @@ Paired comparison of arm A against a control B on one metric (one value per seed
   "better by ≥ 1 % on w/n seeds" counts ``r ≥ 0.01`` (``threshold``), and "worse" counts, by
   ``worse_rule``, ``r ≤ −0.01`` (``'at_least'``: at least 1 % worse; the experiment reports) or
   ``r < −0.01`` (``'more_than'``: more than 1 % worse; the escape study, whose "never worse than SGD
-  alone" allows a seed exactly 1 % worse). This is the one place these counts are made;
+  alone" allows a seed exactly 1 % worse). A tie (``a == b``) is neither better nor
+  worse, also with ``threshold=0``. This is the one place these counts are made;
 * the median of ``a / b`` over the seeds;
 * the mean ± standard error of the paired difference ``a − b``;
 * two-sided p-values: the sign test (``scipy.stats.binomtest`` on the non-zero differences) and the
@@ -119,8 +120,9 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_bette
     return {
         "n": int(x.size),
         "excluded": excluded,
-        "better": int((rel >= threshold).sum()),
-        "worse": int((rel <= -threshold).sum() if worse_rule == "at_least" else (rel < -threshold).sum()),
+        # a tie (r == 0) is neither better nor worse, also at threshold 0 (where r >= 0 and r <= -0 both hold)
+        "better": int(((rel >= threshold) & (rel > 0)).sum()),
+        "worse": int((((rel <= -threshold) & (rel < 0)) if worse_rule == "at_least" else (rel < -threshold)).sum()),
         "threshold": threshold,
         "worse_rule": worse_rule,
         "median_ratio": float(np.median(finite_ratio)) if finite_ratio.size else None,

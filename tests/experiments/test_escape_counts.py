@@ -101,3 +101,17 @@ def test_curve_budgets_count_with_the_same_rule() -> None:
     at_end = curve_summary(rows, cfg, "hash_misassigned")["arms"]["search"]["budgets"]["1"]
     assert (at_end["wins"], at_end["losses"], at_end["seeds"]) == (1, 0, 2)
 
+
+
+def test_a_tie_is_neither_better_nor_worse_at_threshold_zero() -> None:
+    # threshold 0 counted a tied seed both better (r >= 0) and worse (r <= -0): 2/2 better and 2/2 worse
+    tied = paired_comparison([1.0, 2.0, 3.0], [1.0, 2.0, 2.5], higher_is_better=True, threshold=0)
+    assert (tied["better"], tied["worse"]) == (1, 0)
+    lower = paired_comparison([1.0, 2.0, 3.0], [1.0, 2.0, 2.5], higher_is_better=False, threshold=0.0)
+    assert (lower["better"], lower["worse"]) == (0, 1)
+    # the escape study at win_threshold 0: a tie with random is no win, so it cannot meet the criterion by ties
+    c = compare_to_control([1.0, 1.0, 0.5], [1.0, 1.0, 1.0], threshold=0.0)
+    assert (c["wins"], c["losses"]) == (1, 0)
+    for rule in WORSE_RULES:
+        r = paired_comparison([4.0, 4.0], [4.0, 4.0], higher_is_better=False, threshold=0.0, worse_rule=rule)
+        assert (r["better"], r["worse"]) == (0, 0)
