@@ -94,6 +94,8 @@ def run_tune(
     """
     base = config.experiment
     chosen = range(config.trials) if indices is None else [check_int("trial index", i, minimum=0, maximum=config.trials - 1) for i in indices]
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"indices names a trial more than once: {list(chosen)}")
     torch.set_num_threads(base.threads)
     data = data_loader(base, config.seed)
     headline = data.metrics[0]
@@ -188,6 +190,12 @@ def summarise_tune(
         arm_names = sorted({t.arm for t in rows}, key=[t.arm for t in rows].index)
         # val / test per arm, aligned by trial index (the arms of one trial share draws and seed)
         index = sorted({t.trial for t in rows})
+        seen: set[tuple[str, int]] = set()
+        for t in rows:  # a trial given twice (two runs' trials concatenated) would silently replace the other
+            if (t.arm, t.trial) in seen:
+                raise ValueError(f"gate {gate!r}, arm {t.arm!r}: trial {t.trial} is given more than once; each trial of "
+                                 "an arm must appear once (concatenate runs of disjoint trial indices)")
+            seen.add((t.arm, t.trial))
         table = {arm: {t.trial: t for t in rows if t.arm == arm} for arm in arm_names}
         missing = [arm for arm in arm_names if sorted(table[arm]) != index]
         if missing:
@@ -282,7 +290,11 @@ def _plot(summary: dict[str, Any], metric: str, path: Path) -> None:
 
 
 def write_tune_report(config: TuneConfig, trials: list[TuneTrial], data: ExperimentData, directory: str | Path, *, plots: bool = True) -> dict[str, Any]:
-    """Write ``tune.json``, ``tune.md`` and ``best_of_n.png`` into ``directory`` (never replacing files)."""
+    """Write ``tune.json``, ``tune.md`` and ``best_of_n.png`` into ``directory`` (never replacing files).
+
+    The report states the number of trials given in ``trials`` (and the number configured when that differs,
+    e.g. a study run over ``indices`` or the trials kept after a failure); each trial of an arm must appear once.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("tune.json", "tune.md") + (("best_of_n.png",) if plots else ()):
@@ -297,23 +309,30 @@ def write_tune_report(config: TuneConfig, trials: list[TuneTrial], data: Experim
               "probability": config.probability, "summary": summary, "trials": [t.to_dict() for t in trials]}
     (directory / "tune.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     exp = config.experiment
+    # The trials reported are the ones given: fewer than the config's when run with indices= or kept after a failure.
+    counts = sorted({e["trials"] for g in summary.values() for e in g["arms"].values()})
+    ran = len(counts) == 1 and counts[0]
+    done = (str(ran) if ran else " / ".join(map(str, counts)) + " (per gate)") + (
+        f" of the {config.trials} configured" if counts != [config.trials] else "")
+    pool_of = f"the {ran}" if ran else "an arm's"
     lines = [
         f"# Tuning budget: {exp.dataset} ({exp.preset} preset)",
         "",
-        f"{config.trials} random-search trials per arm over the grid below (the same draws and trial seeds for every "
+        f"{done} random-search trials per arm over the grid below (the same draws and trial seeds for every "
         f"arm; seed {config.seed}; {exp.train.epochs} epochs"
         + (f"; at most {exp.data.max_train} training rows" if exp.data.max_train is not None else "") + "). "
         f"Selection: validation {headline.name}; reported: test {headline.name} "
         f"({'higher' if headline.higher_is_better else 'lower'} is better). The expected best of N is exact over the "
         "trials' order statistics. \"Trials needed\" is the smallest N whose best-by-validation trial reaches the "
-        f"target with probability ≥ {config.probability:g}: drawing from the {config.trials} trials without replacement "
-        f"(\"> {config.trials}\": not within the trials run), and with replacement (extrapolating the empirical "
+        f"target with probability ≥ {config.probability:g}: drawing from {pool_of} trials without replacement "
+        f"(\"> {ran if ran else 'T'}\": not within the trials run), and with replacement (extrapolating the empirical "
         "distribution; \"never\": the arm's best-by-validation trial misses the target).",
         "",
         "Grid: " + "; ".join(f"{f.name} ∈ {list(getattr(config.grid, f.name))}" for f in dataclasses.fields(config.grid)),
         "(a reconstruction of the papers' grids; their appendices with the exact lists are not part of this project).",
         "",
-        f"| gate | arm | target | trials reaching it | best of 1 | best of {min(5, config.trials)} | best of {config.trials} "
+        f"| gate | arm | target | trials reaching it | best of 1 | best of {min(5, ran) if ran else '5 (or all)'} "
+        f"| best of {ran if ran else 'all'} "
         "| trials needed (from the trials) | trials needed (with replacement) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

@@ -185,3 +185,29 @@ def test_best_of_n_statistics_reject_values_that_do_not_pair_with_the_scores():
         for values in ([0.0, 0.0, 5.0], [0.0]):
             with pytest.raises(ValueError, match="values must be a 1-D sequence with one entry per score"):
                 call(values)
+
+
+def test_a_report_of_fewer_trials_than_configured_states_the_trials_it_holds(tmp_path):
+    # 3 of the 6 configured trials (a study run over indices, or the trials kept after a failure): the report said
+    # "6 random-search trials" and headed the last column "best of 6" above the best of 3
+    config = make_tune_config("synthetic", "cpu", trials=6, seed=0)
+    data = SimpleNamespace(metrics=[MetricSpec("mse", lambda p, t: 0.0, False)])
+    rows = [(1.0 + 0.1 * i, 1.0 + 0.1 * i) for i in range(3)]
+    write_tune_report(config, _trials({"sgd": rows, "search": rows}), data, tmp_path, plots=False)  # type: ignore[arg-type]
+    md = (tmp_path / "tune.md").read_text()
+    assert md.count("3 of the 6 configured random-search trials per arm") == 1
+    assert "| best of 1 | best of 3 | best of 3 |" in md and "best of 6" not in md and "> 6" not in md
+    full = tmp_path / "full"
+    six = [(1.0 + 0.1 * i, 1.0 + 0.1 * i) for i in range(6)]
+    write_tune_report(config, _trials({"sgd": six, "search": six}), data, full, plots=False)  # type: ignore[arg-type]
+    assert "\n6 random-search trials per arm" in (full / "tune.md").read_text()
+
+
+def test_a_trial_given_twice_is_refused_not_silently_replaced():
+    trials = _trials({"sgd": [(1.0, 1.0), (2.0, 2.0)], "search": [(1.0, 1.0), (2.0, 2.0)]})
+    with pytest.raises(ValueError, match=r"arm 'sgd': trial 0 is given more than once"):
+        summarise_tune(trials + [TuneTrial(0, "topk", "sgd", {}, 9.0, 9.0, 0.0)], higher_is_better=False, target=None,
+                       probability=0.9)
+    config = make_tune_config("synthetic", "cpu", trials=3, seed=1, gates=("topk",))
+    with pytest.raises(ValueError, match="indices names a trial more than once"):
+        run_tune(config, indices=[1, 1])
