@@ -10,6 +10,7 @@ trailing unit dimension; any other shape mismatch is an error (no silent broadca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,11 +22,14 @@ __all__ = ["mse_loss", "bce_with_logits_loss", "cross_entropy_loss", "multitask_
 PerExampleLoss = Callable[[Any, Any], torch.Tensor]
 
 
-def _check_tensor(name: str, value: Any) -> torch.Tensor:
+def _check_tensor(name: str, value: Any, *, floating: str | None = None) -> torch.Tensor:
+    """``value`` as a tensor with a batch dimension; ``floating`` names the loss that needs float logits."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension, got a 0-dim tensor")
+    if floating is not None and not value.is_floating_point():
+        raise TypeError(f"{floating}: {name} must be floating-point logits, got dtype {value.dtype}")
     return value
 
 
@@ -40,37 +44,64 @@ def _align(pred: torch.Tensor, target: torch.Tensor, what: str) -> tuple[torch.T
     return pred, target
 
 
-def _per_example(values: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the first: ``[B, ...] -> [B]``."""
-    return values.reshape(values.shape[0], -1).mean(dim=1) if values.dim() > 1 else values
+def _per_example(values: torch.Tensor, what: str) -> torch.Tensor:
+    """Mean over every dimension but the first: ``[B, ...] -> [B]`` (also for ``B = 0``)."""
+    if values.dim() <= 1:
+        return values
+    width = math.prod(values.shape[1:])
+    if width == 0:
+        raise ValueError(f"{what}: predictions of shape {tuple(values.shape)} have no output units to average over")
+    return values.reshape(values.shape[0], width).mean(dim=1)
+
+
+def _check_range(what: str, target: torch.Tensor, low: float, high: float, accepted: str, *, closed: bool) -> None:
+    """Refuse target values outside ``[low, high]`` (``[low, high)`` unless ``closed``) or NaN; one host sync."""
+    if target.numel() == 0:
+        return
+    above = target > high if closed else target >= high
+    if bool((~(target >= low) | above).any()):  # ~(t >= low) also catches NaN
+        bad = target[~(target >= low) | above].flatten()[0].item()
+        raise ValueError(f"{what}: targets must be {accepted}, got {bad!r}")
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error averaged over the output dimensions: ``[B]``."""
     pred, target = _align(_check_tensor("pred", pred), _check_tensor("target", target), "mse_loss")
-    return _per_example((pred - target.to(pred.dtype)) ** 2)
+    # Integer predictions are compared in a floating dtype (never by truncating a float target to them).
+    dtype = pred.dtype if pred.is_floating_point() else target.dtype if target.is_floating_point() else torch.get_default_dtype()
+    return _per_example((pred.to(dtype) - target.to(dtype)) ** 2, "mse_loss")
 
 
 def bce_with_logits_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on logits (targets in [0, 1]) averaged over the output dimensions: ``[B]``."""
-    pred, target = _align(_check_tensor("pred", pred), _check_tensor("target", target), "bce_with_logits_loss")
-    return _per_example(F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none"))
+    """Binary cross-entropy on logits (targets in [0, 1]) averaged over the output dimensions: ``[B]``.
+
+    Targets outside ``[0, 1]`` (e.g. labels in {-1, 1}) or NaN are refused: the formula would return
+    a finite but meaningless (possibly negative) loss.
+    """
+    what = "bce_with_logits_loss"
+    pred, target = _align(_check_tensor("pred", pred, floating=what), _check_tensor("target", target), what)
+    _check_range(what, target, 0.0, 1.0, "in [0, 1] (labels 0/1 or probabilities)", closed=True)
+    return _per_example(F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none"), what)
 
 
 def cross_entropy_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits ``[B, C]`` against class indices ``[B]`` (or probabilities ``[B, C]``): ``[B]``.
 
     Integer-valued floating targets ``[B]`` (e.g. a column of a ``[B, T]`` float target matrix) are
-    accepted as class indices.
+    accepted as class indices. Every class index must be in ``[0, C)``: torch's ``ignore_index=-100``
+    does not apply (a -100 would silently get loss 0).
     """
-    pred = _check_tensor("pred", pred)
+    what = "cross_entropy_loss"
+    pred = _check_tensor("pred", pred, floating=what)
     target = _check_tensor("target", target)
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"{what}: target must hold class indices (integers) or probabilities (floats), got dtype {target.dtype}")
     if pred.dim() < 2:
         raise ValueError(f"cross_entropy_loss: prediction must be logits [B, C], got shape {tuple(pred.shape)}")
     if target.dim() == pred.dim() and target.shape[-1] == 1 and pred.shape[1] != 1:
         target = target.squeeze(-1)
     if target.shape == pred.shape and target.is_floating_point():
-        return _per_example(F.cross_entropy(pred, target.to(pred.dtype), reduction="none"))
+        return _per_example(F.cross_entropy(pred, target.to(pred.dtype), reduction="none"), what)
     expected = (pred.shape[0],) + tuple(pred.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(
@@ -81,7 +112,9 @@ def cross_entropy_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         if not bool(torch.equal(target, target.round())):
             raise ValueError("cross_entropy_loss: floating-point class-index targets must hold whole numbers")
         target = target.long()
-    return _per_example(F.cross_entropy(pred, target, reduction="none"))
+    classes = pred.shape[1]
+    _check_range(what, target, 0, classes, f"class indices in [0, {classes})", closed=False)
+    return _per_example(F.cross_entropy(pred, target, reduction="none"), what)
 
 
 LOSS_KINDS: dict[str, PerExampleLoss] = {
@@ -138,7 +171,15 @@ def multitask_loss(kinds: Sequence[str], weights: Sequence[float] | None = None)
             raise TypeError(f"weights must be a sequence of numbers (one per task) or None, got {weights!r}")
         if len(weights) != len(kinds):
             raise ValueError(f"weights has {len(weights)} entries but kinds has {len(kinds)}; give one weight per task")
-        task_weights = [float(w) for w in weights]
+        task_weights = []
+        for t, w in enumerate(weights):
+            try:
+                value = float(w)
+            except (TypeError, ValueError):
+                raise TypeError(f"weights[{t}] must be a number, got {w!r}") from None
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"weights[{t}] must be a finite number >= 0, got {w!r}")
+            task_weights.append(value)
     fns = [LOSS_KINDS[k] for k in kinds]
     count = len(kinds)
     has_ce = "cross_entropy" in kinds

@@ -91,3 +91,56 @@ def test_multitask_bad_arguments():
         fn([torch.zeros(3, 1)], torch.zeros(3, 2))
     with pytest.raises(ValueError, match=r"\[B, 2\]"):
         fn([torch.zeros(3, 1), torch.zeros(3, 1)], torch.zeros(3, 3))
+
+
+def test_mse_integer_prediction_does_not_truncate_float_target():
+    # Regression: the target was cast to the prediction's integer dtype (1.5 -> 1): loss 0 instead of 0.25.
+    out = mse_loss(torch.tensor([1, 2]), torch.tensor([1.5, 2.5]))
+    torch.testing.assert_close(out, torch.tensor([0.25, 0.25]))
+
+
+def test_empty_batch_with_output_units_and_predictions_without_units():
+    # Regression: a [0, u] batch failed in reshape(0, -1) with an obscure message.
+    assert mse_loss(torch.zeros(0, 3), torch.zeros(0, 3)).shape == (0,)
+    assert bce_with_logits_loss(torch.zeros(0, 2), torch.zeros(0, 2)).shape == (0,)
+    # Regression: [B, 0] predictions gave NaN losses silently.
+    with pytest.raises(ValueError, match="no output units"):
+        mse_loss(torch.zeros(2, 0), torch.zeros(2, 0))
+
+
+def test_bce_refuses_targets_outside_unit_interval():
+    # Regression: labels in {-1, 1} gave a finite, negative loss silently.
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        bce_with_logits_loss(torch.tensor([2.0, -2.0]), torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        bce_with_logits_loss(torch.tensor([2.0, -2.0]), torch.tensor([1.0, float("nan")]))
+    with pytest.raises(TypeError, match="floating-point logits"):
+        bce_with_logits_loss(torch.tensor([2, -2]), torch.tensor([1.0, 0.0]))
+    soft = torch.tensor([0.0, 0.3, 1.0])
+    logits = torch.tensor([0.5, -1.0, 2.0])
+    torch.testing.assert_close(
+        bce_with_logits_loss(logits, soft), F.binary_cross_entropy_with_logits(logits, soft, reduction="none")
+    )
+
+
+def test_cross_entropy_refuses_class_indices_out_of_range():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    # Regression: -100 (torch's ignore_index) gave loss 0 silently; -1 and 2 raised obscure IndexErrors.
+    for bad in (-100, -1, 2):
+        with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
+            cross_entropy_loss(logits, torch.tensor([0, bad]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
+        cross_entropy_loss(logits, torch.tensor([0.0, -100.0]))
+    with pytest.raises(TypeError, match="dtype torch.bool"):
+        cross_entropy_loss(logits, torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="floating-point logits"):
+        cross_entropy_loss(torch.tensor([[2, 0], [0, 1]]), torch.tensor([0, 1]))
+
+
+def test_multitask_loss_refuses_non_finite_or_negative_weights():
+    # Regression: a NaN weight made every loss NaN silently.
+    for bad in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match=r"weights\[1\]"):
+            multitask_loss(["mse", "bce"], [0.5, bad])
+    with pytest.raises(TypeError, match=r"weights\[0\]"):
+        multitask_loss(["mse"], ["a"])
