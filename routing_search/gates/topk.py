@@ -157,7 +157,9 @@ class TopK(BaseGate):
             loss = loss + lb * (cv_squared(weights.sum(dim=0)) + cv_squared(load))
         zw = resolve_weight(self.z_loss_weight, calls)
         if zw > 0:
-            loss = loss + zw * torch.logsumexp(clean, dim=-1).square().mean()
+            z = torch.logsumexp(clean, dim=-1).square()
+            # The batch mean, 0 for a batch without rows (the mean of nothing is NaN).
+            loss = loss + zw * (z.mean() if z.numel() else z.sum())
         return GateOutput(weights=weights, loss=loss)
 
     def extra_repr(self) -> str:

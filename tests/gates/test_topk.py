@@ -231,3 +231,18 @@ def test_float64_input_to_float32_gate_names_x_and_both_dtypes(make) -> None:
     with pytest.raises(TypeError, match=rf"x has dtype torch\.float64 but the gate {name} has dtype torch\.float32"):
         gate(torch.randn(2, 3, dtype=torch.float64))
     assert gate.double()(torch.randn(2, 3, dtype=torch.float64)).weights.dtype == torch.float64
+
+
+@pytest.mark.parametrize("input_dim", [None, 3])
+def test_z_loss_of_an_empty_batch_is_zero_not_nan(input_dim):
+    # Regression: the z-loss was the mean over no rows, NaN, which poisons the training loss.
+    torch.manual_seed(0)
+    gate = TopK(4, 2, input_dim, load_balance_weight=1.0, z_loss_weight=1.0)
+    out = gate(torch.zeros(0, 3))
+    assert out.weights.shape == (0, 4)
+    assert out.loss.item() == 0.0
+    # Rows still get the batch mean of logsumexp(logits)^2.
+    x = torch.randn(5, 3)
+    gate.load_balance_weight = 0.0
+    logits = gate.compute_logits(x)
+    torch.testing.assert_close(gate(x).loss, torch.logsumexp(logits, dim=-1).square().mean())
