@@ -189,8 +189,11 @@ class TaskAware(BaseGate):
         return value
 
     @staticmethod
-    def _rows(tensor: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
-        return None if tensor is None else tensor[rows.to(tensor.device)]
+    def _rows(tensor: Any, rows: torch.Tensor) -> Any:
+        """The rows ``rows`` of a per-row ``key`` (a 0-dim tensor or a non-tensor passes unchanged)."""
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+            return tensor
+        return tensor[rows.to(tensor.device)]
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -234,6 +237,11 @@ class TaskAware(BaseGate):
             )
 
         batch = x.shape[0]
+        if isinstance(key, torch.Tensor) and key.dim() > 0 and key.shape[0] != batch:
+            raise ValueError(
+                f"key must have one entry per row ([batch]=[{batch}], or 0-dim) to be split by task, "
+                f"got shape {tuple(key.shape)}"
+            )
         parts: list[tuple[torch.Tensor, GateOutput]] = []
         for t in torch.unique(task).tolist():
             rows = (task == t).nonzero(as_tuple=True)[0]

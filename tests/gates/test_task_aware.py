@@ -269,3 +269,17 @@ def test_every_gate_follows_the_protocol():
 
     for gate in (Softmax(3), TopK(3, 1), Hash(3), GumbelSoftmax(3), TaskAware(gates=[Softmax(3)])):
         assert isinstance(gate, Gate)
+
+
+def test_per_task_key_of_the_wrong_length_is_refused_and_a_0dim_key_passes():
+    # Regression: a key shorter than the batch raised an IndexError from inside the row split, and a
+    # 0-dim key (which the protocol lets through) raised one too.
+    torch.manual_seed(0)
+    gate = TaskAware([Softmax(4, 3), Softmax(4, 3)])
+    x = torch.randn(3, 3)
+    task = torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match=r"key must have one entry per row \(\[batch\]=\[3\]"):
+        gate(x, task=task, key=torch.tensor([0, 1]))
+    out = gate(x, task=task, key=torch.tensor(2))
+    expected = torch.cat([gate.gates[0](x[:1]).weights, gate.gates[1](x[1:]).weights])
+    torch.testing.assert_close(out.weights, expected)
