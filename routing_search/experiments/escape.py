@@ -607,7 +607,7 @@ def _curve_lines(cfg: EscapeConfig, rows: list[dict[str, Any]]) -> list[str]:
                 else:
                     wl = f" ({v['wins']}/{v['losses']})" if "wins" in v else ""
                     cells.append(f"{_mean_pm_se(v)}{wl}")
-            med = "-" if e["median_steps"] is None else f"{e['median_steps']:.0f}"
+            med = "-" if e["median_steps"] is None else f"{e['median_steps']:g}"
             lines.append(f"| {arm} | {e['reached']}/{len(c['seeds'])} | {med} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines

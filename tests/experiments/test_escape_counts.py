@@ -115,3 +115,16 @@ def test_a_tie_is_neither_better_nor_worse_at_threshold_zero() -> None:
     for rule in WORSE_RULES:
         r = paired_comparison([4.0, 4.0], [4.0, 4.0], higher_is_better=False, threshold=0.0, worse_rule=rule)
         assert (r["better"], r["worse"]) == (0, 0)
+
+
+def test_the_curve_table_prints_the_median_steps_it_computed(tmp_path) -> None:
+    # the seeds reach sgd's loss at steps 0 and 5: median 2.5, printed as '2' (format .0f rounds half to even)
+    cfg = EscapeConfig(families=("topk_margin",), arms=("sgd", "random", "search"), seeds=(0, 1), curve=True, epochs=1)
+    rows = []
+    for seed, search_curve in enumerate([[[0, 1.0], [5, 1.0]], [[0, 9.0], [5, 1.0]]]):
+        for arm, curve in (("sgd", [[0, 9.0], [5, 2.0]]), ("random", [[0, 9.0], [5, 3.0]]), ("search", search_curve)):
+            rows.append({"family": "topk_margin", "seed": seed, "arm": arm, "test_loss": curve[-1][1], "moves": 0,
+                         "seconds": 0.0, "curve": curve})
+    assert curve_summary(rows, cfg, "topk_margin")["arms"]["search"]["median_steps"] == 2.5
+    write_report(tmp_path, cfg, rows, summarise(rows, cfg))
+    assert "| search | 2/2 | 2.5 |" in (tmp_path / "report.md").read_text()
