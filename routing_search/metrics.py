@@ -48,6 +48,16 @@ def _to_numpy(name: str, value: Any, *, ndim: tuple[int, ...], shape_doc: str) -
     return as_finite_array(name, value, ndim=ndim, shape_doc=shape_doc)
 
 
+def _check_number(name: str, value: Any) -> float:
+    """``value`` as a float; a string, a bool or anything else that is not a real number is refused."""
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+
+
 def _check_threshold(threshold: Any) -> float:
     try:
         t = float(threshold)
@@ -299,10 +309,12 @@ def detect_collapse(weights: Any, *, threshold: float = 0.9, min_effective_exper
         (False, 3.0, [])
     """
     W = _to_numpy("weights", weights, ndim=(2, 3), shape_doc="[batch, n_experts] (or [..., n_experts])")
-    if not 0.0 < float(threshold) <= 1.0:
+    share, floor = _check_number("threshold", threshold), _check_number("min_effective_experts", min_effective_experts)
+    if not 0.0 < share <= 1.0:
         raise ValueError(f"threshold must be a share in (0, 1], got {threshold!r}")
-    if not float(min_effective_experts) >= 1.0:
-        raise ValueError(f"min_effective_experts must be >= 1, got {min_effective_experts!r}")
+    if not (math.isfinite(floor) and floor >= 1.0):
+        raise ValueError(f"min_effective_experts must be a finite number >= 1, got {min_effective_experts!r}")
+    threshold, min_effective_experts = share, floor
     soft, hard = (t.numpy() for t in expert_usage(W))
     mass = np.abs(soft)
     total = mass.sum()

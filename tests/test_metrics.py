@@ -160,3 +160,15 @@ def test_errors_name_the_argument() -> None:
         detect_collapse(truth, threshold=1.5)
     with pytest.raises(TypeError, match="learned must be a numeric array"):
         support_recovery("abc", truth)
+
+
+def test_detect_collapse_refuses_non_numbers_with_a_clear_error():
+    # Regression: threshold="0.5" passed the range check (float("0.5")) and then failed comparing a
+    # float with a str; min_effective_experts=inf called every routing collapsed.
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        detect_collapse(np.eye(3), threshold="0.5")
+    with pytest.raises(TypeError, match="min_effective_experts must be a number"):
+        detect_collapse(np.eye(3), min_effective_experts=None)
+    with pytest.raises(ValueError, match="min_effective_experts must be a finite number >= 1"):
+        detect_collapse(np.eye(3), min_effective_experts=float("inf"))
+    assert detect_collapse(np.eye(3), threshold=np.float32(0.5)).collapsed is False
