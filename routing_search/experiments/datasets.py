@@ -123,11 +123,27 @@ def _limit(dataset: TaskDataset, config: ExperimentConfig, seed: int) -> TaskDat
     )
 
 
+SYNTHETIC_MIN_WEIGHT = 0.2
+"""Smallest true mixing weight of the synthetic family (``make_synthetic_moe``'s default) while ``k`` of them fit
+under 1; from ``k = 5`` on it is ``0.5 / k`` (``make_synthetic_moe`` needs ``min_weight * k < 1``)."""
+
+
+def synthetic_min_weight(k: int) -> float:
+    """The synthetic family's smallest true weight for ``k`` experts per task (see :data:`SYNTHETIC_MIN_WEIGHT`).
+
+    >>> synthetic_min_weight(2), synthetic_min_weight(4), synthetic_min_weight(8)
+    (0.2, 0.2, 0.0625)
+    """
+    return SYNTHETIC_MIN_WEIGHT if SYNTHETIC_MIN_WEIGHT * k < 1 else 0.5 / k
+
+
 def _synthetic(config: ExperimentConfig, seed: int) -> ExperimentData:
     d, m = config.data, config.model
+    # model.k >= 5 failed here with make_synthetic_moe's 'min_weight * k must be < 1', a field no config has
+    min_weight = synthetic_min_weight(m.k)
     raw = make_synthetic_moe(
         num_samples=d.num_samples, input_dim=d.input_dim, num_experts=m.num_experts, k=m.k,
-        num_tasks=d.num_tasks, seed=seed,
+        num_tasks=d.num_tasks, seed=seed, min_weight=min_weight,
     )
     parts = raw.split((0.7, 0.15, 0.15))
     tasks = [TaskSpec(f"task{t}", "regression") for t in range(d.num_tasks)]
@@ -137,7 +153,8 @@ def _synthetic(config: ExperimentConfig, seed: int) -> ExperimentData:
 
     dataset = TaskDataset(
         name="synthetic", train=split(parts[0]), val=split(parts[1]), test=split(parts[2]), tasks=tasks,
-        info={"seed": seed, "num_samples": d.num_samples, "true_supports": [list(s) for s in raw.truth.supports]},
+        info={"seed": seed, "num_samples": d.num_samples, "true_supports": [list(s) for s in raw.truth.supports],
+              "min_weight": min_weight},
     )
     per_task = [_from_task_metric(f"{t.name}/mse", mse(i)) for i, t in enumerate(tasks)]
     metrics = [_mean_of(per_task, "mean/mse")] + per_task
