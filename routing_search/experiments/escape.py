@@ -65,6 +65,7 @@ from ..search.lookahead import lookahead_search
 from ..search.refit import RefitOptions
 from ..training import LocalSearcher, SearchSchedule, fit
 from ..training.searcher import generator_state, set_generator_state
+from .datasets import synthetic_min_weight
 from .output import new_run_dir, removed_if_empty_on_failure
 from .stats import expected_best_of_n, mean_se, paired_comparison
 from .stats import trials_needed as stats_trials_needed
@@ -88,7 +89,8 @@ class EscapeConfig:
             ``random`` are the controls the summary compares against and must be included.
         seeds: seeds; each fixes the data, initialisation, bad start and batch order of every arm.
         num_experts: experts n (learned and true).
-        k: experts per task (selectors of the DSelect-k / COMET gates, k of Top-k, true support size).
+        k: experts per task (selectors of the DSelect-k / COMET gates, k of Top-k, true support size; its smallest true
+            weight is 0.2, or 0.5 / k from k = 5 on: :func:`~routing_search.experiments.datasets.synthetic_min_weight`).
         num_tasks: regression tasks T (the hash family has one task).
         input_dim: input width d.
         hidden: hidden width of the learned and the true experts.
@@ -297,7 +299,7 @@ def build_start(cfg: EscapeConfig, family: str, seed: int, *, init_seed: int | N
         return start
 
     data = make_synthetic_moe(num_samples=cfg.num_samples, input_dim=cfg.input_dim, num_experts=n, k=k, num_tasks=T,
-                              hidden=cfg.hidden, noise=cfg.noise, seed=data_seed)
+                              hidden=cfg.hidden, noise=cfg.noise, seed=data_seed, min_weight=synthetic_min_weight(k))
     loss = multitask_loss(["mse"] * T)
     gates: list[nn.Module]
     if family in ("dselect_collapsed", "comet_collapsed"):

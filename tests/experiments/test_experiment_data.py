@@ -24,3 +24,12 @@ def test_the_synthetic_family_loads_for_every_k_the_config_accepts(k):
         raw = make_synthetic_moe(num_samples=120, input_dim=config.data.input_dim, num_experts=8, k=k,
                                  num_tasks=config.data.num_tasks, seed=0)
         assert torch.equal(data.truth.expert_weights, raw.truth.expert_weights)
+
+
+def test_an_escape_start_builds_for_every_k_its_config_accepts():
+    from routing_search.experiments.escape import EscapeConfig, build_start
+
+    # EscapeConfig accepts k <= num_experts - 1; k >= 5 failed in make_synthetic_moe ("min_weight * k must be < 1")
+    cfg = EscapeConfig(families=("dselect_collapsed",), seeds=(0,), num_experts=8, k=5, num_tasks=2, num_samples=60, hidden=4)
+    start = build_start(cfg, "dselect_collapsed", 0)
+    assert start.train[1].shape == (42, 2)
