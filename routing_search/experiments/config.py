@@ -310,6 +310,9 @@ class ExperimentConfig:
             if unused:
                 raise ValueError(f"data fields {unused} apply to a loaded data set; {self.dataset!r} is generated "
                                  "(size it with data num_samples, split 70/15/15)")
+        if self.dataset == "keyed" and self.data.num_keys < self.model.num_experts:  # else the data load fails later
+            raise ValueError(f"data num_keys ({self.data.num_keys}) must be at least model num_experts "
+                             f"({self.model.num_experts}) for 'keyed': every expert's Hash bucket needs a key")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (recorded in the report)."""

@@ -33,3 +33,10 @@ def test_an_escape_start_builds_for_every_k_its_config_accepts():
     cfg = EscapeConfig(families=("dselect_collapsed",), seeds=(0,), num_experts=8, k=5, num_tasks=2, num_samples=60, hidden=4)
     start = build_start(cfg, "dselect_collapsed", 0)
     assert start.train[1].shape == (42, 2)
+
+
+def test_a_keyed_config_with_fewer_keys_than_experts_is_refused_when_built():
+    # it was accepted, and the data load (after the run directory was made) said only "num_keys must be >= 8, got 4"
+    with pytest.raises(ValueError, match=r"data num_keys \(4\) must be at least model num_experts \(8\)"):
+        make_config("keyed", "cpu", model={"num_experts": 8}, data={"num_keys": 4})
+    assert make_config("keyed", "cpu", model={"num_experts": 4}, data={"num_keys": 4}).data.num_keys == 4
