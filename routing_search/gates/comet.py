@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 from .annealed import AnnealedGate, BudgetAnnealing
 from .protocol import GateOutput, WeightSchedule, resolve_weight
 from .router import check_input_dtype
-from .smooth_step import GammaAnnealing, entropy_terms, smooth_step_init_, stacked_logits_t
+from .smooth_step import GammaAnnealing, entropy_terms, first_order_only, smooth_step_init_, stacked_logits_t
 
 __all__ = ["COMET", "leaf_paths", "tree_levels"]
 
@@ -147,6 +147,7 @@ class _Reach(torch.autograd.Function):
         return pi_t.t().reshape(*s.shape[:-1], num_experts)
 
     @staticmethod
+    @first_order_only
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         s_t, pi_t = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -255,6 +256,7 @@ class _CometGate(torch.autograd.Function):
         return weights, sel, mix, loss
 
     @staticmethod
+    @first_order_only
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,

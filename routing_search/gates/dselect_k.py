@@ -13,6 +13,7 @@ from .protocol import GateOutput, WeightSchedule, entropy, resolve_weight
 from .router import check_input_dtype
 from .smooth_step import (
     GammaAnnealing,
+    first_order_only,
     smooth_step,
     smooth_step_and_slope,
     entropy_terms,
@@ -47,6 +48,7 @@ class _SmoothSelector(torch.autograd.Function):
         return r
 
     @staticmethod
+    @first_order_only
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         r, factors, slope, log_codes = ctx.saved_tensors  # type: ignore[attr-defined]
         return _selector_backward(grad * r, factors, slope, log_codes), None, None
@@ -152,6 +154,7 @@ class _DSelectKGate(torch.autograd.Function):
         return weights, r, mix, ent
 
     @staticmethod
+    @first_order_only
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         g_weights: torch.Tensor | None,

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 
 from .._validation import check_int, check_positive_float
 
+_Backward = TypeVar("_Backward", bound=Callable[..., Any])
+
 __all__ = [
+    "first_order_only",
     "smooth_step",
     "smooth_step_slope",
     "smooth_step_and_slope",
@@ -110,18 +115,50 @@ def _clamped_ratio_cubic(t: torch.Tensor, gamma: float) -> torch.Tensor:
     return u * (1.5 - 2.0 * (u * u)) + 0.5
 
 
+def first_order_only(backward: _Backward) -> _Backward:
+    """Wrap the hand-written ``backward`` of an autograd Function that is not itself differentiable.
+
+    With ``create_graph=True`` (a Hessian, a gradient penalty) autograd would treat such a backward's
+    result as a constant of the input: second derivatives silently 0 or wrong
+    (``torch.autograd.functional.hessian`` reports zeros). The wrapper raises instead. Put it above
+    ``@once_differentiable`` (which only catches a graph through the incoming gradients).
+    """
+    name = backward.__qualname__
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled():  # autograd runs a backward with grad mode on only for create_graph=True
+            raise RuntimeError(
+                f"{name} is a hand-written first-order gradient: double backward (create_graph=True, "
+                "Hessians, gradient penalties through the gate) is not supported and would give wrong "
+                "second derivatives"
+            )
+        return backward(ctx, *grads)
+
+    return cast(_Backward, wrapper)
+
+
 class _SmoothStep(torch.autograd.Function):
-    """One elementwise forward and one elementwise backward (the slope is kept from the forward)."""
+    """One elementwise forward and one elementwise backward (the slope is kept from the forward).
+
+    Twice differentiable: with ``create_graph=True`` the slope is recomputed from ``t`` by
+    differentiable operations (``S''`` is ``-12 u / gamma^2`` inside the cubic region, 0 outside).
+    """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, t: torch.Tensor, gamma: float) -> torch.Tensor:
         s, slope = smooth_step_slope(t, gamma)
-        ctx.save_for_backward(slope)
+        ctx.save_for_backward(t, slope)
+        ctx.gamma = gamma  # type: ignore[attr-defined]
         return s
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (slope,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        t, slope = ctx.saved_tensors  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: a slope with a graph back to t
+            gamma = ctx.gamma  # type: ignore[attr-defined]
+            u = _clamped_ratio(t, gamma)
+            slope = (1.5 - 6.0 * (u * u)) / gamma
         return grad * slope, None
 
 

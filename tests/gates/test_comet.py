@@ -574,9 +574,19 @@ def test_double_backward_is_refused_not_wrong() -> None:
     gate = make_gate(4, 2, False, entropy_weight=0.1).double()
     x = torch.randn(3, D, dtype=torch.float64)
     out = gate(x)
-    (grad,) = torch.autograd.grad(out.weights[:, 0].sum() + out.loss, gate.node_bias, create_graph=True)
-    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable|differentiate twice"):
-        grad.sum().backward()  # the hand-written backward is not differentiable: an error, never a wrong number
+    # The hand-written backward is not differentiable: an error, never a wrong number. Regression: the
+    # error came only when differentiating the gradient w.r.t. the same tensor; a Hessian through
+    # torch.autograd.functional.hessian got silent zeros.
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.weights[:, 0].sum() + out.loss, gate.node_bias, create_graph=True)
+    static = COMET(4, 2, anneal=None).double()
+    params = dict(static.named_parameters())
+
+    def first_weight(node_logits: torch.Tensor) -> torch.Tensor:
+        return functional_call(static, {**params, "node_logits": node_logits}, (x,)).weights[0, 0]
+
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.functional.hessian(first_weight, params["node_logits"].detach())
 
 
 def test_node_outputs_are_the_smooth_step_to_the_last_bit_and_exact_at_the_ends() -> None:

@@ -588,3 +588,32 @@ def test_zero_rows_tokens_and_no_grad(n: int, static: bool) -> None:
         plain = gate(x.reshape(12, D))
     torch.testing.assert_close(plain.weights, rows.weights, atol=0, rtol=0)
     torch.testing.assert_close(plain.loss, rows.loss, atol=0, rtol=0)
+
+
+def test_smooth_step_second_derivative_is_right():
+    # Regression: the fused backward kept the slope as a constant, so Hessians of S were silently 0.
+    t = torch.tensor([0.1, 0.7, -0.2, 0.05], dtype=torch.float64, requires_grad=True)
+    hessian = torch.autograd.functional.hessian(lambda v: smooth_step(v, 0.8).sum(), t.detach())
+    u = (t.detach() / 0.8).clamp(-0.5, 0.5)
+    expected = torch.where(t.detach().abs() < 0.4, -12.0 * u / 0.8**2, torch.zeros_like(u))
+    torch.testing.assert_close(hessian, torch.diag(expected))
+    assert torch.autograd.gradgradcheck(lambda v: smooth_step(v, 0.8), (t,))
+
+
+@pytest.mark.parametrize("n", [4, 5])  # the fused gate (n = 2^m) and the selector Function (n not a power of two)
+def test_double_backward_is_refused_not_wrong(n):
+    # Regression: the hand-written backward is first-order only; a Hessian through it was silently wrong
+    # (n = 5: 8.5 where finite differences give 7.6) or failed inside an out= operation.
+    gate = DSelectK(n, 2, anneal=None, entropy_weight=0.1).double()
+    params = dict(gate.named_parameters())
+    x = torch.zeros(2, 3, dtype=torch.float64)
+
+    def first_weight(z: torch.Tensor) -> torch.Tensor:
+        out = functional_call(gate, {**params, "z_logits": z}, (x,))
+        return out.weights[0, 0] + out.loss
+
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.functional.hessian(first_weight, params["z_logits"].detach())
+    z = params["z_logits"].detach().requires_grad_()
+    (grad,) = torch.autograd.grad(first_weight(z), z)  # first order still works
+    assert bool(torch.isfinite(grad).all())
