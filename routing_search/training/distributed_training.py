@@ -608,11 +608,20 @@ def sync_buffers(model: nn.Module, ctx: DistributedContext, meters: Any = None) 
         return _MeterSync(model)
     if not ctx.active:
         return meters
-    for meter, synced in zip(meters.meters, meters.synced):
+    # A meter reset since the last sync (reset_usage() in a callback, on every rank) holds only this rank's rows
+    # since the reset: its base is 0, not the synced totals (subtracting them summed to totals - synced, e.g. 0).
+    # The sums and the row count only grow between resets, so a reset shows as a value below the synced one.
+    mine_reset = [any(bool((buf.detach().to(torch.float64) < synced[name].to(torch.float64)).any()) for name, buf in meter.named_buffers())
+                  for meter, synced in zip(meters.meters, meters.synced)]
+    flags = torch.tensor(mine_reset, dtype=torch.float64,
+                         device=next((b.device for m in meters.meters for b in m.buffers()), torch.device("cpu")))
+    any_reset = all_reduce_sum(flags, ctx.group).tolist() if mine_reset else []
+    for meter, synced, mine, reset in zip(meters.meters, meters.synced, mine_reset, any_reset):
         for name, buf in meter.named_buffers():
-            delta = buf.detach().to(torch.float64) - synced[name].to(torch.float64)
+            base = synced[name].to(torch.float64)
+            delta = buf.detach().to(torch.float64) - (0.0 if mine else base)  # this rank's rows since the sync / reset
             all_reduce_sum(delta, ctx.group)
-            buf.copy_(synced[name] + delta)
+            buf.copy_(delta if reset else base + delta)
     meters.snapshot()
     skip = meters.ids()
     for buf in model.buffers():

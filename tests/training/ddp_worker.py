@@ -200,7 +200,28 @@ def case_raise(rank: int, world: int, args: list[str]) -> dict[str, Any]:
     return out
 
 
-CASES = {"fit": case_fit, "checkpoint": case_checkpoint, "resume": case_resume, "evaluate": case_evaluate, "raise": case_raise}
+def case_reset_usage(rank: int, world: int, args: list[str]) -> dict[str, Any]:
+    """A callback resets the usage meters after epoch 0 (every rank); the meters after 2 epochs, and rank 0's
+    single-process run of the same."""
+
+    def run(process_group: Any) -> dict[str, Any]:
+        model = build_model(0)
+
+        def reset(event: Any) -> None:
+            if event.kind == "epoch_end" and event.epoch == 0:
+                model.reset_usage()
+
+        fit(model, make_data(TRAIN_ROWS, 1), rows_loss, process_group=process_group,
+            **fit_kwargs(search=None, metrics=None, epochs=2, callbacks=[reset]))
+        return model_state(model)
+
+    out = {"group": run(None)}
+    if rank == 0:
+        out["single"] = run(False)
+    return out
+
+
+CASES = {"reset_usage": case_reset_usage, "fit": case_fit, "checkpoint": case_checkpoint, "resume": case_resume, "evaluate": case_evaluate, "raise": case_raise}
 
 
 def main() -> None:

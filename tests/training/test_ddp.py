@@ -127,3 +127,12 @@ def test_a_checkpoint_that_cannot_resume_exactly_at_another_world_size_is_refuse
             **worker.fit_kwargs(epochs=2, checkpoint_dir=base / variant / "part", resume=True, gate_loss_weight=weight))
     assert info.match(reason)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was loaded
+
+
+def test_usage_meters_reset_by_a_callback_sum_over_ranks_like_one_process(tmp_path, harness):
+    # sync_buffers subtracted the totals of the last sync from a meter reset since: 2 ranks ended with 0 rows
+    ranks = harness.ok(harness.launch(WORKER, "reset_usage", 2, tmp_path))
+    single = ranks[0]["single"]["meters"]
+    assert single[0][-1] == 50.0  # the second epoch's 50 rows, counted after the reset
+    for rank in ranks:
+        np.testing.assert_allclose(rank["group"]["meters"], single, rtol=1e-10, atol=1e-9)
