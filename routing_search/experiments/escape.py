@@ -678,9 +678,10 @@ def run_tuning(cfg: EscapeConfig, *, progress: bool = False) -> dict[str, Any]:
 
 def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], summary: dict[str, Any],
                  tuning: dict[str, Any] | None = None) -> None:
-    """``report.json`` (config, every run, the summary, the tuning study) and ``report.md`` (tables and sentences)."""
-    payload = {"config": asdict(cfg), "runs": rows, "summary": summary, "tuning": tuning or {}}
-    (run_dir / "report.json").write_text(json.dumps(payload, indent=2, default=_json_number))
+    """``report.json`` (config, every run, the summary, the tuning study; standard JSON: an infinite number is
+    the string ``"inf"``, NaN is ``null``) and ``report.md`` (tables and sentences)."""
+    payload = _strict_json({"config": asdict(cfg), "runs": rows, "summary": summary, "tuning": tuning or {}})
+    (run_dir / "report.json").write_text(json.dumps(payload, indent=2, default=_json_number, allow_nan=False))
     lines = ["# Escaping bad starts", "",
              f"Seeds {list(cfg.seeds)}; n = {cfg.num_experts}, k = {cfg.k}, T = {cfg.num_tasks}, {cfg.num_samples} rows, "
              f"{cfg.epochs} epochs (early stopping patience {cfg.patience}); test loss = mean per-example MSE (summed over "
@@ -712,6 +713,18 @@ def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], s
     lines += _curve_lines(cfg, rows)
     lines += _tuning_lines(cfg, tuning or {})
     (run_dir / "report.md").write_text("\n".join(lines))
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as standard JSON can hold it: ``inf`` / ``-inf`` as the strings
+    ``"inf"`` / ``"-inf"`` (a trials-needed of a tuning arm that never reached the target), NaN as ``null``."""
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _json_number(value: Any) -> Any:

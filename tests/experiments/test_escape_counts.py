@@ -128,3 +128,21 @@ def test_the_curve_table_prints_the_median_steps_it_computed(tmp_path) -> None:
     assert curve_summary(rows, cfg, "topk_margin")["arms"]["search"]["median_steps"] == 2.5
     write_report(tmp_path, cfg, rows, summarise(rows, cfg))
     assert "| search | 2/2 | 2.5 |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_json_is_standard_json_when_a_tuning_arm_never_reaches_the_target(tmp_path) -> None:
+    # trials_needed = inf (no trial of the arm reached the target) was written as the non-standard token Infinity
+    cfg = EscapeConfig(families=("topk_margin",), arms=("sgd", "random"), seeds=(0,), tune_families=("topk_margin",),
+                       tune_arms=("sgd", "random"))
+    rows = [{"family": "topk_margin", "seed": 0, "arm": a, "test_loss": v, "moves": 0, "seconds": 0.0}
+            for a, v in (("sgd", 1.0), ("random", 2.0))]
+    arm = {"reach_fraction": 0.0, "trials_needed": float("inf"), "expected_best": {str(n): 2.0 for n in (1, 2, 4, 8)},
+           "median": 2.0}
+    tuning = {"topk_margin": {"target": 1.0, "arms": {"sgd": dict(arm, reach_fraction=1.0, trials_needed=1.0), "random": arm},
+                              "runs": []}}
+    write_report(tmp_path, cfg, rows, summarise(rows, cfg), tuning)
+    saved = json.loads((tmp_path / "report.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert saved["tuning"]["topk_margin"]["arms"]["random"]["trials_needed"] == "inf"
+    assert saved["tuning"]["topk_margin"]["arms"]["sgd"]["trials_needed"] == 1.0
+    assert tuning["topk_margin"]["arms"]["random"]["trials_needed"] == float("inf")  # the caller's dict is unchanged
