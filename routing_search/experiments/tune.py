@@ -197,6 +197,12 @@ def summarise_tune(
                                  "an arm must appear once (concatenate runs of disjoint trial indices)")
             seen.add((t.arm, t.trial))
         table = {arm: {t.trial: t for t in rows if t.arm == arm} for arm in arm_names}
+        undefined = [f"trial {t.trial} {t.arm} (val {t.val}, test {t.test})" for t in rows
+                     if not (math.isfinite(t.val) and math.isfinite(t.test))]
+        if undefined:  # the order statistics need a value for every trial ('scores must be finite' named none)
+            raise ValueError(f"gate {gate!r}: the headline metric is NaN/inf for {', '.join(undefined)}; every trial needs "
+                             "a finite validation and test value (an undefined metric such as a ROC AUC of a split with "
+                             "one class cannot rank trials)")
         missing = [arm for arm in arm_names if sorted(table[arm]) != index]
         if missing:
             raise ValueError(f"gate {gate!r}: arms {missing} lack some of the trials {index}; the arms must be paired")

@@ -211,3 +211,11 @@ def test_a_trial_given_twice_is_refused_not_silently_replaced():
     config = make_tune_config("synthetic", "cpu", trials=3, seed=1, gates=("topk",))
     with pytest.raises(ValueError, match="indices names a trial more than once"):
         run_tune(config, indices=[1, 1])
+
+
+def test_a_trial_with_an_undefined_metric_is_named():
+    # it failed in the order statistics with 'scores must be finite', naming no trial, after every trial had run
+    trials = _trials({"sgd": [(1.0, 1.0), (float("nan"), 2.0)], "search": [(1.0, 1.0), (2.0, float("inf"))]})
+    with pytest.raises(ValueError, match=r"gate 'topk': the headline metric is NaN/inf for trial 1 sgd \(val nan, test 2.0\), "
+                                         r"trial 1 search \(val 2.0, test inf\)"):
+        summarise_tune(trials, higher_is_better=True, target=None, probability=0.9)
