@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from .._validation import check_int
 from ..batches import call_model, num_rows, take_rows, tensors_of, to_device, unwrap_prediction
-from ..distributed import RankFailedError, agree, all_gather_objects, all_reduce_sum, broadcast_tensor_, resolve_group
+from ..distributed import RankFailedError, agree, agree_and_gather, all_gather_objects, all_reduce_sum, broadcast_tensor_, resolve_group
 from ..layers.moe import UsageMeter
 from .checkpoint import CheckpointError
 from .data_source import BatchSource, LoaderSource, TensorSource
@@ -805,11 +805,20 @@ def agree_on_setup(ctx: DistributedContext, error: BaseException | None, batches
         )
 
 
-def agree_on_stop(ctx: DistributedContext, reason: str | None) -> str | None:
-    """A callback's stop request on any rank stops every rank (the lowest such rank's reason)."""
+def agree_on_stop(ctx: DistributedContext, reason: str | None, error: BaseException | None = None) -> str | None:
+    """A callback's stop request on any rank stops every rank (the lowest such rank's reason).
+
+    ``error``: what this rank's callbacks raised, if anything (catch it and pass it here instead of raising it
+    at once, which leaves the other ranks waiting at their next collective until its timeout). A rank that
+    failed re-raises its own error, and every other rank raises :class:`RankFailedError` naming it, in the
+    same single ``all_gather_object`` as the stop requests.
+    """
     if not ctx.active:
+        if error is not None:
+            raise error
         return reason
-    reasons = all_gather_objects(reason, ctx.group)
+    reasons = agree_and_gather(error, ctx.group, "fit", payload=reason,
+                               message="{what} stopped because a callback failed on another rank ({detail})")
     return next((r for r in reasons if r is not None), None)
 
 

@@ -221,7 +221,22 @@ def case_reset_usage(rank: int, world: int, args: list[str]) -> dict[str, Any]:
     return out
 
 
-CASES = {"reset_usage": case_reset_usage, "fit": case_fit, "checkpoint": case_checkpoint, "resume": case_resume, "evaluate": case_evaluate, "raise": case_raise}
+def case_agree_on_stop(rank: int, world: int, args: list[str]) -> dict[str, Any]:
+    """agree_on_stop: stop requests, then rank 1 passing its callback's error; what each rank got."""
+    from routing_search.training.distributed_training import agree_on_stop
+
+    ctx = resolve_context(None)
+    out: dict[str, Any] = {"stop": agree_on_stop(ctx, "rank 1 asked" if rank == 1 else None)}
+    try:
+        agree_on_stop(ctx, None, RuntimeError("rank 1's callback failed") if rank == 1 else None)
+        out["error"] = None
+    except Exception as exc:
+        out["error"] = [type(exc).__name__, str(exc)]
+    out["after"] = agree_on_stop(ctx, None)  # the group is still usable, the ranks still in step
+    return out
+
+
+CASES = {"agree_on_stop": case_agree_on_stop, "reset_usage": case_reset_usage, "fit": case_fit, "checkpoint": case_checkpoint, "resume": case_resume, "evaluate": case_evaluate, "raise": case_raise}
 
 
 def main() -> None:

@@ -136,3 +136,12 @@ def test_usage_meters_reset_by_a_callback_sum_over_ranks_like_one_process(tmp_pa
     assert single[0][-1] == 50.0  # the second epoch's 50 rows, counted after the reset
     for rank in ranks:
         np.testing.assert_allclose(rank["group"]["meters"], single, rtol=1e-10, atol=1e-9)
+
+
+def test_a_callback_error_on_one_rank_is_agreed_by_agree_on_stop(tmp_path, harness):
+    ranks = harness.ok(harness.launch(WORKER, "agree_on_stop", 2, tmp_path, timeout=30.0))
+    assert [r["stop"] for r in ranks] == ["rank 1 asked", "rank 1 asked"]
+    assert ranks[1]["error"] == ["RuntimeError", "rank 1's callback failed"]
+    assert ranks[0]["error"][0] == "RankFailedError"
+    assert ranks[0]["error"][1] == "fit stopped because a callback failed on another rank (rank 1: RuntimeError: rank 1's callback failed)"
+    assert [r["after"] for r in ranks] == [None, None]
