@@ -201,6 +201,60 @@ class AnnealedGate(BaseGate):
         self._use(self.anneal)
 
 
+    # ------------------------------------------------------------ checkpoints
+    # The fitted annealing decides gamma from the saved call counter, so it travels in the state dict
+    # (as module extra state: a float64 tensor [begin, end, final_ratio], all -1 while nothing is fitted
+    # (not NaN: state dicts are compared with torch.equal), the same shape either way, never cast by
+    # .to(dtype)). Without it a gate restored from a
+    # state_dict fell back to before_fit: gamma back at gamma0, the hardened selection soft again.
+    def get_extra_state(self) -> torch.Tensor:
+        """The fitted annealing as a float64 tensor ``[begin, end, final_ratio]`` (all -1 when none)."""
+        fitted = self.fitted_annealing
+        values = [-1.0] * 3 if fitted is None else [fitted.begin, fitted.end, fitted.final_ratio]
+        return torch.tensor(values, dtype=torch.float64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the fitted annealing saved by :meth:`get_extra_state`.
+
+        A gate built with a :class:`BudgetAnnealing` takes the saved fit (or drops its own when the saved
+        gate had none); a gate built with an explicit ``GammaAnnealing``, a callable ``gamma`` or
+        ``anneal=None`` keeps that choice, as everywhere else.
+        """
+        if not isinstance(state, torch.Tensor) or tuple(state.shape) != (3,):
+            raise ValueError(
+                f"cannot load the annealing state of {type(self).__name__}: expected a tensor [begin, end, "
+                f"final_ratio], got {state!r}"
+            )
+        if not isinstance(self.anneal, BudgetAnnealing):
+            return
+        values = state.detach().to("cpu", torch.float64).tolist()
+        if values == [-1.0] * 3:
+            self.fitted_annealing = None
+            self._use(self.anneal)
+            return
+        begin, end, ratio = values
+        if not (float(begin).is_integer() and float(end).is_integer()):
+            raise ValueError(f"cannot load the annealing state of {type(self).__name__}: begin/end must be whole call counts, got {values}")
+        self.restore_annealing(GammaAnnealing(begin=int(begin), end=int(end), final_ratio=ratio))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """As ``nn.Module``'s, but a state dict saved before the annealing was part of it still loads."""
+        key = prefix + "_extra_state"
+        absent = key not in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if absent and key in missing_keys:
+            missing_keys.remove(key)
+
+
 def _check_anneal(anneal: Any) -> None:
     if anneal is not None and not isinstance(anneal, (GammaAnnealing, BudgetAnnealing)):
         raise TypeError(f"anneal must be a GammaAnnealing, a BudgetAnnealing or None, got {type(anneal).__name__}")

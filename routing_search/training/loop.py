@@ -281,7 +281,8 @@ def _fit_gamma_annealing(model: nn.Module, planned: int | None, saved: Mapping[s
             continue
         if saved is not None:  # resume: what the original run did, never refitted
             record = saved.get(name)
-            if record is not None and record.get("status") == "fitted" and module.annealing_pending:
+            # (fitted already when the checkpoint's state dict carried the gate's fitted annealing)
+            if record is not None and record.get("status") == "fitted" and (module.annealing_pending or module.fitted_annealing is not None):
                 module.restore_annealing(record)
                 records[name] = dict(record)
                 continue

@@ -617,3 +617,34 @@ def test_double_backward_is_refused_not_wrong(n):
     z = params["z_logits"].detach().requires_grad_()
     (grad,) = torch.autograd.grad(first_weight(z), z)  # first order still works
     assert bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("gate_class", ["DSelectK", "COMET"])
+def test_state_dict_round_trip_keeps_the_fitted_annealing(gate_class):
+    # Regression: the budget annealing fitted by fit / fit_annealing was not in the state dict, so a gate
+    # restored from it fell back to before_fit: gamma 1.0 instead of 0.002, weights off by ~0.74.
+    from routing_search.gates import COMET
+
+    cls = DSelectK if gate_class == "DSelectK" else COMET
+    torch.manual_seed(0)
+    gate = cls(4, 2, 3)
+    assert gate.fit_annealing(100)["status"] == "fitted"
+    for _ in range(100):
+        gate(torch.randn(8, 3))
+    restored = cls(4, 2, 3)
+    restored.load_state_dict(gate.state_dict())
+    assert restored.gamma == gate.gamma == pytest.approx(0.002)
+    assert restored.fitted_annealing == gate.fitted_annealing
+    x = torch.randn(5, 3)
+    assert torch.equal(restored.eval()(x).weights, gate.eval()(x).weights)
+    # An unfitted gate's state drops a fit in the receiving gate; a state dict without the entry loads.
+    restored.load_state_dict(cls(4, 2, 3).state_dict())
+    assert restored.annealing_pending
+    old = gate.state_dict()
+    del old["_extra_state"]
+    cls(4, 2, 3).load_state_dict(old)
+    # .double() does not cast the annealing record; an explicit annealing is never replaced by a load.
+    assert gate.double().state_dict()["_extra_state"].tolist() == [50.0, 80.0, 0.002]
+    explicit = cls(4, 2, 3, anneal=GammaAnnealing(begin=5, end=10)).double()
+    explicit.load_state_dict(gate.state_dict())
+    assert explicit.anneal == GammaAnnealing(begin=5, end=10) and explicit.fitted_annealing is None

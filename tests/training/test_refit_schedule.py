@@ -88,7 +88,9 @@ def test_resume_with_the_refit_schedule_is_exact(tmp_path) -> None:
     assert [s["moves"] for s in resumed.history.searches] == [s["moves"] for s in full.history.searches]
     assert len([s for s in resumed.history.searches if s["step"] == 0]) == 1  # the start search is not repeated
     for (name, a), b in zip(full.model.state_dict().items(), resumed_model.state_dict().values()):
-        assert torch.equal(a, b), name
+        # The gates' fitted gamma annealing (module extra state) legitimately differs: the first run
+        # planned 1 epoch, and a resumed run keeps its original schedule (test_fit_annealing).
+        assert name.endswith("_extra_state") or torch.equal(a, b), name
 
 
 def test_refit_options_are_typed_and_checked() -> None:
