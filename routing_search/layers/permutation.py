@@ -131,7 +131,14 @@ class Permutation(nn.Module):
 
 
 def apply_permutation(gate_output: GateOutput, index: torch.Tensor) -> torch.Tensor:
-    """Expert-space weights for ``index`` of shape ``[S, n]`` (S = 1 or the gate's number of selectors)."""
+    """Expert-space weights for ``index`` of shape ``[S, n]`` (S = 1 or the gate's number of selectors).
+
+    A 1-D ``index`` ``[n]`` is one permutation for the gate's weights (``[1, n]``).
+    """
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a tensor [S, n] of permutations, got {type(index).__name__}")
+    if index.dim() == 1:
+        index = index.unsqueeze(0)
     weights = gate_output.weights
     n = weights.shape[1]
     if index.shape[-1] != n:
@@ -147,6 +154,9 @@ def permute_weights(gate_output: GateOutput, inverse: torch.Tensor, *, identity:
     """
     weights = gate_output.weights
     n = weights.shape[1]
+    if inverse.dim() != 2:
+        # A 1-D permutation read as n per-selector rows was silently wrong for a gate with k = n selectors.
+        raise ValueError(f"the inverse permutations must have shape [S, n], got {tuple(inverse.shape)}")
     if inverse.shape[-1] != n:
         raise ValueError(f"the gate returned weights over {n} experts but the permutation has {inverse.shape[-1]}")
     if inverse.device != weights.device:

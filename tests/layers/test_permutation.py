@@ -169,3 +169,21 @@ def test_per_selector_apply_moves_each_selector_separately(rows, seed):
     # Equal rows act like a single permutation of the combined weights.
     p.set(rows[0])
     torch.testing.assert_close(p.apply(with_selectors(sel, mix)), (mix.unsqueeze(2) * sel).sum(1)[:, np.argsort(rows[0])])
+
+
+def test_apply_permutation_with_a_1d_index_is_one_permutation_of_the_weights():
+    # Regression: a 1-D index [n] was read as n per-selector rows; for a gate with k = n selectors the
+    # einsum broadcast selector 0's distribution and returned wrong weights without an error, and for
+    # other gates it raised a misleading "per selector" error.
+    from routing_search.gates import DSelectK, Softmax
+    from routing_search.layers import apply_permutation
+
+    torch.manual_seed(0)
+    perm = torch.tensor([1, 0, 3, 2])
+    for gate in (DSelectK(4, 4, 3), Softmax(4, 3)):
+        out = gate(torch.randn(2, 3))
+        expected = out.weights[:, torch.argsort(perm)]
+        torch.testing.assert_close(apply_permutation(out, perm), expected)
+        torch.testing.assert_close(apply_permutation(out, perm.unsqueeze(0)), expected)
+    with pytest.raises(ValueError, match=r"shape \[S, n\]"):
+        apply_permutation(out, perm.view(1, 1, 4))
