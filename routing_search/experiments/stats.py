@@ -138,7 +138,7 @@ def _order(scores: Sequence[float], higher_is_better: bool) -> np.ndarray:
         raise ValueError("scores must be a non-empty 1-D sequence")
     if not np.all(np.isfinite(s)):
         raise ValueError("scores must be finite")
-    # worst first; ties broken by trial index so the result is deterministic
+    # worst first (ties by trial index; the callers average over each group of ties, see _tie_mean)
     key = s if higher_is_better else -s
     return np.lexsort((np.arange(s.size), key))
 
@@ -149,6 +149,19 @@ def _ranked_values(values: Sequence[float], order: np.ndarray) -> np.ndarray:
     if v.shape != order.shape:
         raise ValueError(f"values must be a 1-D sequence with one entry per score ({order.size}), got shape {v.shape}")
     return v[order]
+
+
+def _tie_groups(scores: Sequence[float], order: np.ndarray) -> np.ndarray:
+    """For the ranked trials, the index of each one's group of equal scores (0, 0, 1, 2, 2, ...)."""
+    ranked = np.asarray(scores, dtype=float)[order]
+    return np.concatenate([[0], np.cumsum(ranked[1:] != ranked[:-1])])
+
+
+def _tie_mean(ranked: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each ranked value replaced by the mean over its group of equal scores: when the best of the draws is
+    tied, each tied trial is the one picked with equal probability (by symmetry), whatever their indices."""
+    sums = np.bincount(groups, weights=ranked)
+    return (sums / np.bincount(groups))[groups]
 
 
 def best_of_n_weights(num_trials: int, n: int, *, replace: bool = False) -> np.ndarray:
@@ -174,13 +187,18 @@ def best_of_n_weights(num_trials: int, n: int, *, replace: bool = False) -> np.n
 def expected_best_of_n(scores: Sequence[float], values: Sequence[float] | None, n: int, *, higher_is_better: bool, replace: bool = False) -> float:
     """Expected reported value of the best-scoring trial among ``n`` drawn from the trials.
 
-    ``values`` defaults to the scores themselves.
+    ``values`` defaults to the scores themselves. When the best score drawn is tied, each trial with it is the
+    one picked with equal probability (their values are averaged), so the result does not depend on the
+    order of the trials.
+
+    >>> expected_best_of_n([1.0, 1.0], [0.0, 10.0], 2, higher_is_better=True)  # a tie: either trial, 5 on average
+    5.0
 
     >>> expected_best_of_n([0.1, 0.3, 0.2], None, 3, higher_is_better=True)
     0.3
     """
     order = _order(scores, higher_is_better)
-    v = _ranked_values(scores if values is None else values, order)
+    v = _tie_mean(_ranked_values(scores if values is None else values, order), _tie_groups(scores, order))
     return float(np.dot(best_of_n_weights(len(order), n, replace=replace), v))
 
 
@@ -191,8 +209,8 @@ def reach_probability(scores: Sequence[float], values: Sequence[float], target: 
     """
     order = _order(scores, higher_is_better)
     v = _ranked_values(values, order)
-    reaches = v >= target if higher_is_better else v <= target
-    return float(np.dot(best_of_n_weights(len(order), n, replace=replace), reaches.astype(float)))
+    reaches = _tie_mean((v >= target if higher_is_better else v <= target).astype(float), _tie_groups(scores, order))
+    return float(np.dot(best_of_n_weights(len(order), n, replace=replace), reaches))
 
 
 def trials_needed(scores: Sequence[float], values: Sequence[float], target: float, *, probability: float, higher_is_better: bool, replace: bool = True, max_trials: int = 100_000) -> int | None:
@@ -201,8 +219,9 @@ def trials_needed(scores: Sequence[float], values: Sequence[float], target: floa
     The probability is not monotone in ``N`` when the scores and the values disagree (if the best-scoring
     trial misses the target, more draws make it likelier to be picked), so every ``N`` is checked: up to
     the number of trials ``T`` without replacement; with replacement up to the ``N`` beyond which the
-    best-scoring trial alone decides (``((T−1)/T)^N`` below both ``probability`` and ``1 − probability``),
-    and at most ``max_trials``.
+    best-scoring trials alone decide (``((T−m)/T)^N``, ``m`` of them tied, below the distance of their share
+    that reaches the target from ``probability``), and at most ``max_trials``. Trials tied on the score are
+    equally likely to be the one picked (see :func:`expected_best_of_n`).
 
     >>> trials_needed([1, 2, 3, 4], [1, 1, 1, 0], 1, probability=0.7, higher_is_better=True)
     1
@@ -211,12 +230,21 @@ def trials_needed(scores: Sequence[float], values: Sequence[float], target: floa
         raise ValueError(f"probability must be in (0, 1), got {probability}")
     order = _order(scores, higher_is_better)
     v = _ranked_values(values, order)
-    reaches = (v >= target if higher_is_better else v <= target).astype(float)
+    groups = _tie_groups(scores, order)
+    reaches = _tie_mean((v >= target if higher_is_better else v <= target).astype(float), groups)
     t = len(order)
     if replace:
-        c = (t - 1) / t
-        upper = 1 if c == 0 else max(1, math.ceil(math.log(1 - probability) / math.log(c)), math.floor(math.log(probability) / math.log(c)))
-        n = np.arange(1, min(upper, max_trials) + 1, dtype=float)
+        # Beyond `upper` draws the best-scoring group (m tied trials, reaching with probability r) decides the side
+        # of `probability`: |reach(N) - r| <= ((T - m) / T)^N, below |r - probability| from there on.
+        m = int(np.sum(groups == groups[-1]))
+        c, margin = (t - m) / t, abs(float(reaches[-1]) - probability)
+        if c == 0:
+            upper = 1
+        elif margin <= 1e-12:
+            upper = max_trials
+        else:
+            upper = max(1, math.floor(math.log(margin) / math.log(c)) + 1)
+        n = np.arange(1, min(upper + 1, max_trials) + 1, dtype=float)
         i = np.arange(1, t + 1, dtype=float)[:, None] / t
         reach = reaches @ (i ** n - (i - 1 / t) ** n)
     else:

@@ -219,3 +219,29 @@ def test_a_trial_with_an_undefined_metric_is_named():
     with pytest.raises(ValueError, match=r"gate 'topk': the headline metric is NaN/inf for trial 1 sgd \(val nan, test 2.0\), "
                                          r"trial 1 search \(val 2.0, test inf\)"):
         summarise_tune(trials, higher_is_better=True, target=None, probability=0.9)
+
+
+def test_best_of_n_does_not_depend_on_the_order_of_tied_trials():
+    # tied validation scores were broken by trial index: the best of 2 of [(1, 0), (1, 10)] was 10, and 0 in the
+    # other order; each tied trial is the one picked with equal probability, 5 on average
+    from routing_search.experiments.stats import expected_best_of_n
+
+    assert expected_best_of_n([1.0, 1.0], [0.0, 10.0], 2, higher_is_better=True) == 5.0
+    assert expected_best_of_n([1.0, 1.0], [10.0, 0.0], 2, higher_is_better=True) == 5.0
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        t = int(rng.integers(2, 7))
+        scores, values = rng.integers(0, 3, t).astype(float), rng.normal(size=t)
+        perm = rng.permutation(t)
+        for replace in (False, True):
+            for n in range(1, t + 1):
+                a = expected_best_of_n(scores, values, n, higher_is_better=False, replace=replace)
+                b = expected_best_of_n(scores[perm], values[perm], n, higher_is_better=False, replace=replace)
+                assert a == pytest.approx(b, abs=1e-12)
+            target = float(np.median(values))
+            assert trials_needed(scores, values, target, probability=0.8, higher_is_better=False, replace=replace) == \
+                trials_needed(scores[perm], values[perm], target, probability=0.8, higher_is_better=False, replace=replace)
+    # a tied best group of which half reaches the target: reached with probability 1/2 however many trials
+    assert reach_probability([1, 1], [1, 0], 1, 50, higher_is_better=True, replace=True) == pytest.approx(0.5)
+    assert trials_needed([1, 1], [1, 0], 1, probability=0.6, higher_is_better=True) is None
+    assert trials_needed([1, 1], [0, 1], 1, probability=0.4, higher_is_better=True) == 1
