@@ -64,6 +64,25 @@ def _check_range(what: str, target: torch.Tensor, low: float, high: float, accep
         raise ValueError(f"{what}: targets must be {accepted}, got {bad!r}")
 
 
+def _check_probabilities(what: str, target: torch.Tensor) -> None:
+    """Refuse probability targets ``[B, C, ...]`` that are negative, NaN/inf or do not sum to 1 over the
+    classes (dim 1) within ``max(1e-4, sqrt(eps))``: ``-sum t log p`` would be a wrong number. One host sync."""
+    if target.numel() == 0:
+        return
+    tol = max(1e-4, math.sqrt(torch.finfo(target.dtype).eps))
+    off = (target.sum(dim=1) - 1).abs().amax()
+    summary = torch.stack([target.amin().to(off.dtype), off]).tolist()
+    lowest, worst = summary
+    if not (lowest >= 0 and worst <= tol):  # also NaN
+        problem = f"a negative value ({lowest:.3g})" if lowest < 0 else (
+            "NaN/inf values" if not (math.isfinite(lowest) and math.isfinite(worst))
+            else f"a row whose sum over the classes is {worst:.3g} away from 1")
+        raise ValueError(
+            f"{what}: probability targets (the shape of the logits) must be non-negative and sum to 1 over "
+            f"the classes; got {problem}. Pass class indices of shape [B] for hard labels"
+        )
+
+
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error averaged over the output dimensions: ``[B]``."""
     pred, target = _align(_check_tensor("pred", pred), _check_tensor("target", target), "mse_loss")
@@ -101,6 +120,7 @@ def cross_entropy_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     if target.dim() == pred.dim() and target.shape[-1] == 1 and pred.shape[1] != 1:
         target = target.squeeze(-1)
     if target.shape == pred.shape and target.is_floating_point():
+        _check_probabilities(what, target)
         return _per_example(F.cross_entropy(pred, target.to(pred.dtype), reduction="none"), what)
     expected = (pred.shape[0],) + tuple(pred.shape[2:])
     if tuple(target.shape) != expected:

@@ -144,3 +144,16 @@ def test_multitask_loss_refuses_non_finite_or_negative_weights():
             multitask_loss(["mse", "bce"], [0.5, bad])
     with pytest.raises(TypeError, match=r"weights\[0\]"):
         multitask_loss(["mse"], ["a"])
+
+
+def test_cross_entropy_refuses_probability_targets_off_the_simplex(gen):
+    # Regression: negative, NaN or unnormalised probability targets gave a number (-sum t log p) silently;
+    # a single-logit [B, 1] prediction with 0/1 float targets gave loss 0 for every row.
+    logits = torch.randn(3, 4, generator=gen)
+    probs = torch.softmax(torch.randn(3, 4, generator=gen), dim=1)
+    torch.testing.assert_close(cross_entropy_loss(logits, probs), F.cross_entropy(logits, probs, reduction="none"))
+    for bad in (torch.tensor([[2.0, -1.0, 0.0, 0.0]] * 3), torch.ones(3, 4), torch.full((3, 4), float("nan"))):
+        with pytest.raises(ValueError, match="must be non-negative and sum to 1"):
+            cross_entropy_loss(logits, bad)
+    with pytest.raises(ValueError, match="must be non-negative and sum to 1"):
+        cross_entropy_loss(torch.randn(3, 1, generator=gen), torch.tensor([[0.0], [1.0], [0.0]]))
