@@ -44,7 +44,12 @@ __all__ = [
 ]
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def _to_numpy(name: str, value: Any, *, ndim: tuple[int, ...], shape_doc: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype not in _NUMPY_FLOATS:
+        value = value.detach().float()  # bfloat16 / float8 have no numpy dtype (an obscure TypeError otherwise)
     return as_finite_array(name, value, ndim=ndim, shape_doc=shape_doc)
 
 

@@ -172,3 +172,12 @@ def test_detect_collapse_refuses_non_numbers_with_a_clear_error():
     with pytest.raises(ValueError, match="min_effective_experts must be a finite number >= 1"):
         detect_collapse(np.eye(3), min_effective_experts=float("inf"))
     assert detect_collapse(np.eye(3), threshold=np.float32(0.5)).collapsed is False
+
+
+def test_bfloat16_weights_are_accepted():
+    # Regression: weights from a bfloat16 model failed in numpy conversion ("unsupported ScalarType BFloat16").
+    w = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    assert experts_per_example(w).tolist() == [2, 1]
+    assert support_recovery(w, w.float().numpy()).mean_f1 == 1.0
+    assert detect_collapse(w).dominant_expert == 0
+    torch.testing.assert_close(expert_usage(w).soft, torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64))
