@@ -119,6 +119,10 @@ class Permutation(nn.Module):
         with torch.no_grad():
             inverse = invert_permutation(index)
             identity = bool(torch.equal(index, torch.arange(self.num_experts, device=index.device).expand_as(index)))
+        if torch.is_inference_mode_enabled():
+            # Not cached: an inverse made under torch.inference_mode() is an inference tensor, and a later
+            # forward with autograd would fail to save it for backward.
+            return inverse, identity
         self._inverse_key = (index, index.data_ptr(), index._version)
         self._inverse_value = (inverse, identity)
         return self._inverse_value

@@ -187,3 +187,21 @@ def test_apply_permutation_with_a_1d_index_is_one_permutation_of_the_weights():
         torch.testing.assert_close(apply_permutation(out, perm.unsqueeze(0)), expected)
     with pytest.raises(ValueError, match=r"shape \[S, n\]"):
         apply_permutation(out, perm.view(1, 1, 4))
+
+
+def test_a_forward_under_inference_mode_does_not_break_later_training():
+    # Regression: the inverse permutation cached during a torch.inference_mode() forward was an
+    # inference tensor; the next forward with autograd failed ("Inference tensors cannot be saved for backward").
+    from torch import nn
+
+    from routing_search.gates import TopK
+    from routing_search.layers import MoE
+
+    torch.manual_seed(0)
+    moe = MoE([nn.Linear(3, 2) for _ in range(4)], TopK(4, 2, 3))
+    moe.permutation.set([1, 0, 3, 2])
+    with torch.inference_mode():
+        moe(torch.randn(5, 3))
+    out = moe(torch.randn(5, 3))
+    out.output.sum().backward()
+    assert all(p.grad is not None for p in moe.gate.parameters())
