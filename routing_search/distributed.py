@@ -49,6 +49,9 @@ def resolve_group(group: Any = None) -> Any:
         raise TypeError("process_group must be None (world group when initialised), False or a ProcessGroup, got True")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("process_group was given but torch.distributed is not initialised (call init_process_group first)")
+    if not isinstance(group, dist.ProcessGroup):  # torch said only e.g. "Group gloo is not registered"
+        raise TypeError(f"process_group must be None (world group when initialised), False or a torch.distributed "
+                        f"ProcessGroup (from new_group), got {group!r}")
     return group
 
 

@@ -145,3 +145,16 @@ def test_a_loss_of_more_than_one_value_per_row_trains_and_evaluates_as_its_mean_
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert grouped.history.train_loss == pytest.approx(alone.history.train_loss, rel=1e-12)
     assert grouped.history.val_loss == pytest.approx(alone.history.val_loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("value", ["gloo", 0, 1])
+def test_a_process_group_that_is_not_a_group_is_named(group_of_one, value):
+    # 'gloo' reached torch as a group: "Group gloo is not registered, please create group with ... new_group"
+    from routing_search.distributed import resolve_group
+
+    with pytest.raises(TypeError, match=rf"process_group must be None .*, False or a torch.distributed ProcessGroup .*got {value!r}"):
+        resolve_group(value)
+    with pytest.raises(TypeError, match="process_group must be None"):
+        fit(torch.nn.Linear(2, 1), (torch.randn(6, 2), torch.randn(6, 1)), lambda p, t: ((p - t) ** 2).mean(1), epochs=1,
+            process_group=value, progress=False)
+    assert resolve_group(group_of_one) is group_of_one and resolve_group(None) is group_of_one and resolve_group(False) is None
