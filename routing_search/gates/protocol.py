@@ -301,9 +301,22 @@ def entropy(p: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
 
 
 def resolve_weight(weight: WeightSchedule, calls: int) -> float:
-    """Value of a constant or scheduled regulariser weight after ``calls`` training calls."""
+    """Value of a constant or scheduled regulariser weight after ``calls`` training calls.
+
+    A schedule must return a finite number >= 0, as a constant weight must be (a NaN made the gate's
+    loss NaN, and a negative weight was used by some gates and silently ignored by others).
+
+    >>> resolve_weight(lambda calls: 0.1 * calls, 3)
+    0.30000000000000004
+    """
     value = weight(calls) if callable(weight) else weight
-    return float(value)
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"a regulariser weight schedule returned {value!r} at call {calls}; it must return a number") from None
+    if not (math.isfinite(result) and result >= 0):
+        raise ValueError(f"a regulariser weight schedule returned {value!r} at call {calls}; weights must be finite and >= 0")
+    return result
 
 
 class BaseGate(nn.Module):

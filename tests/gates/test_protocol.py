@@ -234,3 +234,17 @@ def test_zeros_carry_gradient_defaults_to_false_and_sees_inner_gates() -> None:
     assert zeros_carry_gradient(wrapper)
     assert zeros_carry_gradient(GumbelSoftmax(N, hard=True)) and not zeros_carry_gradient(GumbelSoftmax(N))
     assert zeros_carry_gradient(TaskAware.per_task([TopK(N, 1, D), GumbelSoftmax(N, D, hard=True)]))
+
+
+def test_scheduled_regulariser_weights_must_be_finite_and_non_negative():
+    # Regression: a schedule returning NaN made DSelectK's loss NaN, and a negative value was used by
+    # DSelectK / COMET but silently ignored by TopK (constants are refused either way).
+    from routing_search.gates import COMET, DSelectK, TopK
+
+    x = torch.randn(4, 3)
+    for bad in (float("nan"), -0.1):
+        for gate in (DSelectK(4, 2, 3, entropy_weight=lambda c: bad), COMET(4, 2, 3, entropy_weight=lambda c: bad),
+                     TopK(4, 2, 3, load_balance_weight=lambda c: bad), TopK(4, 2, 3, z_loss_weight=lambda c: bad)):
+            with pytest.raises(ValueError, match="finite and >= 0"):
+                gate(x)
+    assert torch.isfinite(DSelectK(4, 2, 3, entropy_weight=lambda c: 0.1 * c)(x).loss)
