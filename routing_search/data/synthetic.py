@@ -66,7 +66,8 @@ class SyntheticMoEData:
     def split(self, fractions: tuple[float, ...] = (0.7, 0.15, 0.15)) -> tuple["SyntheticMoEData", ...]:
         """Consecutive splits (the rows are already i.i.d.) with the given fractions (summing to 1); every part
         must get at least one row."""
-        if abs(sum(fractions) - 1.0) > 1e-9 or any(f <= 0 for f in fractions):
+        # written so that NaN fails ((0.5, nan) split 10 / 10 without a word: the last share is never used)
+        if not abs(sum(fractions) - 1.0) <= 1e-9 or not all(f > 0 for f in fractions):
             raise ValueError(f"fractions must be positive and sum to 1, got {fractions}")
         n = self.x.shape[0]
         bounds = [0]

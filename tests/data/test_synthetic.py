@@ -172,3 +172,11 @@ def test_split_refuses_an_empty_part():
     with pytest.raises(ValueError, match=r"sizes \[0, 0, 2\]"):
         make_synthetic_moe(num_samples=2, seed=0).split((0.25, 0.25, 0.5))
     assert [p.x.shape[0] for p in make_synthetic_moe(num_samples=7, seed=0).split()] == [5, 1, 1]
+
+
+@pytest.mark.parametrize("fractions", [(0.5, float("nan")), (float("nan"), 0.5, 0.5), (0.5, 0.5, float("inf"))])
+def test_a_nan_or_infinite_split_fraction_is_refused(fractions):
+    # (0.5, nan) split 10 / 10 rows without a word (the last share is never used to cut); (nan, ...) failed in int()
+    data = make_synthetic_moe(num_samples=20, seed=0)
+    with pytest.raises(ValueError, match="fractions must be positive and sum to 1"):
+        data.split(fractions)
