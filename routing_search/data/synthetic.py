@@ -128,7 +128,7 @@ def make_synthetic_moe(
     if min_weight * k >= 1:
         raise ValueError(f"min_weight * k must be < 1, got min_weight={min_weight}, k={k}")
     check_choice("task_type", task_type, ("regression", "classification"))
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))  # int() made seeds 2.2 and 2.7 the same data
 
     hidden_weights = torch.randn(n, hidden, input_dim, generator=gen, dtype=torch.float64) / input_dim**0.5
     output_weights = torch.randn(n, hidden, generator=gen, dtype=torch.float64) / hidden**0.5

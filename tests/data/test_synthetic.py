@@ -180,3 +180,10 @@ def test_a_nan_or_infinite_split_fraction_is_refused(fractions):
     data = make_synthetic_moe(num_samples=20, seed=0)
     with pytest.raises(ValueError, match="fractions must be positive and sum to 1"):
         data.split(fractions)
+
+
+@pytest.mark.parametrize("seed", [2.7, "3", -1, True])
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused(seed):
+    # int(seed) made 2.2 and 2.7 the same data set and read "3" as 3
+    with pytest.raises((TypeError, ValueError), match="seed must be"):
+        make_synthetic_moe(num_samples=10, seed=seed)
