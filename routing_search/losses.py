@@ -132,6 +132,8 @@ def cross_entropy_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         if not bool(torch.equal(target, target.round())):
             raise ValueError("cross_entropy_loss: floating-point class-index targets must hold whole numbers")
         target = target.long()
+    elif target.dtype != torch.long:
+        target = target.long()  # int32 / int16 / uint8 indices: F.cross_entropy takes only int64 (and uint8)
     classes = pred.shape[1]
     _check_range(what, target, 0, classes, f"class indices in [0, {classes})", closed=False)
     return _per_example(F.cross_entropy(pred, target, reduction="none"), what)

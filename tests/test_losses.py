@@ -157,3 +157,13 @@ def test_cross_entropy_refuses_probability_targets_off_the_simplex(gen):
             cross_entropy_loss(logits, bad)
     with pytest.raises(ValueError, match="must be non-negative and sum to 1"):
         cross_entropy_loss(torch.randn(3, 1, generator=gen), torch.tensor([[0.0], [1.0], [0.0]]))
+
+
+def test_cross_entropy_accepts_any_integer_class_index_dtype(gen):
+    # Regression: int32 class indices (e.g. from a numpy int32 array) failed inside F.cross_entropy with
+    # "expected target dtype to be Long or Byte, but got Int".
+    logits = torch.randn(4, 3, generator=gen)
+    labels = torch.tensor([0, 2, 1, 2])
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    for dtype in (torch.int32, torch.int16, torch.uint8, torch.int8):
+        torch.testing.assert_close(cross_entropy_loss(logits, labels.to(dtype)), expected)
