@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..gates.annealed import AnnealedGate
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -197,6 +199,18 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None) -> dic
     return state
 
 
+def _may_be_absent(model: nn.Module, key: str) -> bool:
+    """True for a DSelect-k / COMET gate's annealing record (module extra state), which checkpoints
+    written before it was saved lack; the gate loads them as before."""
+    if not key.endswith("_extra_state"):
+        return False
+    try:
+        module = model.get_submodule(key[: -len("_extra_state")].rstrip("."))
+    except AttributeError:
+        return False
+    return isinstance(module, AnnealedGate)
+
+
 def check_compatible(checkpoint: Mapping[str, Any], model: nn.Module, *, path: str | os.PathLike | None = None) -> None:
     """Check that ``checkpoint['model']`` (or ``checkpoint`` itself if it is a state dict) fits ``model``.
 
@@ -209,7 +223,7 @@ def check_compatible(checkpoint: Mapping[str, Any], model: nn.Module, *, path: s
         raise CheckpointError(f"{where} holds no model state dict")
     current = model.state_dict()
     problems = []
-    missing = [k for k in current if k not in saved]
+    missing = [k for k in current if k not in saved and not _may_be_absent(model, k)]
     unexpected = [k for k in saved if k not in current]
     if missing:
         problems.append(f"missing keys {missing}")

@@ -643,6 +643,9 @@ def test_state_dict_round_trip_keeps_the_fitted_annealing(gate_class):
     old = gate.state_dict()
     del old["_extra_state"]
     cls(4, 2, 3).load_state_dict(old)
+    from routing_search.training.checkpoint import check_compatible
+
+    check_compatible({"model": old}, cls(4, 2, 3))  # fit can still resume from such a checkpoint
     # .double() does not cast the annealing record; an explicit annealing is never replaced by a load.
     assert gate.double().state_dict()["_extra_state"].tolist() == [50.0, 80.0, 0.002]
     explicit = cls(4, 2, 3, anneal=GammaAnnealing(begin=5, end=10)).double()
