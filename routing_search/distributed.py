@@ -49,6 +49,10 @@ def resolve_group(group: Any = None) -> Any:
         raise TypeError("process_group must be None (world group when initialised), False or a ProcessGroup, got True")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("process_group was given but torch.distributed is not initialised (call init_process_group first)")
+    if group is dist.GroupMember.NON_GROUP_MEMBER or (isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER):
+        raise ValueError(f"this process (rank {dist.get_rank()} of the world) is not a member of process_group: new_group "
+                         "gives the ranks it leaves out a placeholder; call this only on the group's ranks, or pass "
+                         "process_group=False to run this process alone")
     if not isinstance(group, dist.ProcessGroup):  # torch said only e.g. "Group gloo is not registered"
         raise TypeError(f"process_group must be None (world group when initialised), False or a torch.distributed "
                         f"ProcessGroup (from new_group), got {group!r}")

@@ -158,3 +158,13 @@ def test_a_process_group_that_is_not_a_group_is_named(group_of_one, value):
         fit(torch.nn.Linear(2, 1), (torch.randn(6, 2), torch.randn(6, 1)), lambda p, t: ((p - t) ** 2).mean(1), epochs=1,
             process_group=value, progress=False)
     assert resolve_group(group_of_one) is group_of_one and resolve_group(None) is group_of_one and resolve_group(False) is None
+
+
+def test_a_rank_outside_the_process_group_is_told_so(group_of_one):
+    # new_group([1, 2]) gives rank 0 the placeholder GroupMember.NON_GROUP_MEMBER (-100), which fit took as a group
+    import torch.distributed as dist
+
+    from routing_search.distributed import resolve_group
+
+    with pytest.raises(ValueError, match=r"this process \(rank 0 of the world\) is not a member of process_group"):
+        resolve_group(dist.GroupMember.NON_GROUP_MEMBER)
