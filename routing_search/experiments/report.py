@@ -342,7 +342,12 @@ def write_report(result: ExperimentResult, directory: str | Path, *, plots: bool
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name in ("report.json", "report.md"):
+    drawings: list[tuple[str, Any, Any]] = []  # (file, plot function, its subject)
+    if plots:
+        drawings += [(f"metric_{_safe(name)}.png", _plot_metric, name) for name in result.metric_names]
+        drawings += [(f"{kind}_{_safe(gate)}.png", fn, gate) for gate in result.config.gates
+                     for kind, fn in (("usage", _plot_usage), ("heatmap", _plot_heatmap))]
+    for name in ["report.json", "report.md"] + [file for file, _, _ in drawings]:  # the plots were replaced silently
         if (directory / name).exists():
             raise FileExistsError(f"{directory / name} already exists; write the report into a new directory")
     summary = summarise(result)
@@ -350,16 +355,9 @@ def write_report(result: ExperimentResult, directory: str | Path, *, plots: bool
     if "search" in result.config.arms and "guarded" in result.config.arms:
         comparisons["search"] = compare(result, "search", arms=("guarded",))
     files: list[str] = []
-    if plots:
-        for name in result.metric_names:
-            file = f"metric_{_safe(name)}.png"
-            _plot_metric(result, name, directory / file)
-            files.append(file)
-        for gate in result.config.gates:
-            for kind, fn in (("usage", _plot_usage), ("heatmap", _plot_heatmap)):
-                file = f"{kind}_{_safe(gate)}.png"
-                fn(result, gate, directory / file)
-                files.append(file)
+    for file, fn, subject in drawings:
+        fn(result, subject, directory / file)
+        files.append(file)
     report = {
         "config": result.config.to_dict(),
         "dataset": result.dataset_info,

@@ -372,3 +372,14 @@ def test_sizes_given_as_one_number_where_a_list_is_due_are_named():
         make_config("synthetic", "cpu", model={"expert_hidden": 16})
     with pytest.raises(ValueError, match=r"expert_channels must hold two channel counts, e\.g\. \(4, 8\), got 4"):
         make_config("synthetic", "cpu", model={"expert_channels": 4})
+
+
+def test_a_report_never_replaces_plots_already_in_the_directory(tmp_path):
+    # only report.json / report.md were checked: a directory holding another run's plots had them overwritten
+    result = run_experiment(tiny(gates=("softmax",), arms=("sgd",), seeds=1, train={"epochs": 1}))
+    (tmp_path / "metric_mean_mse.png").write_bytes(b"someone else's plot")
+    with pytest.raises(FileExistsError, match="metric_mean_mse.png already exists"):
+        write_report(result, tmp_path)
+    assert (tmp_path / "metric_mean_mse.png").read_bytes() == b"someone else's plot"
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "usage_softmax.png").exists()
+    assert write_report(result, tmp_path, plots=False)["plots"] == []  # without plots nothing of theirs is touched
