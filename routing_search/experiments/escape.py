@@ -679,7 +679,11 @@ def run_tuning(cfg: EscapeConfig, *, progress: bool = False) -> dict[str, Any]:
 def write_report(run_dir: Path, cfg: EscapeConfig, rows: list[dict[str, Any]], summary: dict[str, Any],
                  tuning: dict[str, Any] | None = None) -> None:
     """``report.json`` (config, every run, the summary, the tuning study; standard JSON: an infinite number is
-    the string ``"inf"``, NaN is ``null``) and ``report.md`` (tables and sentences)."""
+    the string ``"inf"``, NaN is ``null``) and ``report.md`` (tables and sentences); existing files are never replaced."""
+    run_dir = Path(run_dir)
+    for name in ("report.json", "report.md"):  # they were overwritten without a word
+        if (run_dir / name).exists():
+            raise FileExistsError(f"{run_dir / name} already exists; write the report into a new directory")
     payload = _strict_json({"config": asdict(cfg), "runs": rows, "summary": summary, "tuning": tuning or {}})
     (run_dir / "report.json").write_text(json.dumps(payload, indent=2, default=_json_number, allow_nan=False))
     lines = ["# Escaping bad starts", "",

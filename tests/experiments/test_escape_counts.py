@@ -146,3 +146,13 @@ def test_report_json_is_standard_json_when_a_tuning_arm_never_reaches_the_target
     assert saved["tuning"]["topk_margin"]["arms"]["random"]["trials_needed"] == "inf"
     assert saved["tuning"]["topk_margin"]["arms"]["sgd"]["trials_needed"] == 1.0
     assert tuning["topk_margin"]["arms"]["random"]["trials_needed"] == float("inf")  # the caller's dict is unchanged
+
+
+def test_write_report_never_replaces_a_report(tmp_path) -> None:
+    cfg = EscapeConfig(families=("topk_margin",), arms=("sgd", "random"), seeds=(0,))
+    rows = [{"family": "topk_margin", "seed": 0, "arm": a, "test_loss": v, "moves": 0, "seconds": 0.0}
+            for a, v in (("sgd", 1.0), ("random", 2.0))]
+    (tmp_path / "report.md").write_text("an earlier report")
+    with pytest.raises(FileExistsError, match="report.md already exists"):
+        write_report(tmp_path, cfg, rows, summarise(rows, cfg))
+    assert (tmp_path / "report.md").read_text() == "an earlier report" and not (tmp_path / "report.json").exists()
