@@ -101,7 +101,8 @@ def _guard_summary(runs: list[RunRecord], result: ExperimentResult) -> dict[str,
             "improved": sum(d > 0 for d in changes),
             "worse": sum(d < 0 for d in changes),
             "mean_change": float(np.mean(changes)) if changes else None,
-            "worst": float(-min(changes)) if changes else None,
+            # 0 when no search made it worse (the smallest improvement is no worsening; report.md printed 0 already)
+            "worst": float(max(0.0, -min(changes))) if changes else None,
         }
     return {"metrics": per_metric, "rejections": int(sum(r.guard_rejections for r in runs)),
             "searches": int(sum(r.searches for r in runs)), "kept": int(sum(r.accepted_moves for r in runs))}

@@ -383,3 +383,17 @@ def test_a_report_never_replaces_plots_already_in_the_directory(tmp_path):
     assert (tmp_path / "metric_mean_mse.png").read_bytes() == b"someone else's plot"
     assert not (tmp_path / "report.json").exists() and not (tmp_path / "usage_softmax.png").exists()
     assert write_report(result, tmp_path, plots=False)["plots"] == []  # without plots nothing of theirs is touched
+
+
+def test_the_guard_summary_worst_worsening_is_never_negative():
+    # with every search improving, 'worst' in report.json was the negated smallest improvement (report.md showed 0)
+    from types import SimpleNamespace
+
+    from routing_search.experiments.report import _guard_summary
+
+    result = SimpleNamespace(metric_names=["acc", "mse"], higher_is_better={"acc": True, "mse": False})
+    runs = [SimpleNamespace(guard_checks=[{"acc": {"start": 0.5, "end": 0.75}, "mse": {"start": 1.0, "end": 1.5}}],
+                            guard_rejections=0, searches=1, accepted_moves=2)]
+    summary = _guard_summary(runs, result)  # type: ignore[arg-type]
+    assert summary["metrics"]["acc"]["worst"] == 0.0 and summary["metrics"]["acc"]["improved"] == 1
+    assert summary["metrics"]["mse"]["worst"] == 0.5 and summary["metrics"]["mse"]["worse"] == 1
