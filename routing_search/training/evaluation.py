@@ -17,6 +17,7 @@ from torch import nn
 from ..batches import as_batch, call_model, eval_mode, unwrap_prediction
 from ..layers.moe import MoE
 from ..layers.multigate import MultiGateMoE
+from ..distributed import agree
 from .data_source import BatchSource, check_finite_targets
 from .distributed_training import reduce_evaluation, resolve_context
 
@@ -66,6 +67,18 @@ def _cpu(obj: Any) -> Any:
 
 
 @torch.no_grad()
+def _metric_value(name: str, measured: Any) -> float:
+    """A metric's value as a float; anything that is not one number is refused, naming the metric."""
+    try:
+        if isinstance(measured, (str, bytes)):
+            raise TypeError
+        return float(measured)
+    except (TypeError, ValueError, RuntimeError):
+        shape = f" of shape {tuple(measured.shape)}" if hasattr(measured, "shape") else ""
+        raise TypeError(f"metrics[{name!r}] returned {type(measured).__name__}{shape}; a metric returns one number "
+                        "(a float, or a one-element tensor / array)") from None
+
+
 def evaluate(
     model: nn.Module,
     source: BatchSource,
@@ -165,18 +178,18 @@ def evaluate(
         for name, acc in sums.items()
     }
     values: dict[str, float] = {}
-    if metrics and outputs:
-        predictions, targets = as_batch(outputs, name="the metrics' (predictions, targets) of val_data")
-        for name, metric in metrics.items():
-            measured = metric(predictions, targets)
-            try:
-                if isinstance(measured, (str, bytes)):
-                    raise TypeError
-                values[name] = float(measured)
-            except (TypeError, ValueError, RuntimeError):
-                shape = f" of shape {tuple(measured.shape)}" if hasattr(measured, "shape") else ""
-                raise TypeError(f"metrics[{name!r}] returned {type(measured).__name__}{shape}; a metric returns one number "
-                                "(a float, or a one-element tensor / array)") from None
+    metric_error: Exception | None = None
+    try:
+        if metrics and outputs:
+            predictions, targets = as_batch(outputs, name="the metrics' (predictions, targets) of val_data")
+            for name, metric in metrics.items():
+                values[name] = _metric_value(name, metric(predictions, targets))
+    except Exception as exc:  # a metric that fails on one rank only must not leave the others at a later collective
+        if not ctx.active:
+            raise
+        metric_error = exc
+    if ctx.active:
+        agree(metric_error, ctx.group, "computing the validation metrics")
     return EvalResult(
         loss=total / rows if rows else math.nan,
         rows=rows,

@@ -34,6 +34,7 @@ from .callbacks import FitEvent, check_callbacks, dispatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data_source import BatchSource, TensorSource, as_source, check_finite_targets, search_subset
 from .distributed_training import (
+    DistributedContext,
     DistributedStep,
     RandomnessWatch,
     RunRecord,
@@ -243,8 +244,31 @@ def _logged_seconds(searcher: Any, measured: float) -> float:
     return float(last["seconds"]) if isinstance(last, Mapping) and "seconds" in last else float(measured)
 
 
+def _callbacks_agreed(ctx: DistributedContext, callbacks: Any, make_event: Callable[[], FitEvent], stop: str | None) -> str | None:
+    """Dispatch the event ``make_event()`` to ``callbacks`` (when there are any) and return the stop reason.
+
+    Under a process group every rank agrees on it (a stop asked for on any rank stops every rank), and an
+    exception a callback raises on one rank is passed to the agreement, so every rank fails at once (the
+    others with a ``RankFailedError`` naming it) instead of waiting at their next collective until its timeout.
+    """
+    error: Exception | None = None
+    if callbacks:
+        try:
+            event = dispatch(callbacks, make_event())
+        except Exception as exc:
+            if not ctx.active:
+                raise
+            error = exc
+        else:
+            if event.stop_requested and stop is None:
+                stop = event.stop_reason
+    if ctx.active:
+        stop = agree_on_stop(ctx, stop, error)
+    return stop
+
+
 def _search_at_start(searcher: Any, data: Any, history: History, callbacks: Any, model: nn.Module,
-                     optimizer: torch.optim.Optimizer) -> float:
+                     optimizer: torch.optim.Optimizer, ctx: DistributedContext) -> float:
     """The schedule's search before the first optimiser step (``SearchSchedule.at_start``), recorded at
     epoch 0, step 0; a stop requested by a callback here is not honoured (training has not started).
     Returns its wall time (counted in the first epoch's ``search_seconds`` and ``epoch_seconds``)."""
@@ -253,8 +277,7 @@ def _search_at_start(searcher: Any, data: Any, history: History, callbacks: Any,
     seconds = time.perf_counter() - t0
     record = _search_record(result, 0, 0, _logged_seconds(searcher, seconds))
     history.searches.append(record)
-    if callbacks:
-        dispatch(callbacks, FitEvent("search", 0, 0, model, optimizer, history, search=record))
+    _callbacks_agreed(ctx, callbacks, lambda: FitEvent("search", 0, 0, model, optimizer, history, search=record), None)
     return seconds
 
 
@@ -562,7 +585,7 @@ def fit(
     # due(0): not when the schedule's rounds are used up (rounds=0: no search at all)
     start_search_s = 0.0  # the search before training, counted in the first epoch's search and epoch time
     if searcher is not None and plan.at_start and start_epoch == 0 and step == 0 and searcher.due(0):
-        start_search_s = _search_at_start(searcher, search_batch, history, callbacks, model, optimizer)
+        start_search_s = _search_at_start(searcher, search_batch, history, callbacks, model, optimizer, ctx)
 
     # ---- the loop
     per_epoch = train_source.num_batches()
@@ -597,12 +620,9 @@ def fit(
                     return
                 record = _search_record(result, epoch, step, seconds)
                 history.searches.append(record)
-                if callbacks:
-                    event = dispatch(callbacks, FitEvent("search", epoch, step, model, optimizer, history, search=record))
-                    if event.stop_requested:
-                        callback_stop = event.stop_reason
-                if ctx.active:  # a stop asked for on any rank stops every rank
-                    callback_stop = agree_on_stop(ctx, callback_stop)
+                callback_stop = _callbacks_agreed(
+                    ctx, callbacks, lambda: FitEvent("search", epoch, step, model, optimizer, history, search=record), callback_stop
+                )
 
             model.train()
             watch.start()
@@ -687,16 +707,11 @@ def fit(
             history.epoch_seconds.append(time.perf_counter() - epoch_start)
             epochs_run = epoch + 1
             bar.set_postfix(_postfix(epoch, epoch_losses[-1] if epoch_losses else None, evaluation), refresh=True)
-            if callbacks:
-                event = dispatch(callbacks, FitEvent(
-                    "epoch_end", epoch, step, model, optimizer, history,
-                    val_loss=None if evaluation is None else evaluation.loss,
-                    metrics={} if evaluation is None else dict(evaluation.metrics),
-                ))
-                if event.stop_requested and callback_stop is None:
-                    callback_stop = event.stop_reason
-            if ctx.active:
-                callback_stop = agree_on_stop(ctx, callback_stop)
+            callback_stop = _callbacks_agreed(ctx, callbacks, lambda: FitEvent(
+                "epoch_end", epoch, step, model, optimizer, history,
+                val_loss=None if evaluation is None else evaluation.loss,
+                metrics={} if evaluation is None else dict(evaluation.metrics),
+            ), callback_stop)
             if path is not None:
                 state = checkpoint_state(model=model, optimizer=optimizer, searcher=searcher, shuffle=shuffle,
                                          data_generators=data_generators, generators=generators, device=device,

@@ -236,7 +236,37 @@ def case_agree_on_stop(rank: int, world: int, args: list[str]) -> dict[str, Any]
     return out
 
 
-CASES = {"agree_on_stop": case_agree_on_stop, "reset_usage": case_reset_usage, "fit": case_fit, "checkpoint": case_checkpoint, "resume": case_resume, "evaluate": case_evaluate, "raise": case_raise}
+def case_fails_on_one_rank(rank: int, world: int, args: list[str]) -> dict[str, Any]:
+    """A callback (epoch end, after a search, or at the search before training) or a validation metric that
+    raises on rank 1 only; the error each rank got. The group stays usable after each."""
+    def fails(when: str) -> Any:
+        def callback(event: Any) -> None:
+            if rank == 1 and event.kind == ("search" if when == "at_start" else when):
+                raise RuntimeError(f"rank 1's callback failed at {event.kind}")
+        return callback
+
+    def failing_metric(predictions: Any, targets: Any) -> float:
+        if rank == 1:
+            raise RuntimeError("rank 1's metric failed")
+        return 0.0
+
+    out: dict[str, Any] = {}
+    runs = {
+        "epoch_end": fit_kwargs(search=None, metrics=None, callbacks=[fails("epoch_end")]),
+        "search": fit_kwargs(metrics=None, callbacks=[fails("search")]),
+        "at_start": fit_kwargs(metrics=None, search=SearchSchedule(every_epochs=1, at_start=True), callbacks=[fails("at_start")]),
+        "metric": fit_kwargs(search=None, metrics={"fails": failing_metric}),
+    }
+    for name, kwargs in runs.items():
+        try:
+            fit(build_model(0), make_data(TRAIN_ROWS, 1), rows_loss, **kwargs)
+            out[name] = None
+        except Exception as exc:
+            out[name] = [type(exc).__name__, str(exc)]
+    return out
+
+
+CASES = {"fails_on_one_rank": case_fails_on_one_rank, "agree_on_stop": case_agree_on_stop, "reset_usage": case_reset_usage, "fit": case_fit, "checkpoint": case_checkpoint, "resume": case_resume, "evaluate": case_evaluate, "raise": case_raise}
 
 
 def main() -> None:

@@ -145,3 +145,12 @@ def test_a_callback_error_on_one_rank_is_agreed_by_agree_on_stop(tmp_path, harne
     assert ranks[0]["error"][0] == "RankFailedError"
     assert ranks[0]["error"][1] == "fit stopped because a callback failed on another rank (rank 1: RuntimeError: rank 1's callback failed)"
     assert [r["after"] for r in ranks] == [None, None]
+
+
+def test_a_callback_or_metric_failing_on_one_rank_fails_every_rank_at_once(tmp_path, harness):
+    """Regression: a callback or validation metric that raised on one rank only left the other ranks at their
+    next collective until its timeout (gloo's 'Timed out waiting ...'), or pairing it with another collective."""
+    ranks = harness.ok(harness.launch(WORKER, "fails_on_one_rank", 2, tmp_path, timeout=30.0))
+    for name in ("epoch_end", "search", "at_start", "metric"):
+        assert ranks[1][name][0] == "RuntimeError" and "rank 1's" in ranks[1][name][1], name
+        assert ranks[0][name][0] == "RankFailedError" and "rank 1: RuntimeError: rank 1's" in ranks[0][name][1], name
