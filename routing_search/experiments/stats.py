@@ -6,12 +6,16 @@ Paired comparison of arm A against a control B on one metric (one value per seed
   "better by ≥ 1 % on w/n seeds" counts ``r ≥ 0.01`` (``threshold``), and "worse" counts, by
   ``worse_rule``, ``r ≤ −0.01`` (``'at_least'``: at least 1 % worse; the experiment reports) or
   ``r < −0.01`` (``'more_than'``: more than 1 % worse; the escape study, whose "never worse than SGD
-  alone" allows a seed exactly 1 % worse). A tie (``a == b``) is neither better nor
-  worse, also with ``threshold=0``. This is the one place these counts are made;
+  alone" allows a seed exactly 1 % worse). A tie is neither better nor worse, also with
+  ``threshold=0``; values within ``tie_rtol`` (relative, default 1e-6) of each other are a tie, in the
+  counts and in both tests: a float32 model computed in another order (a dense gate trained under a
+  permutation) differs from the same model by rounding only, which is no evidence either way. This is
+  the one place these counts are made;
 * the median of ``a / b`` over the seeds;
 * the mean ± standard error of the paired difference ``a − b``;
 * two-sided p-values: the sign test (``scipy.stats.binomtest`` on the non-zero differences) and the
-  Wilcoxon signed-rank test (``scipy.stats.wilcoxon``; None with fewer than two non-zero differences).
+  Wilcoxon signed-rank test (``scipy.stats.wilcoxon`` on the differences; None with fewer than two
+  non-zero differences).
 
 Tuning budgets (COMET+'s protocol). From ``T`` trials with selection scores ``s`` (validation) and
 reported values ``v`` (test), the best of ``N`` trials is the trial with the best ``s`` among ``N``
@@ -40,6 +44,7 @@ from scipy import special, stats  # type: ignore[import-untyped]
 from .._validation import check_choice
 
 __all__ = [
+    "TIE_RTOL",
     "WORSE_RULES",
     "mean_se",
     "paired_comparison",
@@ -49,6 +54,9 @@ __all__ = [
     "trials_needed",
 ]
 
+
+TIE_RTOL = 1e-6
+"""Relative difference below which two values of a paired comparison are a tie (float32 rounding of a metric)."""
 
 WORSE_RULES = ("at_least", "more_than")
 """How :func:`paired_comparison` counts a seed as worse: by at least ``threshold``, or by more than it."""
@@ -69,7 +77,7 @@ def mean_se(values: Sequence[float]) -> dict[str, Any]:
 
 
 def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool, threshold: float = 0.01,
-                      worse_rule: str = "at_least") -> dict[str, Any]:
+                      worse_rule: str = "at_least", tie_rtol: float = TIE_RTOL) -> dict[str, Any]:
     """Compare ``a`` with the control ``b``, seed by seed (see the module docstring).
 
     Args:
@@ -78,6 +86,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_bette
         threshold: relative margin ``t`` (0.01 = 1 %): a seed is better when ``r >= t``.
         worse_rule: ``'at_least'`` (default): a seed is worse when ``r <= -t``; ``'more_than'``: only
             when ``r < -t`` (see :data:`WORSE_RULES`).
+        tie_rtol: ``|a − b| <= tie_rtol · max(|a|, |b|)`` is a tie (:data:`TIE_RTOL`; 0: only equal values).
 
     Returns ``{'n', 'excluded', 'better', 'worse', 'threshold', 'worse_rule', 'median_ratio', 'diff',
     'sign_p', 'wilcoxon_p'}`` (``median_ratio``: median of ``a / b`` over the seeds with ``b != 0``;
@@ -91,10 +100,15 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_bette
     >>> [paired_comparison([3.0, 5.0], [4.0, 4.0], higher_is_better=False, threshold=0.25, worse_rule=rule)["worse"]
     ...  for rule in WORSE_RULES]  # 5 is exactly 25 % worse than 4
     [1, 0]
+    >>> r = paired_comparison([0.39744771, 0.32672685], [0.39744770, 0.32672684], higher_is_better=False, threshold=0)
+    >>> r["better"], r["worse"], r["sign_p"]  # rounding-level differences are ties
+    (0, 0, 1.0)
     """
     check_choice("worse_rule", worse_rule, WORSE_RULES)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
         raise ValueError(f"threshold must be a finite number >= 0 (0.01 = 1 %), got {threshold!r}")
+    if isinstance(tie_rtol, bool) or not isinstance(tie_rtol, (int, float)) or not 0 <= tie_rtol < 1:
+        raise ValueError(f"tie_rtol must be a number in [0, 1) (1e-6 = a millionth), got {tie_rtol!r}")
     x = np.asarray(a, dtype=float)
     y = np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
@@ -104,18 +118,20 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, higher_is_bette
     x, y = x[finite], y[finite]
     sign = 1.0 if higher_is_better else -1.0
     diff = x - y
+    # differences at the level of rounding are ties: in the counts and in both tests
+    compared = np.where(np.abs(diff) <= tie_rtol * np.maximum(np.abs(x), np.abs(y)), 0.0, diff)
     scale = np.abs(y)
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(scale > 0, sign * diff / scale, np.sign(sign * diff) * np.inf)
+        rel = np.where(scale > 0, sign * compared / scale, np.sign(sign * compared) * np.inf)
         ratio = np.where(y != 0, x / y, np.nan)
-    nonzero = diff[diff != 0]
+    nonzero = compared[compared != 0]
     if nonzero.size:
         sign_p = float(stats.binomtest(int((sign * nonzero > 0).sum()), int(nonzero.size), 0.5).pvalue)
     else:
         sign_p = 1.0
     wilcoxon_p = None
     if nonzero.size >= 2:
-        wilcoxon_p = float(stats.wilcoxon(x, y, zero_method="wilcox").pvalue)
+        wilcoxon_p = float(stats.wilcoxon(compared, zero_method="wilcox").pvalue)
     finite_ratio = ratio[np.isfinite(ratio)]
     return {
         "n": int(x.size),

@@ -397,3 +397,18 @@ def test_the_guard_summary_worst_worsening_is_never_negative():
     summary = _guard_summary(runs, result)  # type: ignore[arg-type]
     assert summary["metrics"]["acc"]["worst"] == 0.0 and summary["metrics"]["acc"]["improved"] == 1
     assert summary["metrics"]["mse"]["worst"] == 0.5 and summary["metrics"]["mse"]["worse"] == 1
+
+
+def test_rounding_level_differences_are_ties_in_the_counts_and_the_tests():
+    """Regression: a dense gate trained under a permutation (the random arm of Softmax) differs from sgd by float32
+    rounding only (about 1e-8 relative), and the report said 'better on 3/3' at threshold 0 with sign p 0.25."""
+    sgd = [0.39744771648569044, 0.32672684900869386, 0.3841353413210639]
+    shuffled = [0.39744770919010675, 0.32672684946779074, 0.3841353407696396]  # measured: seeds 0-2, 2 epochs
+    tied = paired_comparison(shuffled, sgd, higher_is_better=False, threshold=0)
+    assert (tied["better"], tied["worse"], tied["sign_p"], tied["wilcoxon_p"]) == (0, 0, 1.0, None)
+    strict = paired_comparison(shuffled, sgd, higher_is_better=False, threshold=0, tie_rtol=0)
+    assert (strict["better"], strict["worse"]) == (2, 1) and strict["sign_p"] == 1.0
+    real = paired_comparison([1.0, 2.0, 3.0], [1.1, 2.2, 3.3], higher_is_better=False, threshold=0)
+    assert real["better"] == 3 and real["sign_p"] == 0.25
+    with pytest.raises(ValueError, match="tie_rtol must be a number in"):
+        paired_comparison([1.0], [1.0], higher_is_better=True, tie_rtol=-1e-6)
