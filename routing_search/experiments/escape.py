@@ -16,7 +16,8 @@ initialisation, the bad start and the batch order for every arm):
 Arms (all trained with the same Adam steps and batch order):
 
 * ``sgd``: first-order training only.
-* ``random``: one random permutation per permutation module applied before training (the control).
+* ``random``: one uniformly random permutation per permutation row (every selector row of every
+  permutation module; the identity is not excluded) applied before training (the control).
 * ``search``: the frozen-expert swap search of :func:`routing_search.local_search` before training and
   every ``search_every`` steps.
 * ``refit``: the same schedule, each search = the frozen swap search (fast first stage) followed by
