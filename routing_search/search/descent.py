@@ -49,6 +49,17 @@ class Move:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _nan_last(item: tuple[Any, ...]) -> float:
+    """Sort key of a scored candidate ``(value, ...)``: its value, NaN as +inf.
+
+    A NaN value (a candidate whose loss is NaN on some row) compares False with everything, so a plain
+    sort could leave it before improving candidates, and the scan, which stops at the first value that
+    does not improve, would report a local optimum that is not one. Ties keep their order (stable sort).
+    """
+    value = item[0]
+    return math.inf if value != value else value
+
+
 class _Budget(Exception):
     """Raised inside a search when a budget (max_iter, max_evals) or the callback stops it."""
 
@@ -158,7 +169,7 @@ class _Search:
             for s in range(index.shape[0]):
                 scores = self.obj.swap_screen(p, s, grads).cpu().numpy()[a_idx, c_idx]
                 scored.extend((float(v), p, s, int(a), int(c)) for v, a, c in zip(scores, a_idx, c_idx))
-        scored.sort(key=lambda item: item[0])
+        scored.sort(key=_nan_last)
         return [self._swap_candidate(p, s, a, c) for _, p, s, a, c in scored[: self.s.screen]]
 
     def _improve_swaps(self) -> bool:
@@ -177,7 +188,7 @@ class _Search:
             for p, s in batch:
                 flat = self.obj.swap_values(p, s).cpu().numpy()[a_idx, c_idx].tolist()  # Python floats
                 scored.extend(zip(flat, itertools.repeat(p), itertools.repeat(s), a_list, c_list))
-            scored.sort(key=lambda item: item[0])
+            scored.sort(key=_nan_last)
             for value, p, s, a, c in scored:
                 if not value < self.obj.fun - self.s.tol:
                     break
@@ -548,7 +559,7 @@ def _code_descent(search: _Search) -> None:
                 if slot != current:
                     moved = moved_gate_output(g, site.selector, slot, gates[site.task])
                     scored.append((obj.value_with_gate_outputs({site.task: moved}), site, slot))
-        scored.sort(key=lambda item: item[0])
+        scored.sort(key=_nan_last)
         if not any(_try_code_move(search, gates, site, slot) for value, site, slot in scored if value < obj.fun - search.s.tol):
             return
         search._notify()

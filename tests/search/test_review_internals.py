@@ -1,0 +1,62 @@
+"""Regression tests from a review of the search internals (each failed before its fix): the swap scan's
+ordering of NaN candidates, user move operators that change their argument or yield nothing new, ..."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from routing_search.gates import TopK
+from routing_search.layers import MoE, make_experts
+from routing_search.search import RoutingObjective, local_search
+
+D = 3
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _layer(seed: int, n: int = 6, k: int = 1, out: int = 1) -> MoE:
+    torch.manual_seed(seed)
+    gate = TopK(n, k, input_dim=D)
+    with torch.no_grad():
+        g = _gen(seed)
+        for p in gate.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 2)
+    return MoE(make_experts(n, D, [6], out, generator=_gen(seed)), gate).double()
+
+
+def mse_rows(pred, y):
+    return ((pred - y) ** 2).sum(dim=1)
+
+
+def log_loss(pred, y):
+    """NaN on rows whose prediction is below -1 (a log of a mixture that some permutations make negative)."""
+    return (torch.log(pred[:, 0] + 1.0) - y[:, 0]) ** 2
+
+
+def _log_problem():
+    layer = _layer(8)
+    x = torch.randn(30, D, generator=_gen(9), dtype=torch.float64)
+    y = torch.randn(30, 1, generator=_gen(10), dtype=torch.float64)
+    return layer, x, y
+
+
+def test_swap_descent_is_not_stopped_by_nan_candidates():
+    # Some swaps give NaN (a row's log of a negative mixture), others improve. The scan sorted the candidates
+    # with NaN keys, which compare False with everything, so a NaN could come first; the descent stops at the
+    # first value that does not improve and reported 'local optimum' (status 0) at the start.
+    layer, x, y = _log_problem()
+    obj = RoutingObjective(layer, (x, y), log_loss)
+    values = obj.swap_values(0, 0).numpy()[np.triu_indices(obj.n, 1)]
+    assert np.isfinite(obj.fun) and np.isnan(values).any() and np.nanmin(values) < obj.fun - 0.5
+    result = local_search(layer, (x, y), log_loss, "swap", apply=False)
+    assert result.status == 0 and result.nit >= 1
+    # The end is a local optimum of the swaps whose loss is a number.
+    end = RoutingObjective(layer, (x, y), log_loss)
+    end.set_state(result.x)
+    assert end.fun == pytest.approx(result.fun, rel=1e-12)
+    at_end = end.swap_values(0, 0).numpy()[np.triu_indices(end.n, 1)]
+    assert not (at_end[np.isfinite(at_end)] < result.fun - 1e-12).any()
