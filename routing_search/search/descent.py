@@ -125,10 +125,13 @@ class _Search:
         out = []
         for p, index in enumerate(self.obj.state):
             for s in range(index.shape[0]):
-                row = index[s].cpu().numpy()
+                current = tuple(int(v) for v in index[s].tolist())
+                # A copy: on the CPU ``.numpy()`` shares the objective's state, and a move operator that changes
+                # its argument in place (``rng.shuffle(row)``) would change the state without re-evaluating it.
+                row = np.array(current, dtype=np.int64)
                 for new in move(row, self.rng):
                     new = tuple(int(v) for v in check_permutation(new, self.obj.n, name="row returned by the move"))
-                    if new != tuple(int(v) for v in row):
+                    if new != current:
                         out.append(Candidate(p, s, new, kind))
         return out
 
@@ -200,7 +203,7 @@ class _Search:
         return False
 
     def _improve_from(self, pool: list[Candidate]) -> bool:
-        block = len(pool) if self.s.strategy == "best" else 32
+        block = max(1, len(pool)) if self.s.strategy == "best" else 32  # (a move operator may yield nothing new)
         for start in range(0, len(pool), block):
             chunk = pool[start : start + block]
             values = self.obj.evaluate(chunk)

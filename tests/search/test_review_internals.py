@@ -60,3 +60,39 @@ def test_swap_descent_is_not_stopped_by_nan_candidates():
     assert end.fun == pytest.approx(result.fun, rel=1e-12)
     at_end = end.swap_values(0, 0).numpy()[np.triu_indices(end.n, 1)]
     assert not (at_end[np.isfinite(at_end)] < result.fun - 1e-12).any()
+
+
+def test_callable_move_that_changes_its_argument_in_place_does_not_change_the_state():
+    # The operator got a numpy view of the objective's state: swapping in place changed the permutation
+    # without re-evaluating it, so fun, x, the moves and the model written disagreed.
+    layer = _layer(1, n=5, k=2, out=2)
+    layer.permutation.set(np.random.default_rng(1).permutation(5))
+    start = layer.permutation.get()
+    x = torch.randn(40, D, generator=_gen(2), dtype=torch.float64)
+    y = torch.randn(40, 2, generator=_gen(3), dtype=torch.float64)
+
+    def neighbours_in_place(row, rng):
+        out = []
+        for a in range(len(row) - 1):
+            row[a], row[a + 1] = row[a + 1], row[a]  # never swapped back
+            out.append(row.copy())
+        return out
+
+    result = local_search(layer, (x, y), mse_rows, neighbours_in_place, strategy="first")
+    state = start.copy()
+    for move in result.moves:
+        assert state[move.selector].tolist() == move.before
+        state[move.selector] = move.after
+    assert np.array_equal(state, result.x[0]) and np.array_equal(layer.permutation.get(), result.x[0])
+    layer.eval()
+    with torch.no_grad():
+        assert float(mse_rows(layer(x).output, y).mean()) == pytest.approx(result.fun, rel=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["best", "first"])
+def test_callable_move_without_new_rows_is_a_local_optimum(strategy):
+    # With strategy='best' the candidate block size was len(pool) = 0: 'range() arg 3 must not be zero'.
+    layer = _layer(1, n=4, k=2, out=2)
+    x, y = torch.randn(20, D, generator=_gen(2), dtype=torch.float64), torch.randn(20, 2, generator=_gen(3), dtype=torch.float64)
+    result = local_search(layer, (x, y), mse_rows, lambda row, rng: [row.copy()], strategy=strategy)
+    assert result.status == 0 and result.nit == 0 and result.fun == result.fun0
