@@ -167,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     escape.add_argument("--out", default="runs", help="parent directory for outputs (a new sub-directory is created)")
     escape.add_argument("--families", type=_names(ESCAPE_FAMILIES, "family"), default=ESCAPE_FAMILIES,
                         help=f"comma-separated, from {', '.join(ESCAPE_FAMILIES)}")
-    escape.add_argument("--arms", type=_names(ESCAPE_ARMS, "arm"), default=ESCAPE_ARMS, help=f"comma-separated, from {', '.join(ESCAPE_ARMS)}")
+    # The same default arms as EscapeConfig (sgd, random, search, refit): the ablation 'refit_route' and the
+    # costly 'lookahead' run only when asked for, as with run_escape(EscapeConfig()).
+    escape_arms = EscapeConfig().arms
+    escape.add_argument("--arms", type=_names(ESCAPE_ARMS, "arm"), default=escape_arms,
+                        help=f"comma-separated, from {', '.join(ESCAPE_ARMS)} (default: {','.join(escape_arms)})")
     escape.add_argument("--seeds", type=_positive_int, default=10, help="number of seeds (0 .. N-1)")
     escape.add_argument("--epochs", type=_positive_int, default=None)
     escape.add_argument("--samples", type=_positive_int, default=None, help="rows of each synthetic instance")

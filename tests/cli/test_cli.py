@@ -249,6 +249,18 @@ def test_escape_command_records_curves_when_asked(tmp_path, capsys):
         assert len(row["curve"]) == 3 and row["curve"][0][0] == 0
 
 
+def test_escape_default_arms_are_escape_configs():
+    """`routing-search escape` runs the arms run_escape(EscapeConfig()) runs (sgd, random, search, refit); it
+    used to default to every arm, adding the refit_route ablation and the costly lookahead arm unasked."""
+    from routing_search.cli.main import _configure
+    from routing_search.experiments.escape import EscapeConfig
+
+    args = build_parser().parse_args(["escape"])
+    assert args.arms == EscapeConfig().arms == ("sgd", "random", "search", "refit")
+    assert _configure(args).arms == EscapeConfig().arms
+    assert build_parser().parse_args(["escape", "--arms", "lookahead,refit_route"]).arms == ("lookahead", "refit_route")
+
+
 # ----------------------------------------------------------------------------- smoke runs
 @pytest.mark.slow
 def test_study_quick_writes_reports(tmp_path, capsys):
