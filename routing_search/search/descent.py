@@ -179,14 +179,14 @@ class _Search:
         """Swap step: screened candidates first (optional), then the structured full 2-opt scan."""
         rows = sum(index.shape[0] for index in self.obj.state)
         if self.s.screen is not None and self.obj.row_restricted and rows * self.obj.n * (self.obj.n - 1) // 2 > self.s.screen:
-            if self._improve_from(self._screened_swaps()):
+            if self._improve_from(self._screened_swaps(), whole=False):
                 return True
         # 'best': the best swap over every permutation row; 'first': the best swap of the first row that improves.
         a_idx, c_idx = np.triu_indices(self.obj.n, k=1)
         a_list, c_list = a_idx.tolist(), c_idx.tolist()
         groups = [(p, s) for p, index in enumerate(self.obj.state) for s in range(index.shape[0])]
         batches = [groups] if self.s.strategy == "best" else [[g] for g in groups]
-        for batch in batches:
+        for number, batch in enumerate(batches, start=1):
             scored: list[tuple[float, int, int, int, int]] = []
             for p, s in batch:
                 flat = self.obj.swap_values(p, s).cpu().numpy()[a_idx, c_idx].tolist()  # Python floats
@@ -198,11 +198,17 @@ class _Search:
                 if self.try_accept(self._swap_candidate(p, s, a, c), value):
                     self._notify()
                     return True
-            if self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
+            # Between batches only: after the last one the whole neighbourhood was scanned (a local optimum).
+            if number < len(batches) and self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
                 raise _Budget("max_evals reached")
         return False
 
-    def _improve_from(self, pool: list[Candidate]) -> bool:
+    def _improve_from(self, pool: list[Candidate], whole: bool = True) -> bool:
+        """Accept the best (``'best'``) or the first improving block's best (``'first'``) candidate of ``pool``.
+
+        ``whole``: ``pool`` is the whole neighbourhood, so a budget reached after its last block is not a stop
+        (nothing in the neighbourhood improves: a local optimum); a screened pool is not.
+        """
         block = max(1, len(pool)) if self.s.strategy == "best" else 32  # (a move operator may yield nothing new)
         for start in range(0, len(pool), block):
             chunk = pool[start : start + block]
@@ -213,7 +219,8 @@ class _Search:
                 if self.try_accept(chunk[i], float(values[i])):
                     self._notify()
                     return True
-            if self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
+            more = not whole or start + block < len(pool)
+            if more and self.s.max_evals is not None and self.obj.nfev >= self.s.max_evals:
                 raise _Budget("max_evals reached")
         return False
 

@@ -96,3 +96,23 @@ def test_callable_move_without_new_rows_is_a_local_optimum(strategy):
     x, y = torch.randn(20, D, generator=_gen(2), dtype=torch.float64), torch.randn(20, 2, generator=_gen(3), dtype=torch.float64)
     result = local_search(layer, (x, y), mse_rows, lambda row, rng: [row.copy()], strategy=strategy)
     assert result.status == 0 and result.nit == 0 and result.fun == result.fun0
+
+
+@pytest.mark.parametrize("method", ["swap", "insertion", "rotation"])
+@pytest.mark.parametrize("strategy", ["best", "first"])
+def test_max_evals_reached_by_the_scan_that_finds_no_improving_move_is_a_local_optimum(method, strategy):
+    # max_evals = the evaluations an unbounded search makes: the last scan of the whole neighbourhood reaches
+    # the budget and finds nothing. That is a local optimum; it was reported as status 1 'max_evals reached'.
+    layer = _layer(1, n=5, k=2, out=2)
+    layer.permutation.set(np.random.default_rng(1).permutation(5))
+    x = torch.randn(40, D, generator=_gen(2), dtype=torch.float64)
+    y = torch.randn(40, 2, generator=_gen(3), dtype=torch.float64)
+    free = local_search(layer, (x, y), mse_rows, method, strategy=strategy, apply=False)
+    assert free.status == 0 and free.nit >= 1
+    capped = local_search(layer, (x, y), mse_rows, method, strategy=strategy, apply=False, max_evals=free.nfev)
+    assert (capped.status, capped.success, capped.message) == (0, True, free.message)
+    assert capped.nfev == free.nfev and capped.fun == free.fun and np.array_equal(capped.x[0], free.x[0])
+    # One evaluation less is still a budget stop (the budget is checked between blocks: before the last scan).
+    if method == "swap":
+        early = local_search(layer, (x, y), mse_rows, method, strategy=strategy, apply=False, max_evals=free.nfev - 10)
+        assert early.status == 1 and "max_evals" in early.message
