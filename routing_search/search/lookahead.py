@@ -110,7 +110,7 @@ def lookahead_search(
         raise ValueError("lookahead search needs the MoE / MultiGateMoE layer itself as the model")
     obj = RefitObjective(layer, train_data, score_data, loss, ridge=ridge)
     ranked = [(obj.score_move(new, experts)[0], p, s, a, c, new, experts) for p, s, a, c, new, experts in obj.swaps()]
-    ranked.sort(key=lambda item: item[0])
+    ranked.sort(key=lambda item: (math.isnan(item[0]), item[0]))  # a NaN refit score ranks last, not anywhere
     total = _rows(train_data)
     batches = [torch.as_tensor(generator.choice(total, size=min(batch_size, total), replace=False)) for _ in range(steps)]
     base = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr)
@@ -132,7 +132,9 @@ def lookahead_search(
         for slot, index in zip(obj.slots, new):
             slot.set(index)
         value = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr)
-        if best is None or value < best[0]:
+        # A NaN/inf lookahead (a candidate whose training diverged) is not a candidate; a first NaN kept as the
+        # best would compare False with every later score, which were then never chosen.
+        if math.isfinite(value) and (best is None or value < best[0]):
             best = (value, p, s, a, c, new, experts)
     for slot, original in zip(obj.slots, originals):
         slot.set(original)

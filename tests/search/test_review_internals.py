@@ -116,3 +116,17 @@ def test_max_evals_reached_by_the_scan_that_finds_no_improving_move_is_a_local_o
     if method == "swap":
         early = local_search(layer, (x, y), mse_rows, method, strategy=strategy, apply=False, max_evals=free.nfev - 10)
         assert early.status == 1 and "max_evals" in early.message
+
+
+def test_lookahead_skips_a_candidate_whose_lookahead_is_nan():
+    # The first refit-ranked candidate's lookahead is NaN (log of a negative mixture on a score row); it was kept
+    # as the best, every later score compared False with it, and the search reported no move (status 0) although
+    # a later candidate beat the unchanged model's score.
+    from routing_search.search.lookahead import lookahead_search
+
+    layer = _layer(57, n=5)
+    x = torch.randn(60, D, generator=_gen(58), dtype=torch.float64)
+    y = torch.randn(60, 1, generator=_gen(59), dtype=torch.float64) * 0.3
+    result = lookahead_search(layer, (x[:40], y[:40]), (x[40:], y[40:]), log_loss, candidates=4, steps=3, lr=1e-3, rng=0, apply=False)
+    assert np.isfinite(result.fun0) and result.status == 0
+    assert result.nit == 1 and np.isfinite(result.fun) and result.fun < result.fun0 - 0.2
