@@ -663,7 +663,9 @@ class RoutingObjective:
         for p, s in enumerate(state):
             arr = s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s)
             shape = tuple(self.state[p].shape)
-            if arr.size != shape[0] * shape[1]:
+            # The exact shape (a single row [n] for a one-row module): reshaping any array of S·n values read
+            # a transposed [n, S] state as other permutations without a word.
+            if arr.shape != shape and not (shape[0] == 1 and arr.shape == shape[1:]):
                 raise ValueError(f"{name}[{p}] must have shape {list(shape)}, got {list(arr.shape)}")
             arr = arr.reshape(shape)
             rows = [check_permutation(row, self.n, name=f"{name}[{p}] row {r}") for r, row in enumerate(arr)]

@@ -130,3 +130,24 @@ def test_lookahead_skips_a_candidate_whose_lookahead_is_nan():
     result = lookahead_search(layer, (x[:40], y[:40]), (x[40:], y[40:]), log_loss, candidates=4, steps=3, lr=1e-3, rng=0, apply=False)
     assert np.isfinite(result.fun0) and result.status == 0
     assert result.nit == 1 and np.isfinite(result.fun) and result.fun < result.fun0 - 0.2
+
+
+def test_a_state_of_the_wrong_shape_is_refused_not_reshaped():
+    # A DSelect-k layer has a [2, 3] permutation module; its transpose [3, 2] has the same number of values and
+    # was reshaped into other rows ([[0, 1, 2], [0, 1, 2]] for the intended [[0, 2, 1], [1, 0, 2]]).
+    from routing_search.gates import DSelectK
+
+    torch.manual_seed(0)
+    layer = MoE(make_experts(3, D, [6], 2, generator=_gen(1)), DSelectK(3, 2, input_dim=D)).double()
+    x, y = torch.randn(20, D, generator=_gen(2), dtype=torch.float64), torch.randn(20, 2, generator=_gen(3), dtype=torch.float64)
+    obj = RoutingObjective(layer, (x, y), mse_rows)
+    intended = np.array([[0, 2, 1], [1, 0, 2]])
+    for bad in (intended.T, intended.reshape(-1)):
+        with pytest.raises(ValueError, match=r"state\[0\] must have shape \[2, 3\]"):
+            obj.value_of([bad])
+        with pytest.raises(ValueError, match=r"state\[0\] must have shape \[2, 3\]"):
+            obj.set_state([bad])
+    assert obj.value_of([intended]) == obj.value_of([torch.as_tensor(intended)])
+    # A one-row module still takes a single row [n].
+    single = RoutingObjective(_layer(1, n=3, k=1, out=2), (x, y), mse_rows)
+    assert single.value_of([np.array([2, 0, 1])]) == single.value_of([np.array([[2, 0, 1]])])
