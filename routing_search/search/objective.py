@@ -511,6 +511,7 @@ class RoutingObjective:
         local = torch.zeros(len(candidates), dtype=torch.float64, device=self.F.device)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, cand in enumerate(candidates):
+            check_permutation(cand.row, self.n, name="candidate row")  # as _with_row does on the other path
             groups.setdefault((cand.slot, cand.selector), []).append(i)
         for (slot, selector), members in groups.items():
             rows = torch.as_tensor([candidates[i].row for i in members], device=self.F.device)

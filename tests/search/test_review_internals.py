@@ -151,3 +151,17 @@ def test_a_state_of_the_wrong_shape_is_refused_not_reshaped():
     # A one-row module still takes a single row [n].
     single = RoutingObjective(_layer(1, n=3, k=1, out=2), (x, y), mse_rows)
     assert single.value_of([np.array([2, 0, 1])]) == single.value_of([np.array([[2, 0, 1]])])
+
+
+@pytest.mark.parametrize("row", [(0, 0, 1, 2), (0, 1, 2, 7), (3, 2, 1)])
+def test_evaluate_refuses_a_candidate_row_that_is_not_a_permutation(row):
+    # The per-example (row-restricted) path read the row as it was: (0, 0, 1, 2) gave a number (expert 0
+    # twice, expert 3 never), out-of-range experts an IndexError naming nothing.
+    from routing_search.search import Candidate
+
+    layer = _layer(1, n=4, k=2, out=2)
+    x, y = torch.randn(20, D, generator=_gen(2), dtype=torch.float64), torch.randn(20, 2, generator=_gen(3), dtype=torch.float64)
+    for loss in (mse_rows, lambda p, t: mse_rows(p, t).mean()):
+        obj = RoutingObjective(layer, (x, y), loss)
+        with pytest.raises(ValueError, match="candidate row"):
+            obj.evaluate([Candidate(0, 0, (1, 0, 2, 3)), Candidate(0, 0, row)])
