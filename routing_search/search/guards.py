@@ -111,7 +111,8 @@ def guard_name(guard: Any) -> str:
 
 
 def guard_tolerance(guard: Any) -> float:
-    """A guard's tolerance (0 for guards without a ``tolerance`` attribute)."""
+    """A guard's tolerance: a ``MetricGuard``'s ``tolerance``, 0 for every other guard (a ``TaskMetric`` or
+    any object taken as it is, whatever attributes it has: wrap it in ``MetricGuard(tolerance=...)`` to allow some)."""
     return float(getattr(guard, "tolerance", 0.0)) if isinstance(guard, MetricGuard) else 0.0
 
 
