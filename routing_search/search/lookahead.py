@@ -3,8 +3,8 @@
 A move onto an untrained expert looks bad with the experts frozen, even when it is the move that
 training would turn into the best model. Here the swaps are first ranked by the refit-aware score of
 :mod:`routing_search.search.refit`; then the ``candidates`` best of them, and the unchanged model,
-are each copied, trained for ``steps`` Adam steps on the *same* training batches (common random
-numbers), and scored on held-out rows. The best candidate is applied (its permutation only; the
+are each copied, trained for ``steps`` Adam steps on the *same* training batches and from the same torch
+seed (common random numbers: the same rows and the same dropout / routing-noise draws), and scored on held-out rows. The best candidate is applied (its permutation only; the
 copies' training is discarded) when its lookahead score beats the unchanged model's lookahead score
 by more than ``tol`` — so the comparison is like for like.
 """
@@ -36,9 +36,27 @@ def _rows(data: Any) -> int:
 
 
 def lookahead_score(
+    model: nn.Module, train_data: Any, score_data: Any, loss: LossFn, batches: list[torch.Tensor], *, lr: float,
+    seed: int | None = None,
+) -> float:
+    """Held-out loss of a copy of ``model`` after Adam steps on the given row ``batches`` of ``train_data``.
+
+    ``seed``: run the lookahead under a fork of torch's generators seeded with it (the global state is left as
+    it was), so that the random draws of training (dropout, noisy gating) are the same for every lookahead
+    with the same seed; ``None``: torch's global generator as it is.
+    """
+    if seed is None:
+        return _lookahead_score(model, train_data, score_data, loss, batches, lr=lr)
+    seed = check_int("seed", seed, minimum=0)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _lookahead_score(model, train_data, score_data, loss, batches, lr=lr)
+
+
+def _lookahead_score(
     model: nn.Module, train_data: Any, score_data: Any, loss: LossFn, batches: list[torch.Tensor], *, lr: float
 ) -> float:
-    """Held-out loss of a copy of ``model`` after Adam steps on the given row ``batches`` of ``train_data``."""
     clone = copy.deepcopy(model)
     clone.train()
     optimizer = torch.optim.Adam(clone.parameters(), lr=lr)
@@ -87,7 +105,8 @@ def lookahead_search(
         lr: Adam learning rate of the lookahead.
         ridge: ridge of the refit ranking.
         tol: the chosen swap must beat the unchanged model's lookahead score by more than this.
-        rng: seed or ``numpy.random.Generator`` of the lookahead batches.
+        rng: seed or ``numpy.random.Generator`` of the lookahead batches and of the torch seed every lookahead
+            trains from (torch's global generator is left as it was).
         apply: write the chosen permutation into the model.
 
     Returns:
@@ -113,7 +132,10 @@ def lookahead_search(
     ranked.sort(key=lambda item: (math.isnan(item[0]), item[0]))  # a NaN refit score ranks last, not anywhere
     total = _rows(train_data)
     batches = [torch.as_tensor(generator.choice(total, size=min(batch_size, total), replace=False)) for _ in range(steps)]
-    base = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr)
+    # Common random numbers for the training draws too (dropout, noisy gating): every lookahead runs from the same
+    # torch seed, so a candidate and the unchanged model differ by the move, not by their noise.
+    seed = int(generator.integers(2**63 - 1))
+    base = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr, seed=seed)
     if not math.isfinite(base):
         warnings.warn(
             f"lookahead_search: the unchanged model's lookahead score is {base} (not finite); nothing was searched "
@@ -131,7 +153,7 @@ def lookahead_search(
     for _, p, s, a, c, new, experts in ranked[:candidates]:
         for slot, index in zip(obj.slots, new):
             slot.set(index)
-        value = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr)
+        value = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr, seed=seed)
         # A NaN/inf lookahead (a candidate whose training diverged) is not a candidate; a first NaN kept as the
         # best would compare False with every later score, which were then never chosen.
         if math.isfinite(value) and (best is None or value < best[0]):

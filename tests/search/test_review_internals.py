@@ -165,3 +165,26 @@ def test_evaluate_refuses_a_candidate_row_that_is_not_a_permutation(row):
         obj = RoutingObjective(layer, (x, y), loss)
         with pytest.raises(ValueError, match="candidate row"):
             obj.evaluate([Candidate(0, 0, (1, 0, 2, 3)), Candidate(0, 0, row)])
+
+
+def test_lookahead_compares_like_for_like_under_training_noise():
+    # With a noisy gate every lookahead drew its routing noise from torch's global generator, so the unchanged
+    # model scored twice with the same batches gave two values (1.87 and 1.93 here) and a candidate's score
+    # differed from the base by noise as well as by the move. Now every lookahead trains from one seed.
+    from routing_search.search.lookahead import lookahead_score, lookahead_search
+
+    torch.manual_seed(0)
+    layer = MoE(make_experts(4, D, [6], 2, generator=_gen(1)), TopK(4, 2, input_dim=D, noisy=True)).double()
+    x, y = torch.randn(80, D, generator=_gen(2), dtype=torch.float64), torch.randn(80, 2, generator=_gen(3), dtype=torch.float64)
+    train, held = (x[:40], y[:40]), (x[40:], y[40:])
+    batches = [torch.arange(i * 8, i * 8 + 16) % 40 for i in range(10)]
+    before = torch.random.get_rng_state()
+    scores = [lookahead_score(layer, train, held, mse_rows, batches, lr=1e-2, seed=7) for _ in range(2)]
+    assert scores[0] == scores[1] and torch.equal(torch.random.get_rng_state(), before)
+    # The unchanged model's score (fun0) is the same whatever torch's global generator did before the call.
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(lookahead_search(layer, train, held, mse_rows, candidates=2, steps=5, rng=3, apply=False))
+    assert runs[0].fun0 == runs[1].fun0 and runs[0].fun == runs[1].fun
+    assert [m.after for m in runs[0].moves] == [m.after for m in runs[1].moves]
