@@ -48,7 +48,8 @@ def lookahead_score(
     if seed is None:
         return _lookahead_score(model, train_data, score_data, loss, batches, lr=lr)
     seed = check_int("seed", seed, minimum=0)
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    # torch.manual_seed seeds every CUDA device too: fork them all (when CUDA is in use) to leave them as they were.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return _lookahead_score(model, train_data, score_data, loss, batches, lr=lr)
