@@ -274,12 +274,15 @@ def local_search(
     Keyword options (see :class:`~routing_search.search.SearchOptions` and
     :func:`~routing_search.search.option_names`): ``layer``, ``apply`` (default True: write the result
     into the model; False leaves the model as it was, codes included), ``tol``, ``max_iter``,
-    ``max_evals``, ``strategy`` (``'best'``/``'first'``), ``screen``, ``max_rows``, ``callback``,
+    ``max_evals``, ``max_rows``, ``callback``,
     ``guard`` (validation metrics a move must not make worse, relative to the start of the search: see
     :mod:`routing_search.search.guards`; a move the loss accepts but a guard rejects is undone, counted in
     ``guard_rejections``, and the search goes on with the next candidate; under a process group the
-    predictions of all ranks are gathered for the metrics); ``'ils'``: ``neighbourhood``, ``perturbations``, ``strength``, ``restart_every``; ``'exhaustive'``:
-    ``max_states``.
+    predictions of all ranks are gathered for the metrics); ``strategy`` (``'best'``/``'first'``) for the
+    descents (``'swap'``, ``'insertion'``, ``'rotation'``, ``'ils'``, a callable); ``screen`` for the swap
+    descent (``'swap'``, ``'ils'`` with the swap neighbourhood); ``'ils'``: ``neighbourhood``, ``perturbations``,
+    ``strength``, ``restart_every``; ``'exhaustive'``: ``max_states``. An option the method would ignore is
+    refused.
 
     Returns:
         ``OptimizeResult`` (built by :func:`routing_search.result.make_result`) with ``x`` (list of

@@ -29,19 +29,21 @@ __all__ = ["METHODS", "COMMON_OPTIONS", "METHOD_OPTIONS", "SearchOptions", "opti
 METHODS = ("swap", "insertion", "rotation", "ils", "exhaustive", "codes")
 """Method names of ``local_search`` (besides a callable move operator)."""
 
-COMMON_OPTIONS = ("layer", "apply", "tol", "max_iter", "max_evals", "strategy", "screen", "max_rows", "callback", "guard")
+COMMON_OPTIONS = ("layer", "apply", "tol", "max_iter", "max_evals", "max_rows", "callback", "guard")
 """Options every method accepts."""
 
 METHOD_OPTIONS: Mapping[str, tuple[str, ...]] = {
-    "swap": (),
-    "insertion": (),
-    "rotation": (),
-    "ils": ("neighbourhood", "perturbations", "strength", "restart_every"),
+    "swap": ("strategy", "screen"),
+    "insertion": ("strategy",),
+    "rotation": ("strategy",),
+    "ils": ("strategy", "screen", "neighbourhood", "perturbations", "strength", "restart_every"),
     "exhaustive": ("max_states",),
     "codes": (),
-    "callable": (),
+    "callable": ("strategy",),
 }
-"""Options only some methods accept (``'callable'``: a user move operator)."""
+"""Options only some methods accept (``'callable'``: a user move operator): ``strategy`` by the descents
+over a neighbourhood, ``screen`` by the swap descent (``'ils'`` with ``neighbourhood='swap'``). An option a
+method would ignore is refused rather than silently dropped."""
 
 _NEIGHBOURHOODS = ("swap", "insertion", "rotation")
 
@@ -118,6 +120,8 @@ class SearchOptions:
         if self.restart_every is not None:
             object.__setattr__(self, "restart_every", check_int("restart_every", self.restart_every, minimum=1))
         object.__setattr__(self, "max_states", check_int("max_states", self.max_states, minimum=1))
+        if self.screen is not None and self.neighbourhood != "swap":
+            raise TypeError(f"screen is used by the swap descent only; got neighbourhood={self.neighbourhood!r} (screen ignored)")
 
     @classmethod
     def for_method(cls, method: str, **options: Any) -> "SearchOptions":

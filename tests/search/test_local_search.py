@@ -180,7 +180,8 @@ METHODS = ["swap", "insertion", "rotation", "ils", "exhaustive", "callable"]
 def test_search_is_never_worse_and_its_result_reruns_exactly(make_gate, make_extras, name, method, strategy):
     model, inputs, targets, loss = setup(make_gate, make_extras, name)
     start = current_state(model)
-    options = {"strategy": strategy, "screen": 2}
+    # the descents' options (a method that would ignore one refuses it)
+    options: dict = ({"strategy": strategy} if method != "exhaustive" else {}) | ({"screen": 2} if method in ("swap", "ils") else {})
     if method == "ils":
         options.update(perturbations=4, strength=2)
     res = local_search(model, (inputs, targets), loss, reversal_moves if method == "callable" else method, rng=0, **options)

@@ -188,3 +188,21 @@ def test_lookahead_compares_like_for_like_under_training_noise():
         runs.append(lookahead_search(layer, train, held, mse_rows, candidates=2, steps=5, rng=3, apply=False))
     assert runs[0].fun0 == runs[1].fun0 and runs[0].fun == runs[1].fun
     assert [m.after for m in runs[0].moves] == [m.after for m in runs[1].moves]
+
+
+def test_an_option_the_method_would_ignore_is_refused() -> None:
+    """Regression: screen (swap descent only) and strategy (descents only) were accepted by every method and
+    silently ignored by insertion / rotation / exhaustive / codes."""
+    from routing_search.search import SearchOptions, option_names
+
+    assert "screen" in option_names("swap") and "screen" not in option_names("insertion")
+    assert "strategy" in option_names("rotation") and "strategy" not in option_names("exhaustive")
+    with pytest.raises(TypeError, match="screen"):
+        SearchOptions.for_method("insertion", screen=2)
+    with pytest.raises(TypeError, match="strategy"):
+        SearchOptions.for_method("exhaustive", strategy="first")
+    with pytest.raises(TypeError, match="screen is used by the swap descent only"):
+        SearchOptions(screen=2, neighbourhood="insertion")
+    with pytest.raises(TypeError, match="not used by method='codes'"):
+        SearchOptions(strategy="first").check_method("codes")
+    assert SearchOptions.for_method("ils", screen=3, strategy="first").screen == 3
