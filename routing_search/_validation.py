@@ -6,6 +6,7 @@ sees what to change without reading our code.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "check_rng",
     "resolve_method",
     "check_permutation",
+    "warn_non_finite_start",
 ]
 
 
@@ -206,3 +208,20 @@ def check_permutation(perm: Any, n: int, *, name: str = "permutation") -> np.nda
     if not np.array_equal(np.sort(arr), np.arange(n)):
         raise ValueError(f"{name} must be a permutation of range({n}) (each index once), got {arr.tolist()}")
     return arr.astype(np.int64)
+
+
+def warn_non_finite_start(what: str, value: float, check: str, *, unchanged: bool = True, stacklevel: int = 2) -> None:
+    """The ``RuntimeWarning`` of a search whose objective is NaN/inf at its start (it searches nothing: status 2).
+
+    ``what`` names the function and the quantity (``"local_search: the loss on data"``), ``check`` what to look
+    at; ``stacklevel`` is counted from the caller, as for :func:`warnings.warn`.
+
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_non_finite_start("f: the loss", float("nan"), "the data")
+    >>> str(caught[0].message)
+    'f: the loss is nan (not finite); nothing was searched and the model is unchanged. Check the data for NaN/inf'
+    """
+    unchanged_text = " and the model is unchanged" if unchanged else ""
+    warnings.warn(f"{what} is {value} (not finite); nothing was searched{unchanged_text}. Check {check} for NaN/inf",
+                  RuntimeWarning, stacklevel=stacklevel + 1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
-from .._validation import check_choice, check_int, check_no_unknown_options, check_permutation, check_rng, resolve_method
+from .._validation import check_choice, check_int, check_no_unknown_options, check_permutation, check_rng, resolve_method, warn_non_finite_start
 from ..exact import solve_subset, subset_objective
 from ..layers.multigate import MultiGateMoE
 from ..layers.permutation import apply_permutation
@@ -368,12 +367,8 @@ def _permutation_gap(
     if method == "auto":
         method = "exhaustive" if plan.size <= max_states else "ils"
     if not math.isfinite(objective.fun):
-        warnings.warn(
-            f"optimality_gap: the loss on data is {objective.fun} (not finite); nothing was searched. Check the data, "
-            "the targets and the loss for NaN/inf",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn_non_finite_start("optimality_gap: the loss on data", objective.fun, "the data, the targets and the loss",
+                              unchanged=False, stacklevel=3)
         return make_result(
             x=objective.current(), fun=objective.fun, nit=0, nfev=objective.nfev, status=STATUS_NONFINITE,
             message="non-finite loss at the start: nothing searched, no optimum", optimum=float("nan"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
-from .._validation import check_choice, check_permutation, check_rng
+from .._validation import check_choice, check_permutation, check_rng, warn_non_finite_start
 from ..batches import eval_mode
 from ..distributed import all_gather_objects, broadcast_object, resolve_group
 from ..result import STATUS_BUDGET, STATUS_CONVERGED, STATUS_NONFINITE, make_result
@@ -332,12 +331,7 @@ def local_search(
     if group is not None and method_name in ("ils", "callable"):
         generator = _synchronised(generator, group)
     if not math.isfinite(objective.fun0):
-        warnings.warn(
-            f"local_search: the loss on data is {objective.fun0} (not finite); nothing was searched and the model "
-            "is unchanged. Check the data, the targets and the loss for NaN/inf",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warn_non_finite_start("local_search: the loss on data", objective.fun0, "the data, the targets and the loss")
         return make_result(
             x=objective.current(), fun=objective.fun0, nit=0, nfev=objective.nfev, status=STATUS_NONFINITE,
             message="non-finite loss at the start: nothing searched", fun0=objective.fun0, moves=[], method=method_name,

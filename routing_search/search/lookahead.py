@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import nn
 
-from .._validation import check_int, check_positive_float, check_rng
+from .._validation import check_int, check_positive_float, check_rng, warn_non_finite_start
 from ..batches import as_batch, call_model, eval_mode, num_rows, take_rows, unwrap_prediction
 from ..result import STATUS_CONVERGED, STATUS_NONFINITE, make_result
 from .objective import LossFn, find_routing_layer
@@ -138,12 +137,8 @@ def lookahead_search(
     seed = int(generator.integers(2**63 - 1))
     base = lookahead_score(layer, train_data, score_data, loss, batches, lr=lr, seed=seed)
     if not math.isfinite(base):
-        warnings.warn(
-            f"lookahead_search: the unchanged model's lookahead score is {base} (not finite); nothing was searched "
-            "and the model is unchanged. Check the data, the targets, the loss and lr for NaN/inf",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warn_non_finite_start("lookahead_search: the unchanged model's lookahead score", base,
+                              "the data, the targets, the loss and lr")
         return make_result(
             x=[np.asarray(s) for s in obj.state], fun=base, nit=0, nfev=obj.nfev + 1, status=STATUS_NONFINITE,
             message="non-finite lookahead score of the unchanged model: nothing searched", fun0=base, moves=[],

@@ -45,9 +45,8 @@ from torch import nn
 
 import hashlib
 import math
-import warnings
 
-from .._validation import check_int, check_no_unknown_options, check_positive_float
+from .._validation import check_int, check_no_unknown_options, check_positive_float, warn_non_finite_start
 from ..batches import as_batch, eval_mode, to_device
 from ..distributed import agree_and_gather, all_gather_objects, all_reduce_sum, broadcast_tensor_, resolve_group
 from ..gates.protocol import GateOutput
@@ -656,12 +655,8 @@ def refit_search(
             raise ValueError(f"guard_start must hold one value per guard ({len(guards)}), got {len(guard_start)}")
     obj = RefitObjective(model, fit_data, score_data, loss, ridge=ridge, process_group=process_group)
     if not math.isfinite(obj.fun0):  # every rank holds the same all-reduced value, so all return here
-        warnings.warn(
-            f"refit_search: the held-out loss on score_data is {obj.fun0} (not finite); nothing was searched and "
-            "the model is unchanged. Check the score rows, their targets and the loss for NaN/inf",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warn_non_finite_start("refit_search: the held-out loss on score_data", obj.fun0,
+                              "the score rows, their targets and the loss")
         return make_result(
             x=[s.numpy().copy() for s in obj.state], fun=obj.fun0, nit=0, nfev=obj.nfev, status=STATUS_NONFINITE,
             message="non-finite held-out loss at the start: nothing searched", fun0=obj.fun0, moves=[], method="refit",
