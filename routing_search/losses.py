@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._validation import check_positive_float
+
 __all__ = ["mse_loss", "bce_with_logits_loss", "cross_entropy_loss", "multitask_loss", "LOSS_KINDS"]
 
 PerExampleLoss = Callable[[Any, Any], torch.Tensor]
@@ -193,15 +195,7 @@ def multitask_loss(kinds: Sequence[str], weights: Sequence[float] | None = None)
             raise TypeError(f"weights must be a sequence of numbers (one per task) or None, got {weights!r}")
         if len(weights) != len(kinds):
             raise ValueError(f"weights has {len(weights)} entries but kinds has {len(kinds)}; give one weight per task")
-        task_weights = []
-        for t, w in enumerate(weights):
-            try:
-                value = float(w)
-            except (TypeError, ValueError):
-                raise TypeError(f"weights[{t}] must be a number, got {w!r}") from None
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"weights[{t}] must be a finite number >= 0, got {w!r}")
-            task_weights.append(value)
+        task_weights = [check_positive_float(f"weights[{t}]", w, allow_zero=True) for t, w in enumerate(weights)]
     fns = [LOSS_KINDS[k] for k in kinds]
     count = len(kinds)
     has_ce = "cross_entropy" in kinds

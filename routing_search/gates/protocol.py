@@ -310,13 +310,7 @@ def resolve_weight(weight: WeightSchedule, calls: int) -> float:
     0.30000000000000004
     """
     value = weight(calls) if callable(weight) else weight
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"a regulariser weight schedule returned {value!r} at call {calls}; it must return a number") from None
-    if not (math.isfinite(result) and result >= 0):
-        raise ValueError(f"a regulariser weight schedule returned {value!r} at call {calls}; weights must be finite and >= 0")
-    return result
+    return check_positive_float(f"the regulariser weight schedule's value at call {calls}", value, allow_zero=True)
 
 
 class BaseGate(nn.Module):

@@ -245,6 +245,6 @@ def test_scheduled_regulariser_weights_must_be_finite_and_non_negative():
     for bad in (float("nan"), -0.1):
         for gate in (DSelectK(4, 2, 3, entropy_weight=lambda c: bad), COMET(4, 2, 3, entropy_weight=lambda c: bad),
                      TopK(4, 2, 3, load_balance_weight=lambda c: bad), TopK(4, 2, 3, z_loss_weight=lambda c: bad)):
-            with pytest.raises(ValueError, match="finite and >= 0"):
+            with pytest.raises(ValueError, match=r"the regulariser weight schedule's value at call 0 must be (finite|>= 0)"):
                 gate(x)
     assert torch.isfinite(DSelectK(4, 2, 3, entropy_weight=lambda c: 0.1 * c)(x).loss)
